@@ -1,0 +1,109 @@
+"""The contract every vmgate driver obeys.
+
+A driver turns a rendered Nomad job (the JSON the Nomad HTTP API takes, as built by
+``jobspecs.render``) into a running VM and reports what is actually running. The gateway
+owns desired state (Postgres) and storage (overlays); a driver owns processes or
+allocations. Every call is idempotent: calling it twice has the effect of calling it once.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+ActualState = Literal["running", "stopped", "missing"]
+
+
+class DriverError(Exception):
+    """A driver could not do what was asked; the message is safe to show a user."""
+
+
+class JobInvalid(DriverError):
+    """The job cannot be run by this driver (wrong task driver, unknown interpolation...)."""
+
+
+@dataclass(frozen=True)
+class VncTarget:
+    """Where a VM's VNC server listens: a unix socket path, or a host and port."""
+
+    unix_socket: str | None = None
+    host: str | None = None
+    port: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        if self.unix_socket:
+            return {"unix_socket": self.unix_socket}
+        return {"host": self.host, "port": self.port}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> VncTarget:
+        if data.get("unix_socket"):
+            return cls(unix_socket=str(data["unix_socket"]))
+        return cls(host=str(data["host"]), port=int(data["port"]))
+
+
+@dataclass
+class VMStatus:
+    """What the driver sees of one VM right now."""
+
+    state: ActualState
+    pid: int | None = None
+    vnc: VncTarget | None = None
+    # Why a VM that is not running stopped, when the driver knows (exit code, signal...).
+    reason: str | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+class Driver(abc.ABC):
+    """Runs VMs described by rendered Nomad jobs.
+
+    ``vm_id`` is the VM's id (the job is named ``vm-<vm_id>``). Methods are coroutines and
+    must not block the event loop.
+    """
+
+    name: ClassVar[str]
+
+    @abc.abstractmethod
+    async def start(self, vm_id: str, job: dict[str, Any]) -> VMStatus:
+        """Start the VM described by ``job`` and return its status once the hypervisor runs.
+
+        Idempotent: if the VM already runs, return its status without starting a second one.
+        On failure raise ``DriverError``; partial work (a process, a socket, a task
+        directory) is cleaned up before raising. The disk (overlay) is never touched.
+        """
+
+    @abc.abstractmethod
+    async def stop(self, vm_id: str, timeout: float) -> None:
+        """Stop the VM: ask the guest to power off (ACPI), then stop it hard after ``timeout`` s.
+
+        Idempotent: stopping a stopped or unknown VM is a no-op. Returns once nothing of the
+        VM runs. The disk is kept.
+        """
+
+    @abc.abstractmethod
+    async def destroy(self, vm_id: str) -> None:
+        """Stop the VM hard and forget it: no process, no runtime files left.
+
+        Idempotent. The overlay belongs to the gateway and is removed by it, not here.
+        """
+
+    @abc.abstractmethod
+    async def status(self, vm_id: str) -> VMStatus:
+        """Report the actual state of one VM (``missing`` if the driver never heard of it)."""
+
+    @abc.abstractmethod
+    async def list_vms(self) -> dict[str, VMStatus]:
+        """Report every VM this driver knows of, running or not (used to re-adopt and reconcile)."""
+
+    @abc.abstractmethod
+    async def logs(self, vm_id: str, max_bytes: int) -> str:
+        """Return up to the last ``max_bytes`` of the VM's serial console output ('' if none)."""
+
+    @abc.abstractmethod
+    async def health(self) -> dict[str, Any]:
+        """Return ``{"ok": bool, ...details}`` about the driver's ability to run VMs."""
+
+    async def close(self) -> None:
+        """Release clients and connections. Running VMs are not affected."""
+        return None

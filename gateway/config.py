@@ -1,0 +1,197 @@
+"""Settings, read once at start-up from the environment and an optional `.env` file.
+
+Environment variables win over `.env`. A missing or malformed value raises ``ConfigError``
+naming the key, which stops start-up.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class ConfigError(Exception):
+    """A configuration value is missing or malformed."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"config {key}: {problem}")
+        self.key = key
+
+
+def read_dotenv(path: Path) -> dict[str, str]:
+    """Parse KEY=VALUE lines; blank lines and # comments are skipped; quotes are stripped."""
+    values: dict[str, str] = {}
+    if not path.is_file():
+        return values
+    for lineno, raw in enumerate(path.read_text().splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("export "):
+            line = line[len("export "):]
+        key, sep, value = line.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise ConfigError(f"{path}:{lineno}", "expected KEY=VALUE")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        values[key.strip()] = value
+    return values
+
+
+def _url(schemes: tuple[str, ...], optional: bool = False) -> Callable[[str, str], str]:
+    def parse(key: str, value: str) -> str:
+        if optional and value == "":
+            return value
+        parts = urlsplit(value)
+        if parts.scheme not in schemes or not (parts.netloc or parts.query):
+            raise ConfigError(key, f"expected a URL with scheme {'/'.join(schemes)}, got {value!r}")
+        return value.rstrip("/") if parts.scheme in ("http", "https", "ws", "wss") else value
+
+    return parse
+
+
+def _int(lo: int, hi: int) -> Callable[[str, str], int]:
+    def parse(key: str, value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise ConfigError(key, f"expected an integer, got {value!r}") from None
+        if not lo <= number <= hi:
+            raise ConfigError(key, f"must be between {lo} and {hi}, got {number}")
+        return number
+
+    return parse
+
+
+def _choice(*choices: str) -> Callable[[str, str], str]:
+    def parse(key: str, value: str) -> str:
+        if value not in choices:
+            raise ConfigError(key, f"must be one of {', '.join(choices)}, got {value!r}")
+        return value
+
+    return parse
+
+
+def _path(key: str, value: str) -> Path:
+    if not value:
+        raise ConfigError(key, "must not be empty")
+    path = Path(value)
+    return path if path.is_absolute() else (REPO_ROOT / path).resolve()
+
+
+def _secret(key: str, value: str) -> str:
+    if len(value) < 32:
+        raise ConfigError(key, "must be at least 32 characters (make run writes a random one to .env)")
+    return value
+
+
+def _str(key: str, value: str) -> str:
+    return value
+
+
+def _host(key: str, value: str) -> str:
+    if not value or any(c.isspace() for c in value):
+        raise ConfigError(key, f"expected a host name or address, got {value!r}")
+    return value
+
+
+def _csv(key: str, value: str) -> tuple[str, ...]:
+    items = tuple(v.strip() for v in value.split(",") if v.strip())
+    if not items:
+        raise ConfigError(key, "expected a comma-separated list")
+    return items
+
+
+# Settings whose empty value means a folder under DATA_DIR.
+DERIVED_PATHS = {"vms_root": "vms", "images_dir": "images"}
+
+
+def _setting(env: str, parse: Callable[[str, str], Any], default: str | None, doc: str) -> Any:
+    return field(metadata={"env": env, "parse": parse, "default": default, "doc": doc})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting vmgate reads. `.env.example` lists the same keys with the same comments."""
+
+    postgres_url: str = _setting("POSTGRES_URL", _url(("postgresql", "postgres")), None,
+                                 "Postgres DSN (users, VMs, quotas, audit)")
+    redis_url: str = _setting("REDIS_URL", _url(("redis", "rediss", "unix")), None,
+                              "Redis URL (queue, live state, console tokens, rate limits)")
+    jwt_secret: str = _setting("JWT_SECRET", _secret, None, "HMAC key for session JWTs, 32+ characters")
+    smtp_host: str = _setting("SMTP_HOST", _str, "", "SMTP server; empty writes mails to DATA_DIR/outbox")
+    smtp_port: int = _setting("SMTP_PORT", _int(1, 65535), "587", "SMTP port")
+    smtp_from: str = _setting("SMTP_FROM", _str, "vmgate@localhost", "From address of mails vmgate sends")
+    public_url: str = _setting("PUBLIC_URL", _url(("http", "https")), "http://127.0.0.1:8080",
+                               "URL users reach vmgate at (nginx)")
+    vnc_public_url: str = _setting("VNC_PUBLIC_URL", _url(("ws", "wss"), optional=True), "",
+                                   "WebSocket URL of the console proxy; empty derives it from PUBLIC_URL + /vnc")
+    driver: str = _setting("VMGATE_DRIVER", _choice("local", "nomad"), "local",
+                           "local (QEMU on this host) or nomad (a Nomad cluster)")
+    nomad_addr: str = _setting("NOMAD_ADDR", _url(("http", "https")), "http://127.0.0.1:4646", "Nomad HTTP API")
+    consul_http_addr: str = _setting("CONSUL_HTTP_ADDR", _str, "127.0.0.1:8500", "Consul HTTP API")
+    data_dir: Path = _setting("DATA_DIR", _path, "data", "Where vmgate keeps its state (relative to the repo)")
+    vms_root: Path = _setting("VMS_ROOT", _path, "", "VM overlays and runtime files; empty means DATA_DIR/vms")
+    images_dir: Path = _setting("IMAGES_DIR", _path, "", "Built base images; empty means DATA_DIR/images")
+    gateway_host: str = _setting("GATEWAY_HOST", _host, "127.0.0.1", "Address the gateway binds")
+    gateway_port: int = _setting("GATEWAY_PORT", _int(1, 65535), "8000", "Port the gateway binds")
+    qemu_binary: str = _setting("QEMU_BINARY", _str, "qemu-system-x86_64", "QEMU system emulator")
+    qemu_accelerator: str = _setting("QEMU_ACCELERATOR", _choice("tcg", "kvm"), "tcg",
+                                     "tcg (works everywhere) or kvm (needs a usable /dev/kvm)")
+    nomad_datacenters: tuple[str, ...] = _setting("NOMAD_DATACENTERS", _csv, "dc1", "Datacenters of VM jobs")
+    nomad_namespace: str = _setting("NOMAD_NAMESPACE", _host, "default", "Namespace of VM jobs")
+    console_token_ttl: int = _setting("CONSOLE_TOKEN_TTL", _int(5, 60), "60", "Console token lifetime, seconds")
+    session_ttl: int = _setting("SESSION_TTL", _int(300, 30 * 86400), "43200", "Session lifetime, seconds")
+    stop_timeout: int = _setting("STOP_TIMEOUT", _int(1, 600), "30",
+                                 "Seconds a guest gets to power off before a hard stop")
+    quota_max_vms: int = _setting("QUOTA_MAX_VMS", _int(0, 10000), "3", "Default per-user VM count")
+    quota_vcpus: int = _setting("QUOTA_VCPUS", _int(0, 100000), "4", "Default per-user vCPUs")
+    quota_memory_mb: int = _setting("QUOTA_MEMORY_MB", _int(0, 10**8), "2048", "Default per-user memory, MB")
+    quota_disk_gb: int = _setting("QUOTA_DISK_GB", _int(0, 10**6), "20", "Default per-user disk, GB")
+
+    def __post_init__(self) -> None:
+        # Derived default: frozen dataclass, so set through object.__setattr__.
+        if not self.vnc_public_url:
+            parts = urlsplit(self.public_url)
+            scheme = "wss" if parts.scheme == "https" else "ws"
+            object.__setattr__(self, "vnc_public_url", f"{scheme}://{parts.netloc}{parts.path}/vnc")
+
+    @property
+    def secure_cookies(self) -> bool:
+        return self.public_url.startswith("https://")
+
+    @classmethod
+    def load(cls, environ: dict[str, str] | None = None, dotenv: Path | None = None,
+             **overrides: Any) -> Settings:
+        """Build settings from ``environ`` (default os.environ) over ``dotenv`` (default REPO_ROOT/.env)."""
+        values = read_dotenv(dotenv if dotenv is not None else REPO_ROOT / ".env")
+        values.update(os.environ if environ is None else environ)
+        kwargs: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name in overrides:
+                kwargs[f.name] = overrides[f.name]
+                continue
+            meta = f.metadata
+            raw = values.get(meta["env"])
+            if raw is None:
+                raw = meta["default"]
+            if raw is None:
+                raise ConfigError(meta["env"], "is required (see .env.example)")
+            if f.name in DERIVED_PATHS and raw == "":
+                continue
+            kwargs[f.name] = meta["parse"](meta["env"], raw)
+        for name, sub in DERIVED_PATHS.items():
+            kwargs.setdefault(name, kwargs["data_dir"] / sub)
+        return cls(**kwargs)
+
+
+def describe() -> list[tuple[str, str | None, str]]:
+    """Return (key, default, description) for every setting, for docs and `.env.example` checks."""
+    return [(f.metadata["env"], f.metadata["default"], f.metadata["doc"]) for f in fields(Settings)]
