@@ -1,0 +1,61 @@
+# vmgate: `make run` sets up a fresh Debian 12 machine and starts everything; `make help` lists targets.
+# Recipes stay short: the logic lives in deploy/*.sh (see docs/DEPLOYMENT.md).
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+PY := .venv/bin/python
+VENV_STAMP := .venv/.requirements-installed
+NOVNC_STAMP := node_modules/.package-lock.json
+export PYTEST_ARGS
+
+.PHONY: help deps venv novnc env images services status migrate run down test lint typecheck clean
+
+help: ## list the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-z][a-z-]*:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+deps: ## install missing Debian packages (apt-get; sudo when not root)
+	@deploy/deps.sh
+
+venv: $(VENV_STAMP) ## create .venv from requirements-dev.txt (again when a requirements file changes)
+$(VENV_STAMP): requirements.txt requirements-dev.txt | deps
+	@[ -x $(PY) ] || python3 -m venv .venv
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements-dev.txt
+	@touch $@
+
+novnc: $(NOVNC_STAMP) ## install noVNC 1.7.0 from npm into node_modules (npm ci, pinned by package-lock.json)
+$(NOVNC_STAMP): package.json package-lock.json | deps
+	npm ci --no-audit --no-fund
+	@touch $@
+
+env: ## create .env with random secrets if it does not exist
+	@deploy/ensure-env.sh
+
+images: deps env ## build the tiny base image into IMAGES_DIR (skipped when up to date)
+	@deploy/images.sh
+
+services: deps env ## start Postgres and Redis (reuses running ones; they stay up)
+	@deploy/services.sh up postgres redis
+
+status: ## say which servers, make run and VMs are running
+	@deploy/status.sh
+
+migrate: services venv ## apply the database migrations
+	deploy/with-env.sh $(PY) -m gateway.migrate
+
+run: deps venv novnc env images ## start everything in the foreground and print the URL; Ctrl-C stops it (VMs keep running)
+	@deploy/run.sh
+
+down: ## stop what make run started, the servers and every VM
+	@deploy/down.sh
+
+test: deps venv novnc env images services ## ruff, mypy and pytest (PYTEST_ARGS='-k foo' passes arguments)
+	@deploy/test.sh
+
+lint: venv ## ruff check
+	$(PY) -m ruff check .
+
+typecheck: venv ## mypy
+	$(PY) -m mypy
+
+clean: ## remove caches, node_modules and build leftovers (keeps .env, .venv, data and images)
+	@deploy/clean.sh
