@@ -1,0 +1,1 @@
+"""Base image builds. ``images.manifest`` defines the manifest format the gateway checks images against."""
