@@ -1,0 +1,174 @@
+"""The template catalog: ``images/catalog.json`` joined with the built images under IMAGES_DIR.
+
+A template names a base image directory (``IMAGES_DIR/<image>/``, built by ``images/build-*.sh``
+with a ``manifest.json``), the kernel, initrd and disk files in it, the kernel command line, and
+the sizes a VM may ask for. Loading the catalog never needs the images to be built, so the
+gateway can start (and list templates) before ``make images`` finished; ``Template.is_built()``
+says whether a template can boot.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# images/catalog.json in this repository.
+DEFAULT_CATALOG = Path(__file__).resolve().parent.parent / "images" / "catalog.json"
+
+# Nomad's qemu driver refuses memory outside 128..4000000 MB; no template may promise more.
+NOMAD_MEMORY_MB = (128, 4_000_000)
+
+SIZE_NAMES = ("cpu", "memory_mb", "disk_gb")
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
+_FILE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class CatalogError(ValueError):
+    """The catalog file is missing or a template in it is malformed."""
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """A VM's size: vCPUs, memory in MB, disk in GB."""
+
+    cpu: int
+    memory_mb: int
+    disk_gb: int
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Inclusive (lowest, highest) bounds for each size a VM of a template may ask for."""
+
+    cpu: tuple[int, int]
+    memory_mb: tuple[int, int]
+    disk_gb: tuple[int, int]
+
+    def bounds(self, size: str) -> tuple[int, int]:
+        value: tuple[int, int] = getattr(self, size)
+        return value
+
+
+@dataclass(frozen=True)
+class Template:
+    """One bootable template: files of a built base image plus how to boot it and how big it may be."""
+
+    name: str
+    title: str
+    description: str
+    image_dir: Path
+    kernel: Path
+    initrd: Path
+    disk: Path
+    cmdline: str
+    limits: Limits
+    defaults: Sizes
+
+    @property
+    def manifest(self) -> Path:
+        return self.image_dir / "manifest.json"
+
+    def is_built(self) -> bool:
+        """True when the image's manifest and the kernel, initrd and disk it boots from exist."""
+        return all(path.is_file() for path in (self.manifest, self.kernel, self.initrd, self.disk))
+
+    def to_json(self) -> dict[str, Any]:
+        """What the API shows about a template (no host paths)."""
+        return {
+            "name": self.name,
+            "title": self.title,
+            "description": self.description,
+            "limits": {size: list(self.limits.bounds(size)) for size in SIZE_NAMES},
+            "defaults": {size: getattr(self.defaults, size) for size in SIZE_NAMES},
+        }
+
+
+def _require(entry: dict[str, Any], key: str, where: str) -> Any:
+    if key not in entry:
+        raise CatalogError(f"{where}: missing key {key!r}")
+    return entry[key]
+
+
+def _text(entry: dict[str, Any], key: str, where: str) -> str:
+    value = _require(entry, key, where)
+    if not isinstance(value, str) or not value.strip():
+        raise CatalogError(f"{where}: {key} must be a non-empty string")
+    return value
+
+
+def _file_name(entry: dict[str, Any], key: str, where: str) -> str:
+    value = _text(entry, key, where)
+    if not _FILE_RE.match(value):
+        raise CatalogError(f"{where}: {key} must be a plain file name inside the image directory, got {value!r}")
+    return value
+
+
+def _int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _template(name: str, entry: Any, images_dir: Path, where: str) -> Template:
+    if not isinstance(entry, dict):
+        raise CatalogError(f"{where}: expected an object")
+    if not _NAME_RE.match(name):
+        raise CatalogError(f"{where}: template names are 1-32 of a-z, 0-9 and '-'")
+    image_dir = images_dir / _file_name(entry, "image", where)
+    cmdline = _text(entry, "cmdline", where)
+    if any(ord(c) < 0x20 for c in cmdline) or "vmgate.hostname=" in cmdline:
+        raise CatalogError(f"{where}: cmdline must be one line without vmgate.hostname= (the renderer adds it)")
+
+    raw_limits = _require(entry, "limits", where)
+    raw_defaults = _require(entry, "defaults", where)
+    if not isinstance(raw_limits, dict) or not isinstance(raw_defaults, dict):
+        raise CatalogError(f"{where}: limits and defaults must be objects")
+    bounds: dict[str, tuple[int, int]] = {}
+    defaults: dict[str, int] = {}
+    for size in SIZE_NAMES:
+        pair = _require(raw_limits, size, f"{where}: limits")
+        if not (isinstance(pair, list) and len(pair) == 2 and all(_int(v) for v in pair)
+                and 1 <= pair[0] <= pair[1]):
+            raise CatalogError(f"{where}: limits.{size} must be [lowest, highest] with 1 <= lowest <= highest")
+        bounds[size] = (pair[0], pair[1])
+        default = _require(raw_defaults, size, f"{where}: defaults")
+        if not _int(default) or not pair[0] <= default <= pair[1]:
+            raise CatalogError(f"{where}: defaults.{size} must be an integer within limits.{size} {pair}")
+        defaults[size] = default
+    low, high = bounds["memory_mb"]
+    if low < NOMAD_MEMORY_MB[0] or high > NOMAD_MEMORY_MB[1]:
+        raise CatalogError(f"{where}: limits.memory_mb must stay within Nomad's {NOMAD_MEMORY_MB[0]}.."
+                           f"{NOMAD_MEMORY_MB[1]} MB")
+
+    return Template(
+        name=name,
+        title=_text(entry, "title", where),
+        description=_text(entry, "description", where),
+        image_dir=image_dir,
+        kernel=image_dir / _file_name(entry, "kernel", where),
+        initrd=image_dir / _file_name(entry, "initrd", where),
+        disk=image_dir / _file_name(entry, "disk", where),
+        cmdline=cmdline,
+        limits=Limits(**bounds),
+        defaults=Sizes(**defaults),
+    )
+
+
+def load_catalog(catalog_path: Path, images_dir: Path) -> dict[str, Template]:
+    """Read the catalog and return its templates by name; raises ``CatalogError`` naming the problem.
+
+    ``catalog_path`` is usually ``DEFAULT_CATALOG``; ``images_dir`` is IMAGES_DIR (Settings.images_dir).
+    """
+    catalog_path = Path(catalog_path)
+    images_dir = Path(images_dir).absolute()
+    try:
+        data = json.loads(catalog_path.read_text())
+    except OSError as exc:
+        raise CatalogError(f"{catalog_path}: cannot read the catalog: {exc.strerror}") from None
+    except json.JSONDecodeError as exc:
+        raise CatalogError(f"{catalog_path}: not valid JSON: {exc}") from None
+    if not isinstance(data, dict) or not data:
+        raise CatalogError(f"{catalog_path}: expected an object of templates by name")
+    return {name: _template(name, entry, images_dir, f"{catalog_path}: template {name!r}")
+            for name, entry in data.items()}

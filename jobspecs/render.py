@@ -1,0 +1,249 @@
+"""The VM job: one Nomad job per VM, rendered from typed variables.
+
+Laid out like a Nomad pack: the variables are the fields of ``VMSpec`` (per VM) and ``JobSettings``
+(per installation), each with a type, a description and (where it has one) a default;
+``variables()`` lists them. ``render_job`` is the one template; it returns the Nomad API ``Job``
+object (what goes under ``"Job"`` in ``POST /v1/jobs``) and ``jobspecs.hcl.to_hcl`` prints the same
+dict as HCL (also importable from here), so the JSON and the HCL cannot disagree.
+Name helpers: ``job_name``, ``vm_id_of``.
+
+The job (``vm-<id>``, type service):
+
+    group "vm" (count 1, restart: 2 attempts in 30m, 15s apart, then fail; reschedule: 2 in 1h)
+      task "qemu" (driver qemu, kill_timeout = STOP_TIMEOUT)
+        config: image_path = the VM's overlay, accelerator, machine_type "pc",
+                drive_interface "virtio", graceful_shutdown (ACPI power-off on stop), args:
+                -smp N -kernel K -initrd I -append "<cmdline> vmgate.hostname=<hostname>"
+                -vnc unix:${NOMAD_TASK_DIR}/vnc.sock
+                -qmp unix:${NOMAD_TASK_DIR}/qmp.sock,server=on,wait=off
+                -sandbox on -nic none
+        resources: cpu = 1000 MHz per vCPU, memory = memory_mb
+
+VNC listens on a unix socket in the task directory: on one machine the console proxy reads it
+from there and nothing listens on TCP. A fleet needs VNC on a TCP port registered in Consul
+(a ``network``/``service`` block); that is a later change and is deliberately absent here.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from jobspecs.catalog import NOMAD_MEMORY_MB, SIZE_NAMES, Template
+from jobspecs.hcl import to_hcl
+
+SECOND = 1_000_000_000  # Nomad's API takes durations in nanoseconds
+
+__all__ = ["JobSettings", "JobSpecError", "VMSpec", "job_name", "qemu_args", "render_job", "to_hcl", "variables",
+           "vm_id_of"]
+MINUTE = 60 * SECOND
+HOUR = 60 * MINUTE
+
+# Nomad's `cpu` is a share in MHz of the node's fingerprinted compute, not a core count. Under TCG
+# one vCPU keeps about one host thread busy; 1000 MHz per vCPU lets a 2-core ~2 GHz node (~4000 MHz)
+# place about four busy vCPUs, which matches what these machines can emulate usefully.
+CPU_MHZ_PER_VCPU = 1000
+
+GROUP_NAME = "vm"
+TASK_NAME = "qemu"
+JOB_PREFIX = "vm-"
+
+# A crash-looping VM under TCG burns a core, so give up and let the reconciler mark it `error`:
+# at most 2 restarts in 30 minutes on the same node, then at most 2 new placements an hour.
+RESTART_POLICY = {"Attempts": 2, "Interval": 30 * MINUTE, "Delay": 15 * SECOND, "Mode": "fail"}
+RESCHEDULE_POLICY = {
+    "Attempts": 2,
+    "Interval": HOUR,
+    "Delay": 30 * SECOND,
+    "DelayFunction": "exponential",
+    "MaxDelay": 5 * MINUTE,
+    "Unlimited": False,
+}
+
+# vm ids name directories and Nomad jobs: no '/', no spaces, no '..'; a UUID fits.
+VM_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+# RFC 1123 label: it lands on the kernel command line, so nothing that could add a parameter.
+HOSTNAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+ACCELERATORS = ("tcg", "kvm")
+
+
+class JobSpecError(ValueError):
+    """A variable has a value the job cannot be rendered with; ``variable`` names it."""
+
+    def __init__(self, variable: str, problem: str) -> None:
+        super().__init__(f"{variable}: {problem}")
+        self.variable = variable
+
+
+def _var(type_: str, description: str, default: Any = MISSING) -> Any:
+    meta = {"type": type_, "description": description}
+    if default is MISSING:
+        return field(metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class VMSpec:
+    """The per-VM variables."""
+
+    id: str = _var("string", "VM id (1-64 of A-Z a-z 0-9 _ -); the job is vm-<id>")
+    owner: str = _var("string", "Id of the user who owns the VM (job meta `owner`)")
+    template: str = _var("string", "Template name from images/catalog.json")
+    cpu: int = _var("number", "vCPUs (-smp); Nomad cpu = this x 1000 MHz")
+    memory_mb: int = _var("number", "Guest memory in MB (Nomad memory)")
+    disk_gb: int = _var("number", "Size the overlay was created with, GB (task meta `disk_gb`)")
+    overlay_path: str = _var("string", "Absolute path of the VM's qcow2 overlay (image_path)")
+    hostname: str = _var("string", "Guest hostname (RFC 1123 label), passed as vmgate.hostname=")
+
+    @classmethod
+    def for_template(cls, template: Template, *, id: str, owner: str, overlay_path: str | Path,
+                     hostname: str | None = None, cpu: int | None = None, memory_mb: int | None = None,
+                     disk_gb: int | None = None) -> VMSpec:
+        """A spec with the template's default sizes for whatever is not given; hostname defaults to vm-<id>."""
+        return cls(
+            id=id, owner=str(owner), template=template.name,
+            cpu=template.defaults.cpu if cpu is None else cpu,
+            memory_mb=template.defaults.memory_mb if memory_mb is None else memory_mb,
+            disk_gb=template.defaults.disk_gb if disk_gb is None else disk_gb,
+            overlay_path=str(overlay_path),
+            hostname=hostname or f"{JOB_PREFIX}{id}"[:63].rstrip("-_").replace("_", "-"),
+        )
+
+
+@dataclass(frozen=True)
+class JobSettings:
+    """The per-installation variables (from Settings: NOMAD_DATACENTERS, NOMAD_NAMESPACE, ...)."""
+
+    datacenters: tuple[str, ...] = _var("list(string)", "Datacenters the job may run in", ("dc1",))
+    namespace: str = _var("string", "Nomad namespace of VM jobs", "default")
+    accelerator: str = _var("string", "QEMU accelerator: tcg (works everywhere) or kvm", "tcg")
+    stop_timeout: int = _var("number", "Seconds a guest gets to power off before a hard stop (kill_timeout)", 30)
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> JobSettings:
+        """Take the values from ``gateway.config.Settings``."""
+        return cls(datacenters=tuple(settings.nomad_datacenters), namespace=settings.nomad_namespace,
+                   accelerator=settings.qemu_accelerator, stop_timeout=settings.stop_timeout)
+
+
+def variables() -> dict[str, dict[str, Any]]:
+    """Every variable of the VM job: ``{name: {"type", "description", "default"?}}`` (like variables.hcl)."""
+    table: dict[str, dict[str, Any]] = {}
+    for cls in (VMSpec, JobSettings):
+        for f in fields(cls):
+            entry = dict(f.metadata)
+            if f.default is not MISSING:
+                entry["default"] = list(f.default) if isinstance(f.default, tuple) else f.default
+            table[f.name] = entry
+    return table
+
+
+def job_name(vm_id: str) -> str:
+    """The Nomad job ID (and name) of a VM: ``vm-<vm_id>``."""
+    if not isinstance(vm_id, str) or not VM_ID_RE.match(vm_id):
+        raise JobSpecError("id", f"must be 1-64 of A-Z a-z 0-9 _ - starting with a letter or digit, got {vm_id!r}")
+    return JOB_PREFIX + vm_id
+
+
+def vm_id_of(job_id: str) -> str | None:
+    """The vm id of a job named by ``job_name``, or None for any other job."""
+    if job_id.startswith(JOB_PREFIX) and VM_ID_RE.match(job_id[len(JOB_PREFIX):]):
+        return job_id[len(JOB_PREFIX):]
+    return None
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check(vm: VMSpec, template: Template, settings: JobSettings) -> None:
+    job_name(vm.id)
+    if not isinstance(vm.owner, str) or not vm.owner or "\0" in vm.owner:
+        raise JobSpecError("owner", "must be a non-empty string")
+    if vm.template != template.name:
+        raise JobSpecError("template", f"the spec names {vm.template!r} but the template is {template.name!r}")
+    for size in SIZE_NAMES:
+        value = getattr(vm, size)
+        low, high = template.limits.bounds(size)
+        if not _is_int(value):
+            raise JobSpecError(size, f"must be an integer, got {value!r}")
+        if not low <= value <= high:
+            raise JobSpecError(size, f"{value} is outside {low}..{high}, the limits of template {template.name!r}")
+    if not NOMAD_MEMORY_MB[0] <= vm.memory_mb <= NOMAD_MEMORY_MB[1]:
+        raise JobSpecError("memory_mb", f"Nomad's qemu driver needs {NOMAD_MEMORY_MB[0]}..{NOMAD_MEMORY_MB[1]} MB")
+    if not isinstance(vm.hostname, str) or not HOSTNAME_RE.match(vm.hostname):
+        raise JobSpecError("hostname", f"must be 1-63 of A-Z a-z 0-9 - (not starting or ending with -), "
+                                       f"got {vm.hostname!r}")
+    path = str(vm.overlay_path)
+    if not path.startswith("/") or "," in path or any(ord(c) < 0x20 for c in path):
+        # QEMU splits -drive options at commas; control characters have no business in a path.
+        raise JobSpecError("overlay_path", f"must be an absolute path without commas or control characters, "
+                                           f"got {path!r}")
+    if not settings.datacenters or not all(isinstance(d, str) and d and not any(c.isspace() for c in d)
+                                           for d in settings.datacenters):
+        raise JobSpecError("datacenters", f"must be one or more names without spaces, got {settings.datacenters!r}")
+    if not isinstance(settings.namespace, str) or not settings.namespace or " " in settings.namespace:
+        raise JobSpecError("namespace", f"must be a name without spaces, got {settings.namespace!r}")
+    if settings.accelerator not in ACCELERATORS:
+        raise JobSpecError("accelerator", f"must be one of {', '.join(ACCELERATORS)}, got {settings.accelerator!r}")
+    if not _is_int(settings.stop_timeout) or not 1 <= settings.stop_timeout <= 3600:
+        raise JobSpecError("stop_timeout", f"must be whole seconds between 1 and 3600, got {settings.stop_timeout!r}")
+
+
+def qemu_args(vm: VMSpec, template: Template) -> list[str]:
+    """The task's ``args``: everything QEMU needs beyond what Nomad's qemu driver adds itself."""
+    return [
+        "-smp", str(vm.cpu),
+        "-kernel", str(template.kernel),
+        "-initrd", str(template.initrd),
+        "-append", f"{template.cmdline} vmgate.hostname={vm.hostname}",
+        # ${NOMAD_TASK_DIR} is interpolated by the driver at start (Nomad's runtime variables).
+        "-vnc", "unix:${NOMAD_TASK_DIR}/vnc.sock",
+        "-qmp", "unix:${NOMAD_TASK_DIR}/qmp.sock,server=on,wait=off",
+        "-sandbox", "on",
+        # Without this QEMU adds an e1000 NIC on user networking, where the guest reaches the host's
+        # loopback (10.0.2.2 is the host's 127.0.0.1: Postgres, Redis, the gateway). No NIC until
+        # networking is designed; Nomad's port_map adds its own -netdev/-device when used.
+        "-nic", "none",
+    ]
+
+
+def render_job(vm: VMSpec, template: Template, settings: JobSettings) -> dict[str, Any]:
+    """The Nomad API Job object for ``vm``; raises ``JobSpecError`` naming the first bad variable."""
+    _check(vm, template, settings)
+    name = job_name(vm.id)
+    return {
+        "ID": name,
+        "Name": name,
+        "Type": "service",
+        "Namespace": settings.namespace,
+        "Datacenters": list(settings.datacenters),
+        "Meta": {"vm_id": vm.id, "owner": vm.owner, "template": template.name},
+        "TaskGroups": [
+            {
+                "Name": GROUP_NAME,
+                "Count": 1,
+                "RestartPolicy": dict(RESTART_POLICY),
+                "ReschedulePolicy": dict(RESCHEDULE_POLICY),
+                "Tasks": [
+                    {
+                        "Name": TASK_NAME,
+                        "Driver": "qemu",
+                        "Config": {
+                            "image_path": str(vm.overlay_path),
+                            "accelerator": settings.accelerator,
+                            "machine_type": "pc",
+                            "drive_interface": "virtio",
+                            "graceful_shutdown": True,
+                            "args": qemu_args(vm, template),
+                        },
+                        "Resources": {"CPU": vm.cpu * CPU_MHZ_PER_VCPU, "MemoryMB": vm.memory_mb},
+                        "KillTimeout": settings.stop_timeout * SECOND,
+                        "Meta": {"hostname": vm.hostname, "disk_gb": str(vm.disk_gb)},
+                    }
+                ],
+            }
+        ],
+    }

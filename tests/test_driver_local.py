@@ -1,0 +1,196 @@
+"""LocalDriver against real QEMU (TCG) booting the real tiny image: the whole life of a VM, typing on its
+console, disk changes surviving a graceful stop, re-adoption by a new driver, and failed starts that
+leave nothing behind. Skips when the tiny image is not built (images/build-tiny.sh)."""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from drivers.base import DriverError, JobInvalid
+from drivers.local import SERIAL_LOG_KEEP, LocalDriver
+from tests.fixtures.qemu import destroy_all, qemu_pids_under, qmp, type_text, wait_for_serial, zombie_children
+from tests.test_driver_fake import contract_bad_jobs, contract_idempotency, contract_logs_and_health
+
+pytestmark = pytest.mark.qemu
+
+Render = Callable[..., dict[str, Any]]
+MakeOverlay = Callable[..., Path]
+
+
+def serial_size(driver: LocalDriver, vm_id: str) -> int:
+    path = driver.task_dir(vm_id) / "serial.log"
+    return path.stat().st_size if path.exists() else 0
+
+
+def runtime_files(driver: LocalDriver, vm_id: str) -> set[str]:
+    task_dir = driver.task_dir(vm_id)
+    return {p.name for p in task_dir.iterdir() if p.is_socket() or p.name == "qemu.pid"} if task_dir.exists() else set()
+
+
+async def boot(driver: LocalDriver, vm_id: str, job: dict[str, Any]) -> tuple[int, float, float]:
+    """Start the VM and wait for its shell; returns (pid, seconds until QEMU ran, seconds until the shell)."""
+    offset = serial_size(driver, vm_id)
+    began = time.monotonic()
+    status = await driver.start(vm_id, job)
+    running = time.monotonic() - began
+    assert status.state == "running" and status.pid
+    await wait_for_serial(driver, vm_id, "vmgate-tiny: ready", after=offset)
+    await wait_for_serial(driver, vm_id, "~ # ", after=offset)  # the shell on ttyS0 (tty1 starts with it)
+    return status.pid, running, time.monotonic() - began
+
+
+async def test_life_of_a_vm(local_driver: LocalDriver, make_overlay: MakeOverlay, render_tiny: Render,
+                            vms_root: Path) -> None:
+    """Boot, type on tty1, stop by ACPI, boot again from the same overlay, find the file, destroy."""
+    driver = local_driver
+    job = render_tiny("life", make_overlay("life"))
+    pid, running_s, shell_s = await boot(driver, "life", job)
+    print(f"\nboot: QEMU running after {running_s:.2f} s, guest shell after {shell_s:.2f} s")
+    task_dir = driver.task_dir("life")
+    assert oct(task_dir.stat().st_mode & 0o777) == "0o700"
+    assert {"job.json", "qemu.pid", "serial.log", "stderr.log", "qmp.sock", "vnc.sock", "qm.sock"} <= \
+        {p.name for p in task_dir.iterdir()}
+    status = await driver.status("life")
+    assert status.vnc is not None and status.vnc.unix_socket == str(task_dir / "vnc.sock")
+    if os.geteuid() == 0:
+        assert "Uid:\t65534" in Path(f"/proc/{pid}/status").read_text()  # QEMU dropped root (-runas nobody)
+    assert (await qmp(task_dir / "qmp.sock", "query-status"))["status"] == "running"
+
+    offset = serial_size(driver, "life")
+    # $((6*7)): what shows on the serial log is the command's output, never the typed text.
+    command = "echo vmgate-marker > /root/marker; sync; echo wrote-$((6*7)) > /dev/ttyS0\n"
+    await type_text(task_dir / "qmp.sock", command)
+    await wait_for_serial(driver, "life", "wrote-42", timeout=60, after=offset)
+
+    began = time.monotonic()
+    await driver.stop("life", 30)
+    stop_s = time.monotonic() - began
+    print(f"stop: {stop_s:.2f} s")
+    stopped = await driver.status("life")
+    assert stopped.state == "stopped" and stopped.details["how"] == "acpi", stopped
+    assert stopped.details["returncode"] == 0 and stop_s < 30
+    assert "vmgate-tiny: power off" in await driver.logs("life", 4096)
+    assert not os.path.exists(f"/proc/{pid}")
+    assert runtime_files(driver, "life") == set()
+    assert {"job.json", "serial.log"} <= {p.name for p in task_dir.iterdir()}
+
+    pid2, _, shell2_s = await boot(driver, "life", job)
+    print(f"second boot: guest shell after {shell2_s:.2f} s")
+    assert pid2 != pid
+    offset = serial_size(driver, "life")
+    await type_text(task_dir / "qmp.sock", "cat /root/marker > /dev/ttyS0\n")
+    await wait_for_serial(driver, "life", "vmgate-marker", timeout=60, after=offset)
+
+    await driver.destroy("life")
+    assert not os.path.exists(f"/proc/{pid2}")
+    assert not task_dir.exists()
+    assert qemu_pids_under(vms_root) == []
+    assert (await driver.status("life")).state == "missing"
+    await driver.destroy("life")
+    assert zombie_children() == []
+
+
+async def test_contract(local_driver: LocalDriver, make_overlay: MakeOverlay, render_tiny: Render,
+                        vms_root: Path) -> None:
+    """The checks FakeDriver passes, with QEMU; and only ever one QEMU per VM."""
+    job = render_tiny("contract", make_overlay("contract"))
+    await contract_bad_jobs(local_driver, "contract", job)
+    assert not local_driver.task_dir("contract").exists()
+    await contract_idempotency(local_driver, "contract", job)
+    await contract_logs_and_health(local_driver, "contract", job)
+    assert qemu_pids_under(vms_root) == []
+    assert zombie_children() == []
+
+
+async def test_readoption_by_a_new_driver(make_overlay: MakeOverlay, render_tiny: Render, vms_root: Path) -> None:
+    first = LocalDriver(vms_root)
+    job = render_tiny("adopt", make_overlay("adopt"))
+    status = await first.start("adopt", job)
+    await first.close()  # the gateway goes away; QEMU stays
+    assert qemu_pids_under(first.task_dir("adopt")) == [status.pid]
+
+    second = LocalDriver(vms_root)
+    try:
+        listed = await second.list_vms()
+        assert listed["adopt"].state == "running" and listed["adopt"].pid == status.pid
+        assert listed["adopt"].vnc == status.vnc
+        again = await second.start("adopt", job)  # idempotent across drivers: no second QEMU
+        assert again.pid == status.pid and qemu_pids_under(second.task_dir("adopt")) == [status.pid]
+        await second.stop("adopt", 20)
+        stopped = await second.status("adopt")
+        assert stopped.state == "stopped" and stopped.details["how"] in ("acpi", "quit"), stopped
+        assert qemu_pids_under(vms_root) == []
+        assert (await first.status("adopt")).state == "stopped"
+    finally:
+        await destroy_all(second)
+
+
+async def test_pid_reuse_is_not_adoption(local_driver: LocalDriver, make_overlay: MakeOverlay,
+                                         render_tiny: Render) -> None:
+    job = render_tiny("reuse", make_overlay("reuse"))
+    await local_driver.start("reuse", job)
+    await local_driver.stop("reuse", 0)
+    # A stale pid file naming a live process that is not this VM's QEMU (this test process).
+    (local_driver.task_dir("reuse") / "qemu.pid").write_text(f"{os.getpid()}\n")
+    assert (await LocalDriver(local_driver.vms_root).status("reuse")).state == "stopped"
+
+
+async def test_failed_starts_leave_nothing(local_driver: LocalDriver, make_overlay: MakeOverlay,
+                                           render_tiny: Render, vms_root: Path) -> None:
+    driver = local_driver
+    overlay = make_overlay("bad")
+    job = render_tiny("bad", overlay)
+
+    rejected = copy.deepcopy(job)
+    rejected["TaskGroups"][0]["Tasks"][0]["Config"]["args"] += ["-no-such-option"]
+    with pytest.raises(DriverError, match="-no-such-option: invalid option"):
+        await driver.start("bad", rejected)
+    assert not driver.task_dir("bad").exists() and qemu_pids_under(vms_root) == []
+
+    missing = copy.deepcopy(job)
+    missing["TaskGroups"][0]["Tasks"][0]["Config"]["image_path"] = str(vms_root / "nope.qcow2")
+    with pytest.raises(JobInvalid, match="does not exist"):
+        await driver.start("bad", missing)
+    outside = copy.deepcopy(job)
+    outside["TaskGroups"][0]["Tasks"][0]["Config"]["image_path"] = "/etc/hostname"
+    with pytest.raises(JobInvalid, match="allowed image paths"):
+        await driver.start("bad", outside)
+
+    # A VM that ran once: a failed start keeps its job and logs, says why, and leaves no runtime files.
+    await driver.start("bad", job)
+    await driver.stop("bad", 0)
+    with pytest.raises(DriverError, match="invalid option"):
+        await driver.start("bad", rejected)
+    status = await driver.status("bad")
+    assert status.state == "stopped" and "invalid option" in (status.reason or "")
+    assert runtime_files(driver, "bad") == set() and (driver.task_dir("bad") / "job.json").exists()
+    assert qemu_pids_under(vms_root) == []
+    assert zombie_children() == []
+
+
+async def test_socket_paths_must_fit(render_tiny: Render, make_overlay: MakeOverlay) -> None:
+    long_root = Path("/tmp") / ("vg" + "x" * 90)
+    driver = LocalDriver(long_root, image_paths=["/"])
+    with pytest.raises(DriverError, match="must be under 108"):
+        await driver.start("long", render_tiny("long", make_overlay("long")))
+    assert not long_root.exists()
+
+
+async def test_serial_log_is_capped_at_start(local_driver: LocalDriver, make_overlay: MakeOverlay,
+                                             render_tiny: Render) -> None:
+    job = render_tiny("cap", make_overlay("cap"))
+    await local_driver.start("cap", job)
+    await local_driver.stop("cap", 0)
+    log = local_driver.task_dir("cap") / "serial.log"
+    log.write_bytes(b"old line\n" * (3 * SERIAL_LOG_KEEP // 9))
+    await local_driver.start("cap", job)
+    assert log.stat().st_size <= SERIAL_LOG_KEEP + 64 * 1024
+    tail = await local_driver.logs("cap", 50)
+    assert len(tail.encode()) <= 50
