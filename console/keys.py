@@ -10,7 +10,7 @@ import secrets
 PREFIX = "vmgate:"
 TOKEN_BYTES = 32
 # secrets.token_urlsafe(32) gives 43 characters of [A-Za-z0-9_-].
-TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{43}$")
+TOKEN_RE = re.compile(r"\A[A-Za-z0-9_-]{43}\Z")
 
 
 def new_token() -> str:
