@@ -21,6 +21,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import IO
+from urllib.parse import urlsplit
 
 REPO = Path(__file__).resolve().parent.parent
 STOP_GRACE = 15.0  # seconds children get after SIGTERM before SIGKILL
@@ -117,6 +118,12 @@ def pid_alive(path: Path) -> int | None:
     return pid
 
 
+def public_origin(url: str) -> str:
+    """The Origin header a browser sends from pages under ``url``: scheme://host[:port]."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
+
+
 def build_children(
     args: argparse.Namespace, env: dict[str, str], log_dir: Path, run_dir: Path
 ) -> list[Child]:
@@ -129,6 +136,9 @@ def build_children(
             "--token-plugin", "console.token_plugin.RedisTokens",
             # env: makes the plugin read the URL from the environment, keeping the password out of ps.
             "--token-source", "env:REDIS_URL",
+            # Browsers send the page's origin; only pages served from PUBLIC_URL may open consoles.
+            "--auth-plugin", "websockify.auth_plugins.ExpectOrigin",
+            "--auth-source", public_origin(env.get("PUBLIC_URL", "http://127.0.0.1:8080")),
             f"127.0.0.1:{env['WEBSOCKIFY_PORT']}",
         ], child_env, log_dir, run_dir),
     ]

@@ -1,0 +1,83 @@
+"""The application factory: one cleanup context per pool or client, routes, middlewares."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp_jinja2
+import aiopg
+import jinja2
+import redis.asyncio as aioredis
+from aiohttp import web
+
+from drivers import load_driver
+from drivers.base import Driver
+from gateway import api, pages, vms
+from gateway.catalog import Catalog
+from gateway.config import REPO_ROOT, Settings
+from gateway.errors import error_middleware
+from gateway.keys import catalog_key, db_key, driver_key, redis_key, settings_key
+from gateway.metrics import Metrics, metrics_handler, metrics_key, metrics_middleware
+from gateway.migrate import migrate
+
+log = logging.getLogger("vmgate.app")
+
+# Largest request body accepted (a VM's user data is at most 64 KiB); larger is a 413.
+MAX_BODY = 256 * 1024
+NOVNC_DIR = REPO_ROOT / "node_modules" / "@novnc" / "novnc"
+
+
+def create_app(settings: Settings, *, driver: Driver | None = None) -> web.Application:
+    """Build the gateway. ``driver`` overrides the one VMGATE_DRIVER names (tests pass a fake)."""
+    app = web.Application(middlewares=[metrics_middleware, error_middleware], client_max_size=MAX_BODY)
+    app[settings_key] = settings
+    app[metrics_key] = Metrics()
+    aiohttp_jinja2.setup(app, loader=jinja2.FileSystemLoader(Path(__file__).parent / "templates"),
+                         autoescape=jinja2.select_autoescape(default=True))
+
+    async def postgres_ctx(app: web.Application) -> AsyncIterator[None]:
+        async with aiopg.create_pool(settings.postgres_url, minsize=1, maxsize=10, timeout=10) as pool:
+            await migrate(pool)
+            app[db_key] = pool
+            yield
+
+    async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
+        client = aioredis.from_url(settings.redis_url, decode_responses=True, socket_timeout=5,
+                                   socket_connect_timeout=5, health_check_interval=30)
+        app[redis_key] = client
+        try:
+            yield
+        finally:
+            await client.aclose()
+
+    async def driver_ctx(app: web.Application) -> AsyncIterator[None]:
+        app[driver_key] = driver if driver is not None else load_driver(settings)
+        try:
+            yield
+        finally:
+            await app[driver_key].close()
+
+    async def catalog_ctx(app: web.Application) -> AsyncIterator[None]:
+        app[catalog_key] = Catalog(settings.images_dir)
+        yield
+
+    async def readopt_ctx(app: web.Application) -> AsyncIterator[None]:
+        await vms.readopt(app)
+        yield
+
+    app.cleanup_ctx.extend([postgres_ctx, redis_ctx, driver_ctx, catalog_ctx, readopt_ctx])
+
+    app.router.add_routes(api.routes)
+    app.router.add_routes(pages.routes)
+    app.router.add_get("/metrics", metrics_handler)
+    app.router.add_static("/static/app", Path(__file__).parent / "static")
+    app.router.add_static("/static/console", REPO_ROOT / "console" / "static")
+    # Only noVNC's ES modules and their vendored pako are served, not the whole npm package.
+    for part in ("core", "vendor"):
+        if (NOVNC_DIR / part).is_dir():
+            app.router.add_static(f"/novnc/{part}", NOVNC_DIR / part)
+        else:
+            log.warning("noVNC is not installed (%s missing); run `make novnc`", NOVNC_DIR / part)
+    return app

@@ -1,0 +1,112 @@
+"""VM disks: one qcow2 overlay per VM on a read-only, checksummed base image.
+
+Overlays live at ``<VMS_ROOT>/users/<user_id>/<vm_id>.qcow2``. Base images are verified
+against the sha256 manifest their build wrote before any overlay is made on them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from gateway.errors import ServiceUnavailable
+from images.manifest import MANIFEST, sha256_of
+
+
+class ImageUnavailable(ServiceUnavailable):
+    code = "image_unavailable"
+
+
+class StorageError(Exception):
+    """Creating or removing an overlay failed; the message says why."""
+
+
+def overlay_path(vms_root: Path, user_id: str, vm_id: str) -> Path:
+    return vms_root / "users" / user_id / f"{vm_id}.qcow2"
+
+
+def _stat_signature(path: Path) -> tuple[int, int, int, int]:
+    st = path.stat()
+    # ctime cannot be set back by a user, so a rewritten file always changes the signature.
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+class ImageVerifier:
+    """Checks an image directory's files against its manifest.json; remembers files already checked."""
+
+    def __init__(self) -> None:
+        self._verified: dict[Path, tuple[int, int, int, int]] = {}
+
+    def verify_sync(self, image_dir: Path, names: list[str]) -> None:
+        manifest_path = image_dir / MANIFEST
+        try:
+            manifest: dict[str, Any] = json.loads(manifest_path.read_text())
+            files = manifest["files"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise ImageUnavailable(f"Image {image_dir.name} is not built (no valid manifest); run `make images`.",
+                                   details={"image": image_dir.name}) from None
+        for name in names:
+            path = image_dir / name
+            entry = files.get(name) if isinstance(files, dict) else None
+            if not isinstance(entry, dict) or "sha256" not in entry:
+                raise ImageUnavailable(f"Image {image_dir.name}: {name} is missing from its manifest.",
+                                       details={"image": image_dir.name, "file": name})
+            try:
+                signature = _stat_signature(path)
+            except OSError:
+                raise ImageUnavailable(f"Image {image_dir.name}: {name} is missing; run `make images`.",
+                                       details={"image": image_dir.name, "file": name}) from None
+            if self._verified.get(path) == signature:
+                continue
+            if sha256_of(path) != entry["sha256"]:
+                self._verified.pop(path, None)
+                raise ImageUnavailable(
+                    f"Image {image_dir.name}: {name} does not match its sha256 in the manifest; refusing to use it.",
+                    details={"image": image_dir.name, "file": name})
+            self._verified[path] = signature
+
+    async def verify(self, image_dir: Path, names: list[str]) -> None:
+        """Raise ImageUnavailable unless every named file matches the manifest."""
+        await asyncio.to_thread(self.verify_sync, image_dir, names)
+
+
+async def _run(*argv: str) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    out, _ = await proc.communicate()
+    return proc.returncode or 0, out.decode(errors="replace").strip()
+
+
+async def create_overlay(base: Path, path: Path, size_gb: int) -> None:
+    """Create ``path`` as a qcow2 overlay of ``base``. Idempotent; on failure nothing is left behind."""
+    if path.exists():
+        code, out = await _run("qemu-img", "info", "--output=json", "-U", str(path))
+        try:
+            backing = json.loads(out).get("backing-filename") if code == 0 else None
+        except ValueError:
+            backing = None
+        if backing == str(base):
+            return
+        raise StorageError(f"{path.name} exists and is not an overlay of {base.name}")
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = path.with_suffix(".qcow2.part")
+    code, out = await _run("qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2",
+                           str(tmp), f"{size_gb}G")
+    if code != 0:
+        tmp.unlink(missing_ok=True)
+        raise StorageError(f"qemu-img create failed: {out[-500:]}")
+    os.chmod(tmp, 0o600)
+    tmp.rename(path)
+
+
+def remove_overlay(path: Path) -> None:
+    """Remove an overlay (and its user folder once empty). Idempotent."""
+    path.unlink(missing_ok=True)
+    path.with_suffix(".qcow2.part").unlink(missing_ok=True)
+    try:
+        path.parent.rmdir()
+    except OSError:
+        pass
