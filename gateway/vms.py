@@ -235,8 +235,9 @@ async def readopt(app: web.Application) -> None:
             continue
         if status.state == "running" and status.vnc is not None and row["state"] != "stopping":
             await consoles.publish_target(app[redis_key], vm_id, status.vnc)
-            async with db.cursor(pool) as cur:
-                await db.transition(cur, vm_id, "running", only_from=("running", "starting"))
+            if row["state"] == "starting":
+                async with db.cursor(pool) as cur:
+                    await db.transition(cur, vm_id, "running", only_from=("starting",))
             log.info("re-adopted VM %s (pid %s)", vm_id, status.pid)
         elif status.state == "running":
             await driver.stop(vm_id, timeout=app[settings_key].stop_timeout)
