@@ -8,7 +8,7 @@ VENV_STAMP := .venv/.requirements-installed
 NOVNC_STAMP := node_modules/.package-lock.json
 export PYTEST_ARGS
 
-.PHONY: help deps venv novnc env images services status migrate run down test lint typecheck clean
+.PHONY: help deps venv novnc env images services status migrate admin run down test lint typecheck clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z][a-z-]*:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -41,6 +41,10 @@ status: ## say which servers, make run and VMs are running
 
 migrate: services venv ## apply the database migrations
 	deploy/with-env.sh $(PY) -m gateway.migrate
+
+admin: services venv ## create an admin: make admin EMAIL=you@example.com [ADMIN_ARGS=--promote] (asks the password)
+	@[ -n "$(EMAIL)" ] || { echo "usage: make admin EMAIL=you@example.com [ADMIN_ARGS='--promote|--generate-password']"; exit 2; }
+	@deploy/with-env.sh $(PY) -m gateway.cli create-admin --email "$(EMAIL)" $(ADMIN_ARGS)
 
 run: deps venv novnc env images ## start everything in the foreground and print the URL; Ctrl-C stops it (VMs keep running)
 	@deploy/run.sh

@@ -38,6 +38,36 @@ def vnc_target_key(vm_id: str) -> str:
     return f"{PREFIX}vnc:{vm_id}"
 
 
+def user_tokens_key(user_id: str) -> str:
+    """Redis set of the hashes of a user's outstanding tokens, for revocation at logout."""
+    return f"{PREFIX}console:user:{user_id}"
+
+
+# Ending live sessions. A revocation publishes on the VM's or the user's end channel; a live session
+# ends when it hears its channel. For what it did not hear (sent before it subscribed, or while Redis
+# was away) it also checks state that the revocation changed in the same MULTI: the VM's VNC target
+# (deleted when the VM stops) and the user's generation key (a fresh random value at each logout).
+GENERATION_TTL = 8 * 86400  # longer than the longest console session (CONSOLE_MAX_SESSION <= 7 days)
+DEFAULT_MAX_SESSION = 8 * 3600  # when a token record does not say (CONSOLE_MAX_SESSION's default)
+CLOSE_REVOKED = 4001  # WebSocket close code: the VM stopped or was destroyed, or its user logged out
+CLOSE_TIME_LIMIT = 4002  # WebSocket close code: the session reached its maximum duration
+
+
+def user_generation_key(user_id: str) -> str:
+    """Redis key: a random value replaced each time the user's consoles are revoked."""
+    return f"{PREFIX}console:gen:user:{user_id}"
+
+
+def vm_end_channel(vm_id: str) -> str:
+    """Pub/sub channel on which the gateway tells live sessions of a VM to end."""
+    return f"{PREFIX}console:end:vm:{vm_id}"
+
+
+def user_end_channel(user_id: str) -> str:
+    """Pub/sub channel on which the gateway tells live sessions of a user to end."""
+    return f"{PREFIX}console:end:user:{user_id}"
+
+
 def mask(token: str) -> str:
     """Return a token safe to log: its first four characters only."""
     return token[:4] + "…" if token else ""

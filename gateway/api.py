@@ -10,9 +10,9 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway import auth, consoles, db, validation, vms
-from gateway.errors import BadRequest, Conflict, Unauthorized, ValidationFailed
-from gateway.keys import catalog_key, db_key, driver_key, redis_key, settings_key
+from gateway import auth, consoles, db, mail, paging, ratelimit, validation, vms
+from gateway.errors import BadRequest, Conflict, Forbidden, Unauthorized, ValidationFailed
+from gateway.keys import catalog_key, db_key, driver_key, mailer_key, redis_key, settings_key
 from jobspecs.render import to_hcl
 
 log = logging.getLogger("vmgate.api")
@@ -49,11 +49,15 @@ async def signup(request: web.Request) -> web.Response:
     validation.check_unknown(body, {"email", "password"})
     email = validation.email(body)
     password = validation.password(body)
+    await ratelimit.limit(request, "signup_ip", client_ip(request))
     password_hash = await auth.hash_password(password)
     async with db.cursor(request.app[db_key]) as cur:
         user = await db.create_user(cur, email, password_hash)
         await db.audit(cur, action="user.signup", outcome="ok", user_id=str(user["id"]), ip=client_ip(request))
-    return _json({"user": auth.public_user(user)}, status=201)
+    # A mail that fails keeps the account: the user logs in and asks for the link again.
+    delivery = await mail.send_account_mail(request.app[db_key], request.app[mailer_key], user, "verify",
+                                            client_ip(request), reason="signup")
+    return _json({"user": auth.public_user(user), "verification_mail_sent": delivery.ok}, status=201)
 
 
 @routes.post("/api/auth/login")
@@ -62,6 +66,8 @@ async def login(request: web.Request) -> web.Response:
     validation.check_unknown(body, {"email", "password"})
     email = validation.string(body, "email", max_len=254) or ""
     password = validation.string(body, "password", max_len=validation.MAX_PASSWORD) or ""
+    # Counted as a failure before the password is checked (429 when throttled); cleared if it succeeds.
+    attempt = await ratelimit.login_attempt(request, email, client_ip(request))
     async with db.cursor(request.app[db_key]) as cur:
         user = await db.user_by_email(cur, email.strip())
         ok = await auth.verify_password(user["password_hash"] if user else None, password)
@@ -70,25 +76,29 @@ async def login(request: web.Request) -> web.Response:
                            ip=client_ip(request))
             raise Unauthorized("Wrong email or password.", code="invalid_credentials")
         await db.audit(cur, action="user.login", outcome="ok", user_id=str(user["id"]), ip=client_ip(request))
+    await attempt.succeeded()
     settings = request.app[settings_key]
-    token, claims = auth.issue_session(settings, str(user["id"]))
-    response = _json({"user": auth.public_user(user),
+    token, claims = auth.issue_session(settings, user)
+    response = _json({"user": auth.public_user(user), "csrf_token": claims["csrf"],
                       "expires_at": dt.datetime.fromtimestamp(claims["exp"], dt.UTC).isoformat()})
-    auth.set_session_cookie(response, settings, token)
+    auth.set_session_cookies(response, settings, token, claims["csrf"])
     return response
 
 
 @routes.post("/api/auth/logout")
 async def logout(request: web.Request) -> web.Response:
-    found = await auth.session_user(request)
+    caller = await auth.find_caller(request)
     settings = request.app[settings_key]
-    if found is not None:
-        user, claims = found
+    if caller is not None and caller.claims is not None:
+        auth.check_csrf(request, caller)
+        user, claims = caller.user, caller.claims
         await auth.revoke_session(request, claims)
+        # Every console token the user still holds is revoked and every console they have open closes.
+        await consoles.revoke_user(request.app[redis_key], str(user["id"]))
         async with db.cursor(request.app[db_key]) as cur:
             await db.audit(cur, action="user.logout", outcome="ok", user_id=str(user["id"]), ip=client_ip(request))
     response = _json({"logged_out": True})
-    auth.clear_session_cookie(response, settings)
+    auth.clear_session_cookies(response, settings)
     return response
 
 
@@ -113,6 +123,26 @@ async def my_vms(request: web.Request) -> web.Response:
     return _json({"vms": [vms.public_vm(r, public_url) for r in rows]})
 
 
+def audit_entry(row: dict[str, Any], *, with_user: bool = False) -> dict[str, Any]:
+    """The API's view of an audit_log row (``with_user`` adds whose entry it is, for admins)."""
+    entry: dict[str, Any] = {"id": row["id"], "at": row["created_at"].isoformat(), "action": row["action"],
+                             "outcome": row["outcome"], "vm_id": str(row["vm_id"]) if row["vm_id"] else None,
+                             "ip": row["ip"], "details": row["details"]}
+    if with_user:
+        entry["user_id"] = str(row["user_id"]) if row["user_id"] else None
+    return entry
+
+
+@routes.get("/api/me/audit")
+async def my_audit(request: web.Request) -> web.Response:
+    user = await auth.current_user(request)
+    size, before = paging.limit(request), paging.before(request)
+    async with db.cursor(request.app[db_key]) as cur:
+        rows = await db.audit_of(cur, str(user["id"]), limit=size + 1, before_id=before)
+    rows, next_before = paging.page(rows, size, lambda row: row["id"])
+    return _json({"entries": [audit_entry(r) for r in rows], "next_before": next_before})
+
+
 # ---- templates and VMs -----------------------------------------------------------------------------
 
 @routes.get("/api/templates")
@@ -123,6 +153,9 @@ async def templates(request: web.Request) -> web.Response:
 @routes.post("/api/vms")
 async def create_vm(request: web.Request) -> web.Response:
     user = await auth.current_user(request)
+    if user["email_verified_at"] is None:
+        raise Forbidden("Confirm your email address first: open the link we mailed you, or ask for a new one.",
+                        code="email_not_verified")
     body = await validation.json_body(request)
     validation.check_unknown(body, {"template", "name", "cpu", "memory_mb", "disk_gb", "userdata"})
     template = request.app[catalog_key].get(body.get("template"))
@@ -137,6 +170,7 @@ async def create_vm(request: web.Request) -> web.Response:
     wanted["name"] = name
     userdata = validation.string(body, "userdata", max_len=vms.MAX_USERDATA, required=False)
     wanted["userdata"] = userdata
+    await ratelimit.limit(request, "vm_create_user", str(user["id"]))
     row = await vms.create(request.app, user, wanted, client_ip(request))
     return _json(vms.public_vm(row, request.app[settings_key].public_url), status=201)
 
@@ -189,8 +223,9 @@ async def console(request: web.Request) -> web.Response:
         raise Conflict(f"The VM is {vm['state']}; start it to open its console.", code="vm_not_running",
                        details={"state": vm["state"]})
     settings = request.app[settings_key]
+    await ratelimit.limit(request, "console_user", str(user["id"]))
     grant = await consoles.issue_token(redis, vm_id, str(user["id"]), settings.console_token_ttl,
-                                       settings.vnc_public_url)
+                                       settings.vnc_public_url, max_session=settings.console_max_session)
     async with db.cursor(request.app[db_key]) as cur:
         await db.audit(cur, action="vm.console", outcome="ok", user_id=str(user["id"]), ip=client_ip(request),
                        vm_id=vm_id)

@@ -14,7 +14,7 @@ from aiohttp import web
 
 from drivers import load_driver
 from drivers.base import Driver
-from gateway import api, pages, vms
+from gateway import accounts, admin, api, api_tokens, pages, vms
 from gateway.catalog import Catalog
 from gateway.config import REPO_ROOT, Settings
 from gateway.errors import error_middleware
@@ -70,6 +70,9 @@ def create_app(settings: Settings, *, driver: Driver | None = None) -> web.Appli
     app.cleanup_ctx.extend([postgres_ctx, redis_ctx, driver_ctx, catalog_ctx, readopt_ctx])
 
     app.router.add_routes(api.routes)
+    app.router.add_routes(api_tokens.routes)
+    app.router.add_routes(admin.routes)
+    accounts.setup(app)  # routes, and the mailer (after the Postgres context: see its docstring)
     app.router.add_routes(pages.routes)
     app.router.add_get("/metrics", metrics_handler)
     app.router.add_static("/static/app", Path(__file__).parent / "static")

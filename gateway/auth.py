@@ -1,11 +1,21 @@
-"""Passwords (Argon2id), sessions (a JWT in an HttpOnly cookie, revocable server-side) and the
-``current_user`` lookup every authenticated handler starts with."""
+"""Who is calling: passwords (Argon2id), cookie sessions (a JWT, revocable server-side, with a
+CSRF token bound to it) and bearer API tokens — resolved in one place, ``current_user``.
+
+Cookie-authenticated unsafe requests (POST, PUT, PATCH, DELETE) must send ``X-CSRF-Token``
+equal to the session's CSRF token (readable by the page from the ``vmgate_csrf`` cookie and
+returned by login); bearer-token requests need none, since a browser never adds that header
+on its own.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
+import secrets
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 import jwt
@@ -15,20 +25,37 @@ from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatc
 
 from gateway import db
 from gateway.config import Settings
-from gateway.errors import Unauthorized
+from gateway.errors import Forbidden, Unauthorized
 from gateway.keys import db_key, redis_key, settings_key
 
 SESSION_COOKIE = "vmgate_session"
+CSRF_COOKIE = "vmgate_csrf"
+CSRF_HEADER = "X-CSRF-Token"
 JWT_ALGORITHM = "HS256"
 REVOKED_PREFIX = "vmgate:session:revoked:"
-# The (user, claims) of the request, once looked up.
-USER_KEY = web.RequestKey("vmgate.user", tuple)
+API_TOKEN_PREFIX = "vg_"  # noqa: S105 - a public prefix, not a secret
+UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 # argon2-cffi's defaults are Argon2id with RFC 9106's low-memory profile.
 _hasher = PasswordHasher()
 # Verified against when an email is unknown, so a login takes as long either way.
 _DUMMY_HASH = _hasher.hash("not a real password, only here to spend the same time")
 
+
+@dataclass(frozen=True)
+class Caller:
+    """The authenticated user of a request and how they authenticated."""
+
+    user: dict[str, Any]
+    method: str  # "cookie" or "bearer"
+    claims: dict[str, Any] | None = None  # the session's JWT claims (cookie only)
+    token_id: str | None = None  # the API token's id (bearer only)
+
+
+CALLER_KEY = web.RequestKey("vmgate.caller", Caller)
+
+
+# ---- passwords -------------------------------------------------------------------------------------
 
 async def hash_password(password: str) -> str:
     """Hash off the event loop: Argon2id takes tens of milliseconds on purpose."""
@@ -45,28 +72,41 @@ async def verify_password(password_hash: str | None, password: str) -> bool:
     return await asyncio.to_thread(check)
 
 
-def issue_session(settings: Settings, user_id: str) -> tuple[str, dict[str, Any]]:
+# ---- cookie sessions -------------------------------------------------------------------------------
+
+def issue_session(settings: Settings, user: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """A session JWT for ``user``, carrying their current session epoch and a fresh CSRF token."""
     now = int(time.time())
-    claims = {"sub": user_id, "iat": now, "exp": now + settings.session_ttl, "jti": uuid.uuid4().hex}
+    claims = {"sub": str(user["id"]), "iat": now, "exp": now + settings.session_ttl, "jti": uuid.uuid4().hex,
+              "epoch": int(user.get("session_epoch", 0)), "csrf": secrets.token_urlsafe(32)}
     return jwt.encode(claims, settings.jwt_secret, algorithm=JWT_ALGORITHM), claims
 
 
 def decode_session(settings: Settings, token: str) -> dict[str, Any] | None:
-    try:
-        claims: dict[str, Any] = jwt.decode(token, settings.jwt_secret, algorithms=[JWT_ALGORITHM],
-                                            options={"require": ["sub", "exp", "jti"]})
-    except jwt.PyJWTError:
-        return None
-    return claims
+    """The claims of a session JWT signed with the current key or a former one; None if invalid."""
+    for key in (settings.jwt_secret, *settings.jwt_old_secrets):
+        try:
+            claims: dict[str, Any] = jwt.decode(token, key, algorithms=[JWT_ALGORITHM],
+                                                options={"require": ["sub", "exp", "jti", "epoch", "csrf"]})
+        except jwt.InvalidSignatureError:
+            continue
+        except jwt.PyJWTError:
+            return None
+        return claims
+    return None
 
 
-def set_session_cookie(response: web.StreamResponse, settings: Settings, token: str) -> None:
-    response.set_cookie(SESSION_COOKIE, token, max_age=settings.session_ttl, httponly=True,
-                        secure=settings.secure_cookies, samesite="Lax", path="/")
+def set_session_cookies(response: web.StreamResponse, settings: Settings, token: str, csrf: str) -> None:
+    common: dict[str, Any] = {"max_age": settings.session_ttl, "secure": settings.secure_cookies,
+                              "samesite": "Lax", "path": "/"}
+    response.set_cookie(SESSION_COOKIE, token, httponly=True, **common)
+    # Readable by the page's JavaScript, which echoes it in X-CSRF-Token (double submit).
+    response.set_cookie(CSRF_COOKIE, csrf, httponly=False, **common)
 
 
-def clear_session_cookie(response: web.StreamResponse, settings: Settings) -> None:
-    response.del_cookie(SESSION_COOKIE, path="/", secure=settings.secure_cookies, samesite="Lax")
+def clear_session_cookies(response: web.StreamResponse, settings: Settings) -> None:
+    for name in (SESSION_COOKIE, CSRF_COOKIE):
+        response.del_cookie(name, path="/", secure=settings.secure_cookies, samesite="Lax")
 
 
 async def revoke_session(request: web.Request, claims: dict[str, Any]) -> None:
@@ -75,11 +115,12 @@ async def revoke_session(request: web.Request, claims: dict[str, Any]) -> None:
     await request.app[redis_key].set(REVOKED_PREFIX + str(claims["jti"]), "1", ex=ttl)
 
 
-async def session_user(request: web.Request) -> tuple[dict[str, Any], dict[str, Any]] | None:
-    """Return (user row, claims) for the request's session cookie, or None."""
-    token = request.cookies.get(SESSION_COOKIE)
-    if not token:
-        return None
+async def end_all_sessions(cur: Any, user_id: str) -> None:
+    """Invalidate every session of a user (password reset, disable): their JWTs carry an old epoch."""
+    await cur.execute("UPDATE users SET session_epoch = session_epoch + 1 WHERE id = %s", (user_id,))
+
+
+async def _cookie_caller(request: web.Request, token: str) -> Caller | None:
     settings = request.app[settings_key]
     claims = decode_session(settings, token)
     if claims is None or not db.is_uuid(str(claims["sub"])):
@@ -88,21 +129,97 @@ async def session_user(request: web.Request) -> tuple[dict[str, Any], dict[str, 
         return None
     async with db.cursor(request.app[db_key]) as cur:
         user = await db.user_by_id(cur, str(claims["sub"]))
+    if user is None or not user["is_active"] or int(user["session_epoch"]) != int(claims["epoch"]):
+        return None
+    return Caller(user=user, method="cookie", claims=claims)
+
+
+# ---- API tokens ------------------------------------------------------------------------------------
+
+def new_api_token() -> tuple[str, str]:
+    """A fresh API token and the SHA-256 under which it is stored."""
+    token = API_TOKEN_PREFIX + secrets.token_urlsafe(32)
+    return token, hash_api_token(token)
+
+
+def hash_api_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+async def _bearer_caller(request: web.Request, token: str) -> Caller | None:
+    if not token.startswith(API_TOKEN_PREFIX) or len(token) > 200:
+        return None
+    async with db.cursor(request.app[db_key]) as cur:
+        await cur.execute(
+            "UPDATE api_tokens SET last_used_at = now() WHERE token_hash = %s AND revoked_at IS NULL"
+            " AND expires_at > now() RETURNING id, user_id", (hash_api_token(token),))
+        row = await cur.fetchone()
+        if row is None:
+            return None
+        user = await db.user_by_id(cur, str(row["user_id"]))
     if user is None or not user["is_active"]:
         return None
-    return user, claims
+    return Caller(user=user, method="bearer", token_id=str(row["id"]))
+
+
+# ---- resolving the caller --------------------------------------------------------------------------
+
+async def find_caller(request: web.Request) -> Caller | None:
+    """The request's caller from a bearer token (if sent) or the session cookie; no CSRF check."""
+    if CALLER_KEY in request:
+        return request[CALLER_KEY]
+    header = request.headers.get("Authorization")
+    if header is not None:
+        scheme, _, bearer = header.partition(" ")
+        if scheme.lower() != "bearer" or not bearer.strip():
+            raise Unauthorized("Use `Authorization: Bearer <API token>`.", code="invalid_token")
+        caller = await _bearer_caller(request, bearer.strip())
+        if caller is None:
+            # A bad token is an error, never a silent fall-back to the cookie.
+            raise Unauthorized("The API token is invalid, expired or revoked.", code="invalid_token")
+    else:
+        cookie = request.cookies.get(SESSION_COOKIE)
+        caller = await _cookie_caller(request, cookie) if cookie else None
+    if caller is not None:
+        request[CALLER_KEY] = caller
+    return caller
+
+
+def check_csrf(request: web.Request, caller: Caller) -> None:
+    """Refuse a cookie-authenticated unsafe request whose X-CSRF-Token does not match the session."""
+    if caller.method != "cookie" or request.method not in UNSAFE_METHODS or caller.claims is None:
+        return
+    sent = request.headers.get(CSRF_HEADER, "")
+    if not hmac.compare_digest(sent.encode(), str(caller.claims["csrf"]).encode()):
+        raise Forbidden(f"Missing or wrong {CSRF_HEADER} header (send the vmgate_csrf cookie's value).",
+                        code="csrf_failed")
+
+
+async def authenticate(request: web.Request) -> Caller:
+    """The caller, or 401; for cookie sessions on unsafe methods, also the CSRF check (403)."""
+    caller = await find_caller(request)
+    if caller is None:
+        raise Unauthorized("Log in first.", code="not_authenticated")
+    check_csrf(request, caller)
+    return caller
 
 
 async def current_user(request: web.Request) -> dict[str, Any]:
-    """The logged-in user, or 401. Cached on the request."""
-    if USER_KEY in request:
-        cached: dict[str, Any] = request[USER_KEY][0]
-        return cached
-    found = await session_user(request)
-    if found is None:
-        raise Unauthorized("Log in first.", code="not_authenticated")
-    request[USER_KEY] = found
-    return found[0]
+    """The authenticated user (see ``authenticate``)."""
+    return (await authenticate(request)).user
+
+
+async def require_admin(request: web.Request) -> dict[str, Any]:
+    """The authenticated admin. Anyone else, logged in or not, gets exactly what an unknown route
+    gets, so admin routes are not advertised."""
+    try:
+        caller = await find_caller(request)
+    except Unauthorized:  # a bad bearer token, too, must not tell an admin route from a missing one
+        caller = None
+    if caller is None or caller.user["role"] != "admin":
+        raise web.HTTPNotFound()
+    check_csrf(request, caller)
+    return caller.user
 
 
 def public_user(user: dict[str, Any]) -> dict[str, Any]:
@@ -111,5 +228,6 @@ def public_user(user: dict[str, Any]) -> dict[str, Any]:
         "email": user["email"],
         "role": user["role"],
         "email_verified": user.get("email_verified_at") is not None,
+        "is_active": user.get("is_active", True),
         "created_at": user["created_at"].isoformat(),
     }

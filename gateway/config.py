@@ -92,8 +92,21 @@ def _secret(key: str, value: str) -> str:
     return value
 
 
+def _old_secrets(key: str, value: str) -> tuple[str, ...]:
+    secrets = tuple(v.strip() for v in value.split(",") if v.strip())
+    for secret in secrets:
+        _secret(key, secret)
+    return secrets
+
+
 def _str(key: str, value: str) -> str:
     return value
+
+
+def _bool(key: str, value: str) -> bool:
+    if value not in ("true", "false"):
+        raise ConfigError(key, f"must be true or false, got {value!r}")
+    return value == "true"
 
 
 def _host(key: str, value: str) -> str:
@@ -107,6 +120,41 @@ def _csv(key: str, value: str) -> tuple[str, ...]:
     if not items:
         raise ConfigError(key, "expected a comma-separated list")
     return items
+
+
+# Rate-limit rules: name -> (requests, window in seconds). RATE_LIMITS overrides any of them;
+# gateway/ratelimit.py applies them and docs/SECURITY.md ("Rate limits") says what each counts.
+RATE_LIMIT_DEFAULTS: dict[str, tuple[int, int]] = {
+    "login_ip": (30, 900),
+    "login_pair": (5, 900),
+    "login_account": (20, 3600),
+    "signup_ip": (20, 3600),
+    "verify_ip": (30, 3600),
+    "resend_user": (3, 3600),
+    "reset_ip": (10, 3600),
+    "reset_email": (3, 3600),
+    "vm_create_user": (30, 600),
+    "console_user": (30, 60),
+}
+
+
+def _rate_limits(key: str, value: str) -> dict[str, tuple[int, int] | None]:
+    """``rule=COUNT/SECONDS`` or ``rule=off``, comma-separated, over RATE_LIMIT_DEFAULTS."""
+    rules: dict[str, tuple[int, int] | None] = dict(RATE_LIMIT_DEFAULTS)
+    for item in (v.strip() for v in value.split(",")):
+        if not item:
+            continue
+        name, _, spec = (part.strip() for part in item.partition("="))
+        if name not in RATE_LIMIT_DEFAULTS:
+            raise ConfigError(key, f"unknown rule {name!r}; rules: {', '.join(RATE_LIMIT_DEFAULTS)}")
+        if spec == "off":
+            rules[name] = None
+            continue
+        count, _, window = spec.partition("/")
+        if not (count.isdigit() and window.isdigit() and 1 <= int(count) <= 10**6 and 1 <= int(window) <= 86400 * 30):
+            raise ConfigError(key, f"{name}: expected COUNT/SECONDS (1-1000000 / 1-2592000) or off, got {spec!r}")
+        rules[name] = (int(count), int(window))
+    return rules
 
 
 # Settings whose empty value means a folder under DATA_DIR.
@@ -126,9 +174,20 @@ class Settings:
     redis_url: str = _setting("REDIS_URL", _url(("redis", "rediss", "unix")), None,
                               "Redis URL (queue, live state, console tokens, rate limits)")
     jwt_secret: str = _setting("JWT_SECRET", _secret, None, "HMAC key for session JWTs, 32+ characters")
+    jwt_old_secrets: tuple[str, ...] = _setting(
+        "JWT_OLD_SECRETS", _old_secrets, "",
+        "Former JWT_SECRETs, comma-separated: sessions they signed stay valid, none are signed with them")
     smtp_host: str = _setting("SMTP_HOST", _str, "", "SMTP server; empty writes mails to DATA_DIR/outbox")
     smtp_port: int = _setting("SMTP_PORT", _int(1, 65535), "587", "SMTP port")
     smtp_from: str = _setting("SMTP_FROM", _str, "vmgate@localhost", "From address of mails vmgate sends")
+    smtp_user: str = _setting("SMTP_USER", _str, "", "SMTP login name; empty sends without logging in")
+    smtp_password: str = _setting("SMTP_PASSWORD", _str, "", "SMTP password, used with SMTP_USER")
+    smtp_starttls: bool = _setting("SMTP_STARTTLS", _bool, "true",
+                                   "true or false: upgrade the SMTP connection with STARTTLS before logging in")
+    verify_token_ttl: int = _setting("VERIFY_TOKEN_TTL", _int(300, 30 * 86400), "86400",
+                                     "Lifetime of an email verification link, seconds")
+    reset_token_ttl: int = _setting("RESET_TOKEN_TTL", _int(300, 86400), "3600",
+                                    "Lifetime of a password reset link, seconds")
     public_url: str = _setting("PUBLIC_URL", _url(("http", "https")), "http://127.0.0.1:8080",
                                "URL users reach vmgate at (nginx)")
     vnc_public_url: str = _setting("VNC_PUBLIC_URL", _url(("ws", "wss"), optional=True), "",
@@ -148,6 +207,12 @@ class Settings:
     nomad_datacenters: tuple[str, ...] = _setting("NOMAD_DATACENTERS", _csv, "dc1", "Datacenters of VM jobs")
     nomad_namespace: str = _setting("NOMAD_NAMESPACE", _host, "default", "Namespace of VM jobs")
     console_token_ttl: int = _setting("CONSOLE_TOKEN_TTL", _int(5, 60), "60", "Console token lifetime, seconds")
+    console_max_session: int = _setting("CONSOLE_MAX_SESSION", _int(60, 7 * 86400), "28800",
+                                        "Longest a console connection stays open, seconds; then websockify ends it")
+    rate_limits: dict[str, tuple[int, int] | None] = _setting(
+        "RATE_LIMITS", _rate_limits, "",
+        "Rate-limit overrides, rule=COUNT/SECONDS or rule=off, comma-separated; empty keeps the defaults"
+        " (rules and defaults: docs/SECURITY.md)")
     session_ttl: int = _setting("SESSION_TTL", _int(300, 30 * 86400), "43200", "Session lifetime, seconds")
     stop_timeout: int = _setting("STOP_TIMEOUT", _int(1, 600), "30",
                                  "Seconds a guest gets to power off before a hard stop")

@@ -241,6 +241,164 @@ async def audit_of(cur: Any, user_id: str, limit: int = 100, before_id: int | No
     return [dict(r) for r in await cur.fetchall()]
 
 
+async def audit_page(cur: Any, limit: int, before_id: int | None = None, *, user_id: str | None = None,
+                     vm_id: str | None = None, action: str | None = None) -> list[Row]:
+    """Every user's entries, newest first; ``action`` matches a prefix (``admin.`` finds every admin action)."""
+    await cur.execute(
+        "SELECT id, created_at, user_id, ip, action, vm_id, outcome, details FROM audit_log"
+        " WHERE (%(before)s::bigint IS NULL OR id < %(before)s) AND (%(user)s::uuid IS NULL OR user_id = %(user)s)"
+        " AND (%(vm)s::uuid IS NULL OR vm_id = %(vm)s)"
+        " AND (%(action)s::text IS NULL OR left(action, length(%(action)s)) = %(action)s)"
+        " ORDER BY id DESC LIMIT %(limit)s",
+        {"before": before_id, "user": user_id, "vm": vm_id, "action": action, "limit": limit})
+    return [dict(r) for r in await cur.fetchall()]
+
+
+# ---- API tokens ------------------------------------------------------------------------------------
+
+API_TOKEN_COLUMNS = "id, user_id, name, prefix, created_at, expires_at, last_used_at, revoked_at"  # noqa: S105
+
+
+async def create_api_token(cur: Any, user_id: str, *, name: str, token_hash: str, prefix: str, expires_in: int,
+                           max_live: int) -> Row:
+    """Store a new token (its hash only) unless the user already has ``max_live`` usable ones."""
+    async with cur.begin():
+        # Serialises a user's concurrent creates, so the cap holds.
+        await cur.execute("SELECT id FROM users WHERE id = %s FOR UPDATE", (user_id,))
+        await cur.execute("SELECT count(*) AS n FROM api_tokens WHERE user_id = %s AND revoked_at IS NULL"
+                          " AND expires_at > now()", (user_id,))
+        if int((await cur.fetchone())["n"]) >= max_live:
+            raise Conflict(f"You already have {max_live} active API tokens; revoke one first.",
+                           code="too_many_tokens", details={"max": max_live})
+        await cur.execute(
+            "INSERT INTO api_tokens (id, user_id, name, token_hash, prefix, expires_at)"
+            " VALUES (%s, %s, %s, %s, %s, now() + make_interval(secs => %s))"
+            f" RETURNING {API_TOKEN_COLUMNS}",
+            (str(uuid.uuid4()), user_id, name, token_hash, prefix, expires_in))
+        return dict(await cur.fetchone())
+
+
+async def api_tokens_of(cur: Any, user_id: str, limit: int, after: tuple[Any, str] | None = None) -> list[Row]:
+    """A user's tokens (revoked and expired ones too), newest first, after the cursor (created_at, id)."""
+    at, last_id = after if after is not None else (None, None)
+    await cur.execute(
+        f"SELECT {API_TOKEN_COLUMNS} FROM api_tokens WHERE user_id = %s"
+        " AND (%s::timestamptz IS NULL OR (created_at, id) < (%s::timestamptz, %s::uuid))"
+        " ORDER BY created_at DESC, id DESC LIMIT %s",
+        (user_id, at, at, last_id, limit))
+    return [dict(r) for r in await cur.fetchall()]
+
+
+async def revoke_api_token(cur: Any, token_id: str, user_id: str) -> Row:
+    """Revoke the owner's token (again is a no-op); another user's or a malformed id is NotFound."""
+    if not is_uuid(token_id):
+        raise NotFound("No such API token.")
+    await cur.execute(
+        "UPDATE api_tokens SET revoked_at = coalesce(revoked_at, now()) WHERE id = %s AND user_id = %s"
+        f" RETURNING {API_TOKEN_COLUMNS}, (revoked_at = now()) AS revoked_now", (token_id, user_id))
+    row = await cur.fetchone()
+    if row is None:
+        raise NotFound("No such API token.")
+    return dict(row)
+
+
+async def revoke_api_tokens_of(cur: Any, user_id: str) -> int:
+    """Revoke every usable token of a user; returns how many."""
+    await cur.execute("UPDATE api_tokens SET revoked_at = now() WHERE user_id = %s AND revoked_at IS NULL"
+                      " AND expires_at > now()", (user_id,))
+    return int(cur.rowcount)
+
+
+# ---- administration --------------------------------------------------------------------------------
+
+# The API's quota names and the users columns that override them (NULL: the configured default).
+QUOTA_COLUMNS = {"vms": "quota_max_vms", "vcpus": "quota_vcpus", "memory_mb": "quota_memory_mb",
+                 "disk_gb": "quota_disk_gb"}
+_ADMIN_USER_SQL = (
+    "SELECT u.id, u.email, u.role, u.is_active, u.email_verified_at, u.created_at, u.quota_max_vms, u.quota_vcpus,"
+    " u.quota_memory_mb, u.quota_disk_gb, us.vms AS used_vms, us.vcpus AS used_vcpus,"
+    " us.memory_mb AS used_memory_mb, us.disk_gb AS used_disk_gb FROM users u CROSS JOIN LATERAL"
+    " (SELECT count(*) AS vms, coalesce(sum(cpu), 0) AS vcpus, coalesce(sum(memory_mb), 0) AS memory_mb,"
+    " coalesce(sum(disk_gb), 0) AS disk_gb FROM vms WHERE vms.user_id = u.id AND vms.state <> ALL(%(free)s)) us")
+
+
+def usage_in(row: Row) -> Resources:
+    """The usage columns ``users_page`` and ``user_for_admin`` add to a user row."""
+    return Resources(int(row["used_vms"]), int(row["used_vcpus"]), int(row["used_memory_mb"]),
+                     int(row["used_disk_gb"]))
+
+
+async def users_page(cur: Any, limit: int, after: tuple[Any, str] | None = None,
+                     email_contains: str | None = None) -> list[Row]:
+    """Users with their usage, newest first, after the cursor (created_at, id)."""
+    at, last_id = after if after is not None else (None, None)
+    await cur.execute(
+        _ADMIN_USER_SQL + " WHERE (%(at)s::timestamptz IS NULL OR (u.created_at, u.id) < (%(at)s, %(id)s::uuid))"
+        " AND (%(email)s::text IS NULL OR strpos(lower(u.email), lower(%(email)s)) > 0)"
+        " ORDER BY u.created_at DESC, u.id DESC LIMIT %(limit)s",
+        {"free": list(FREE_STATES), "at": at, "id": last_id, "email": email_contains, "limit": limit})
+    return [dict(r) for r in await cur.fetchall()]
+
+
+async def user_for_admin(cur: Any, user_id: str) -> Row:
+    """One user with their usage; NotFound for an unknown or malformed id."""
+    if not is_uuid(user_id):
+        raise NotFound("No such user.")
+    await cur.execute(_ADMIN_USER_SQL + " WHERE u.id = %(id)s", {"free": list(FREE_STATES), "id": user_id})
+    row = await cur.fetchone()
+    if row is None:
+        raise NotFound("No such user.")
+    return dict(row)
+
+
+async def lock_user(cur: Any, user_id: str) -> Row:
+    """The user's row, locked until the transaction ends (the same lock VM admission takes)."""
+    if not is_uuid(user_id):
+        raise NotFound("No such user.")
+    await cur.execute("SELECT * FROM users WHERE id = %s FOR UPDATE", (user_id,))
+    row = await cur.fetchone()
+    if row is None:
+        raise NotFound("No such user.")
+    return dict(row)
+
+
+async def set_quota(cur: Any, user_id: str, overrides: dict[str, int | None]) -> None:
+    """Set some of a user's quota overrides (keys of QUOTA_COLUMNS); None restores the default."""
+    if overrides:
+        sets = ", ".join(f"{QUOTA_COLUMNS[name]} = %s" for name in overrides)
+        await cur.execute(f"UPDATE users SET {sets} WHERE id = %s", (*overrides.values(), user_id))
+
+
+async def set_active(cur: Any, user_id: str, active: bool) -> None:
+    await cur.execute("UPDATE users SET is_active = %s WHERE id = %s", (active, user_id))
+
+
+async def make_admin(cur: Any, user_id: str) -> None:
+    """Give the admin role; an operator vouches for the address, so it counts as verified."""
+    await cur.execute("UPDATE users SET role = 'admin', email_verified_at = coalesce(email_verified_at, now())"
+                      " WHERE id = %s", (user_id,))
+
+
+async def vms_page(cur: Any, limit: int, after: tuple[Any, str] | None = None, *, user_id: str | None = None,
+                   state: str | None = None, include_destroyed: bool = False) -> list[Row]:
+    """Every user's VMs with the owner's email, newest first, after the cursor (created_at, id)."""
+    at, last_id = after if after is not None else (None, None)
+    await cur.execute(
+        f"SELECT {VM_COLUMNS}, (SELECT email FROM users WHERE users.id = vms.user_id) AS owner_email FROM vms"
+        " WHERE (%(at)s::timestamptz IS NULL OR (created_at, id) < (%(at)s, %(id)s::uuid))"
+        " AND (%(user)s::uuid IS NULL OR user_id = %(user)s) AND (%(state)s::text IS NULL OR state = %(state)s)"
+        " AND (%(all)s OR state <> 'destroyed')"
+        " ORDER BY created_at DESC, id DESC LIMIT %(limit)s",
+        {"at": at, "id": last_id, "user": user_id, "state": state, "all": include_destroyed, "limit": limit})
+    return [dict(r) for r in await cur.fetchall()]
+
+
+async def running_vm_ids(cur: Any, user_id: str) -> list[str]:
+    await cur.execute("SELECT id FROM vms WHERE user_id = %s AND state = 'running' ORDER BY created_at",
+                      (user_id,))
+    return [str(r["id"]) for r in await cur.fetchall()]
+
+
 def is_uuid(value: str) -> bool:
     try:
         uuid.UUID(value)

@@ -22,7 +22,9 @@ class JsonFormatter(logging.Formatter):
             "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
-            "msg": mask_secrets(record.getMessage()),
+            # A record may opt out (extra={"unmasked": True}): only the offline outbox's link line does,
+            # because with no SMTP server the log is how the operator gets that link to the user.
+            "msg": record.getMessage() if getattr(record, "unmasked", False) else mask_secrets(record.getMessage()),
         }
         if record.exc_info:
             entry["exc"] = mask_secrets(self.formatException(record.exc_info))

@@ -9,22 +9,29 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from email import policy as email_policy
+from email.parser import BytesParser
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import aiohttp
 import psycopg2
 import pytest
 import redis
 
+from drivers.fake import FakeDriver
+from gateway.app import create_app
 from gateway.config import Settings
+from gateway.keys import settings_key
+from gateway.mail import OUTBOX_DIR
 
 pytest_plugins: list[str] = ["tests.fixtures.websockify", "tests.fixtures.qemu"]
 
@@ -114,42 +121,81 @@ def tiny_images_dir(base_settings: Settings) -> Path:
 
 @pytest.fixture
 def app_settings(base_settings: Settings, database_url: str, redis_test_url: str, vms_root: Path,
-                 stand_in_images: Path, redis_flush: redis.Redis) -> Settings:
-    """Settings for an app under test: its own database, Redis db 15 (flushed), a short VM root."""
+                 stand_in_images: Path, redis_flush: redis.Redis, tmp_path: Path) -> Settings:
+    """Settings for an app under test: its own database, Redis db 15 (flushed), a short VM root, and
+    a data dir of its own whose outbox receives the mails (never SMTP, whatever .env says)."""
     return dataclasses.replace(base_settings, postgres_url=database_url, redis_url=redis_test_url,
                                vms_root=vms_root, images_dir=stand_in_images, stop_timeout=15,
+                               data_dir=tmp_path / "data", smtp_host="",
                                public_url="http://127.0.0.1:8080", vnc_public_url="ws://127.0.0.1:8080/vnc")
 
 
 def truncate_all(database_url: str) -> None:
+    """Empty every table but the migrations ledger, so each test starts from a migrated, empty schema."""
     with contextlib.closing(psycopg2.connect(database_url)) as conn, conn.cursor() as cur:
-        cur.execute("SELECT to_regclass('users')")
-        if cur.fetchone()[0] is not None:
-            cur.execute("TRUNCATE users, vms, vm_events, audit_log")
+        cur.execute("SELECT quote_ident(tablename) FROM pg_tables WHERE schemaname = 'public'"
+                    " AND tablename <> 'schema_migrations'")
+        tables = [row[0] for row in cur.fetchall()]
+        if tables:
+            cur.execute(f"TRUNCATE {', '.join(tables)}")
         conn.commit()
 
 
-class Session:
-    """A logged-in (or anonymous) HTTP session against the test server, with its own cookies."""
+def outbox_link(outbox: Path, email: str, purpose: str = "verify") -> str:
+    """The link in the newest ``purpose`` mail to ``email`` that the gateway wrote to ``outbox``."""
+    links = []
+    for path in sorted(outbox.glob("*.eml")):
+        msg = BytesParser(policy=email_policy.default).parsebytes(path.read_bytes())
+        match = re.search(rf"https?://\S+/{purpose}\?token=[\w-]+", msg.get_body().get_content())
+        if msg["To"] == email and match:
+            links.append(match.group(0))
+    assert links, f"no {purpose} mail to {email} in {outbox}"
+    return links[-1]
 
-    def __init__(self, base_url: str) -> None:
+
+def link_token(link: str) -> str:
+    return parse_qs(urlsplit(link).query)["token"][0]
+
+
+class Session:
+    """A logged-in (or anonymous) HTTP session against the test server, with its own cookies.
+    ``outbox`` is where the server's mails land (its DATA_DIR/outbox)."""
+
+    def __init__(self, base_url: str, outbox: Path | None = None) -> None:
         self.base_url = base_url.rstrip("/")
+        self.outbox = outbox
         self.http = aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True))
         self.user: dict[str, Any] | None = None
+        self.csrf_token: str | None = None
 
-    async def request(self, method: str, path: str, **kwargs: Any) -> tuple[int, Any]:
+    async def request(self, method: str, path: str, *, csrf: bool = True, **kwargs: Any) -> tuple[int, Any]:
+        """Send a request; on unsafe methods the session's CSRF token goes along unless ``csrf=False``."""
+        if csrf and self.csrf_token and method.upper() in ("POST", "PUT", "PATCH", "DELETE"):
+            kwargs["headers"] = {"X-CSRF-Token": self.csrf_token, **kwargs.get("headers", {})}
         async with self.http.request(method, self.base_url + path, **kwargs) as resp:
             if resp.content_type == "application/json":
                 return resp.status, await resp.json()
             return resp.status, await resp.text()
 
-    async def signup_and_login(self, email: str | None = None, password: str = "correct horse battery") -> None:
+    async def signup_and_login(self, email: str | None = None, password: str = "correct horse battery",
+                               verify: bool = True) -> None:
+        """Sign up, confirm the address with the mailed link (unless ``verify=False``), and log in."""
         email = email or f"u{uuid.uuid4().hex[:10]}@example.test"
         status, body = await self.request("POST", "/api/auth/signup", json={"email": email, "password": password})
         assert status == 201, body
+        if verify:
+            await self.verify_email(email)
         status, body = await self.request("POST", "/api/auth/login", json={"email": email, "password": password})
         assert status == 200, body
         self.user = body["user"]
+        self.csrf_token = body["csrf_token"]
+
+    async def verify_email(self, email: str) -> None:
+        """Confirm ``email`` with the newest link in the outbox, posting its token as the /verify page does."""
+        assert self.outbox is not None, "this session's server has no outbox"
+        token = link_token(outbox_link(self.outbox, email))
+        status, body = await self.request("POST", "/api/auth/verify", json={"token": token})
+        assert status == 200, body
 
     async def close(self) -> None:
         await self.http.close()
@@ -161,10 +207,53 @@ async def sessions(database_url: str) -> AsyncIterator[Any]:
     made: list[Session] = []
 
     def make(server: Any) -> Session:
-        session = Session(str(server.make_url("/")))
+        app = getattr(server, "app", None)
+        outbox = app[settings_key].data_dir / OUTBOX_DIR if app is not None and settings_key in app else None
+        session = Session(str(server.make_url("/")), outbox=outbox)
         made.append(session)
         return session
 
     yield make
     for session in made:
         await session.close()
+
+
+VM = {"template": "tiny", "cpu": 1, "memory_mb": 256, "disk_gb": 1, "userdata": None}
+
+
+def assert_envelope(status: int, body: Any, expected_status: int, code: str | None = None) -> dict[str, Any]:
+    """Assert an error answer is exactly the JSON envelope with this status (and code); return its error."""
+    assert status == expected_status, body
+    assert isinstance(body, dict) and set(body) == {"error"}, body
+    error = body["error"]
+    assert set(error) == {"code", "message", "details"}
+    assert isinstance(error["message"], str) and error["message"]
+    assert isinstance(error["details"], dict)
+    if code:
+        assert error["code"] == code, error
+    return error
+
+
+@pytest.fixture
+def fake_driver() -> FakeDriver:
+    """The in-memory driver behind ``server`` (a module may override it, e.g. with a boot delay)."""
+    return FakeDriver()
+
+
+@pytest.fixture
+async def server(aiohttp_server: Any, app_settings: Settings, database_url: str, fake_driver: FakeDriver) -> Any:
+    """The gateway on the fake driver (``server.driver``), on a migrated, emptied database."""
+    srv = await aiohttp_server(create_app(app_settings, driver=fake_driver))
+    truncate_all(database_url)
+    srv.driver = fake_driver
+    return srv
+
+
+@pytest.fixture
+async def clients() -> AsyncIterator[list[Any]]:
+    """A list to put extra clients in; each is closed after the test."""
+    made: list[Any] = []
+    yield made
+    for client in made:
+        await client.close()
+

@@ -15,50 +15,27 @@ from console import keys
 from drivers.fake import FakeDriver
 from gateway.app import create_app
 from gateway.config import Settings
-from tests.conftest import Session, truncate_all
-
-VM = {"template": "tiny", "cpu": 1, "memory_mb": 256, "disk_gb": 1, "userdata": None}
+from tests.conftest import VM, Session, assert_envelope, truncate_all
 
 
 @pytest.fixture
-async def gateway(aiohttp_server: Any, app_settings: Settings, database_url: str) -> Any:
-    driver = FakeDriver()
-    server = await aiohttp_server(create_app(app_settings, driver=driver))
-    truncate_all(database_url)
-    server.driver = driver
-    return server
-
-
-@pytest.fixture
-async def alice(gateway: Any, sessions: Any) -> Session:
-    session: Session = sessions(gateway)
+async def alice(server: Any, sessions: Any) -> Session:
+    session: Session = sessions(server)
     await session.signup_and_login()
     return session
 
 
 @pytest.fixture
-async def bob(gateway: Any, sessions: Any) -> Session:
-    session: Session = sessions(gateway)
+async def bob(server: Any, sessions: Any) -> Session:
+    session: Session = sessions(server)
     await session.signup_and_login()
     return session
-
-
-def assert_envelope(status: int, body: Any, expected_status: int, code: str | None = None) -> dict[str, Any]:
-    assert status == expected_status, body
-    assert isinstance(body, dict) and set(body) == {"error"}, body
-    error = body["error"]
-    assert set(error) == {"code", "message", "details"}
-    assert isinstance(error["message"], str) and error["message"]
-    assert isinstance(error["details"], dict)
-    if code:
-        assert error["code"] == code, error
-    return error
 
 
 # ---- accounts --------------------------------------------------------------------------------------
 
-async def test_signup_login_me_logout(gateway: Any, sessions: Any) -> None:
-    s: Session = sessions(gateway)
+async def test_signup_login_me_logout(server: Any, sessions: Any) -> None:
+    s: Session = sessions(server)
     status, body = await s.request("POST", "/api/auth/signup",
                                    json={"email": "Ada@Example.test", "password": "a long enough password"})
     assert status == 201
@@ -68,11 +45,14 @@ async def test_signup_login_me_logout(gateway: Any, sessions: Any) -> None:
     async with s.http.post(s.base_url + "/api/auth/login",
                            json={"email": "ada@example.test", "password": "a long enough password"}) as resp:
         assert resp.status == 200
-        set_cookie = resp.headers["Set-Cookie"]
-    assert set_cookie.startswith("vmgate_session=")
-    assert "HttpOnly" in set_cookie and "SameSite=Lax" in set_cookie and "Path=/" in set_cookie
-    assert "Secure" not in set_cookie  # PUBLIC_URL is http in the tests
-    cookie = s.http.cookie_jar.filter_cookies(gateway.make_url("/"))["vmgate_session"]
+        set_cookies = {c.split("=", 1)[0]: c for c in resp.headers.getall("Set-Cookie")}
+        s.csrf_token = (await resp.json())["csrf_token"]
+    session_cookie = set_cookies["vmgate_session"]
+    assert "HttpOnly" in session_cookie and "SameSite=Lax" in session_cookie and "Path=/" in session_cookie
+    assert "Secure" not in session_cookie  # PUBLIC_URL is http in the tests
+    # The CSRF cookie is for the page's script to read and echo: not HttpOnly, same value as returned.
+    assert "HttpOnly" not in set_cookies["vmgate_csrf"] and s.csrf_token in set_cookies["vmgate_csrf"]
+    cookie = s.http.cookie_jar.filter_cookies(server.make_url("/"))["vmgate_session"]
 
     status, body = await s.request("GET", "/api/me")
     assert status == 200
@@ -90,8 +70,8 @@ async def test_signup_login_me_logout(gateway: Any, sessions: Any) -> None:
     assert_envelope(status, body, 401)
 
 
-async def test_login_failures_are_401(gateway: Any, alice: Session, sessions: Any) -> None:
-    s: Session = sessions(gateway)
+async def test_login_failures_are_401(server: Any, alice: Session, sessions: Any) -> None:
+    s: Session = sessions(server)
     email = alice.user["email"] if alice.user else ""
     for creds in ({"email": email, "password": "wrong password!!"},
                   {"email": "nobody@example.test", "password": "wrong password!!"}):
@@ -101,8 +81,8 @@ async def test_login_failures_are_401(gateway: Any, alice: Session, sessions: An
     assert_envelope(status, body, 401)
 
 
-async def test_signup_duplicate_email_is_409(gateway: Any, sessions: Any) -> None:
-    s: Session = sessions(gateway)
+async def test_signup_duplicate_email_is_409(server: Any, sessions: Any) -> None:
+    s: Session = sessions(server)
     creds = {"email": "dup@example.test", "password": "a long enough password"}
     assert (await s.request("POST", "/api/auth/signup", json=creds))[0] == 201
     creds["email"] = "DUP@example.test"
@@ -125,9 +105,9 @@ async def test_signup_duplicate_email_is_409(gateway: Any, sessions: Any) -> Non
     ({"data": b"{" + b" " * (300 * 1024) + b"}", "headers": {"Content-Type": "application/json"}}, 413,
      "payload_too_large", None),
 ])
-async def test_signup_bad_input(gateway: Any, sessions: Any, kwargs: dict[str, Any], status: int, code: str,
+async def test_signup_bad_input(server: Any, sessions: Any, kwargs: dict[str, Any], status: int, code: str,
                                 field: str | None) -> None:
-    s: Session = sessions(gateway)
+    s: Session = sessions(server)
     error = assert_envelope(*await s.request("POST", "/api/auth/signup", **kwargs), status, code)
     if field:
         assert error["details"]["field"] == field
@@ -148,16 +128,16 @@ async def test_signup_bad_input(gateway: Any, sessions: Any, kwargs: dict[str, A
     ("GET", "/api/vms/x/jobspec", 401, "not_authenticated"),
     ("GET", "/api/vms/x/logs", 401, "not_authenticated"),
 ])
-async def test_error_envelope_when_logged_out(gateway: Any, sessions: Any, method: str, path: str, status: int,
+async def test_error_envelope_when_logged_out(server: Any, sessions: Any, method: str, path: str, status: int,
                                               code: str) -> None:
-    s: Session = sessions(gateway)
+    s: Session = sessions(server)
     assert_envelope(*await s.request(method, path), status, code)
 
 
 # ---- templates and VMs -----------------------------------------------------------------------------
 
-async def test_templates_lists_tiny(gateway: Any, sessions: Any) -> None:
-    status, body = await sessions(gateway).request("GET", "/api/templates")
+async def test_templates_lists_tiny(server: Any, sessions: Any) -> None:
+    status, body = await sessions(server).request("GET", "/api/templates")
     assert status == 200
     tiny = {t["name"]: t for t in body["templates"]}["tiny"]
     assert tiny["available"] is True
@@ -165,7 +145,7 @@ async def test_templates_lists_tiny(gateway: Any, sessions: Any) -> None:
     assert tiny["defaults"] == {"cpu": 1, "memory_mb": 256, "disk_gb": 1}
 
 
-async def test_vm_lifecycle_on_fake_driver(gateway: Any, alice: Session, app_settings: Settings,
+async def test_vm_lifecycle_on_fake_driver(server: Any, alice: Session, app_settings: Settings,
                                            redis_flush: redis.Redis) -> None:
     status, vm = await alice.request("POST", "/api/vms", json=VM)
     assert status == 201, vm
@@ -216,7 +196,7 @@ async def test_vm_lifecycle_on_fake_driver(gateway: Any, alice: Session, app_set
     status, gone = await alice.request("DELETE", f"/api/vms/{vm_id}")
     assert status == 200 and gone["state"] == "destroyed"
     assert not overlay.exists()
-    assert (await gateway.driver.status(vm_id)).state == "missing"
+    assert (await server.driver.status(vm_id)).state == "missing"
     status, me = await alice.request("GET", "/api/me")
     assert me["usage"]["vms"] == 0
     assert_envelope(*await alice.request("DELETE", f"/api/vms/{vm_id}"), 409, "invalid_state")
@@ -244,7 +224,7 @@ async def test_vm_lifecycle_on_fake_driver(gateway: Any, alice: Session, app_set
     ({"name": "a" * 64}, "name"),
     ({"colour": "blue"}, "colour"),
 ])
-async def test_vm_create_bad_input(gateway: Any, alice: Session, app_settings: Settings,
+async def test_vm_create_bad_input(server: Any, alice: Session, app_settings: Settings,
                                    change: dict[str, Any], field: str) -> None:
     error = assert_envelope(*await alice.request("POST", "/api/vms", json={**VM, **change}), 422,
                             "validation_failed")
@@ -253,14 +233,14 @@ async def test_vm_create_bad_input(gateway: Any, alice: Session, app_settings: S
     assert not list(app_settings.vms_root.glob("users/*/*.qcow2"))
 
 
-async def test_vm_create_malformed_bodies(gateway: Any, alice: Session) -> None:
+async def test_vm_create_malformed_bodies(server: Any, alice: Session) -> None:
     headers = {"Content-Type": "application/json"}
     assert_envelope(*await alice.request("POST", "/api/vms", data=b"{", headers=headers), 400, "invalid_json")
     assert_envelope(*await alice.request("POST", "/api/vms", data=b'"tiny"', headers=headers), 400, "invalid_json")
     assert_envelope(*await alice.request("POST", "/api/vms", data=b"x" * (512 * 1024), headers=headers), 413)
 
 
-async def test_quota_is_enforced(gateway: Any, alice: Session) -> None:
+async def test_quota_is_enforced(server: Any, alice: Session) -> None:
     # Default quota: 3 VMs, 4 vCPUs, 2048 MB, 20 GB.
     for _ in range(3):
         status, body = await alice.request("POST", "/api/vms", json=VM)
@@ -271,7 +251,7 @@ async def test_quota_is_enforced(gateway: Any, alice: Session) -> None:
     assert me["usage"] == {"vms": 3, "vcpus": 3, "memory_mb": 768, "disk_gb": 3}
 
 
-async def test_memory_quota_names_memory(gateway: Any, alice: Session) -> None:
+async def test_memory_quota_names_memory(server: Any, alice: Session) -> None:
     assert (await alice.request("POST", "/api/vms", json={**VM, "memory_mb": 1024}))[0] == 201
     assert (await alice.request("POST", "/api/vms", json={**VM, "memory_mb": 1024}))[0] == 201
     error = assert_envelope(*await alice.request("POST", "/api/vms", json={**VM, "memory_mb": 128}), 403,
@@ -279,15 +259,15 @@ async def test_memory_quota_names_memory(gateway: Any, alice: Session) -> None:
     assert set(error["details"]["exceeded"]) == {"memory_mb"}
 
 
-async def test_failed_create_leaves_nothing(gateway: Any, alice: Session, app_settings: Settings,
+async def test_failed_create_leaves_nothing(server: Any, alice: Session, app_settings: Settings,
                                             redis_flush: redis.Redis) -> None:
-    gateway.driver.fail_next_start = "qemu refused to start (injected)"
+    server.driver.fail_next_start = "qemu refused to start (injected)"
     error = assert_envelope(*await alice.request("POST", "/api/vms", json=VM), 503, "provisioning_failed")
     vm_id = error["details"]["vm_id"]
     status, vm = await alice.request("GET", f"/api/vms/{vm_id}")
     assert vm["state"] == "error" and "injected" in vm["error"]
     assert not list(Path(app_settings.vms_root).glob("users/*/*.qcow2"))
-    assert (await gateway.driver.status(vm_id)).state == "missing"
+    assert (await server.driver.status(vm_id)).state == "missing"
     assert redis_flush.get(keys.vnc_target_key(vm_id)) is None
     status, me = await alice.request("GET", "/api/me")
     assert me["usage"] == {"vms": 0, "vcpus": 0, "memory_mb": 0, "disk_gb": 0}
@@ -296,7 +276,7 @@ async def test_failed_create_leaves_nothing(gateway: Any, alice: Session, app_se
     assert status == 200 and gone["state"] == "destroyed"
 
 
-async def test_unbuilt_image_is_refused(gateway: Any, alice: Session, app_settings: Settings) -> None:
+async def test_unbuilt_image_is_refused(server: Any, alice: Session, app_settings: Settings) -> None:
     disk = app_settings.images_dir / "tiny" / "disk.qcow2"
     original = disk.read_bytes()
     try:
@@ -319,7 +299,7 @@ OWNED_ENDPOINTS = [
 ]
 
 
-async def test_other_users_vm_is_404(gateway: Any, alice: Session, bob: Session) -> None:
+async def test_other_users_vm_is_404(server: Any, alice: Session, bob: Session) -> None:
     status, vm = await alice.request("POST", "/api/vms", json=VM)
     assert status == 201
     for method, path in OWNED_ENDPOINTS:
@@ -332,7 +312,7 @@ async def test_other_users_vm_is_404(gateway: Any, alice: Session, bob: Session)
     assert (await bob.request("GET", "/api/me/vms"))[1] == {"vms": []}
 
 
-async def test_console_page_requires_login_and_ownership(gateway: Any, alice: Session, bob: Session,
+async def test_console_page_requires_login_and_ownership(server: Any, alice: Session, bob: Session,
                                                          sessions: Any) -> None:
     status, vm = await alice.request("POST", "/api/vms", json=VM)
     page = f"/vms/{vm['vm_id']}/console"
@@ -340,13 +320,13 @@ async def test_console_page_requires_login_and_ownership(gateway: Any, alice: Se
     assert status == 200 and "/static/console/console.js" in html and vm["vm_id"] in html
     status, html = await bob.request("GET", page)
     assert status == 404 and "No such VM" in html
-    anonymous: Session = sessions(gateway)
+    anonymous: Session = sessions(server)
     async with anonymous.http.get(anonymous.base_url + page, allow_redirects=False) as resp:
         assert resp.status == 302 and resp.headers["Location"].startswith("/?next=")
 
 
-async def test_healthz(gateway: Any, sessions: Any) -> None:
-    status, body = await sessions(gateway).request("GET", "/api/healthz")
+async def test_healthz(server: Any, sessions: Any) -> None:
+    status, body = await sessions(server).request("GET", "/api/healthz")
     assert status == 200
     assert body["status"] == "ok" and body["checks"]["postgres"]["ok"] and body["checks"]["redis"]["ok"]
 
@@ -359,19 +339,23 @@ async def test_healthz_names_what_is_down(aiohttp_server: Any, app_settings: Set
     status, body = await sessions(server).request("GET", "/api/healthz")
     assert status == 503
     assert body["down"] == ["redis"] and body["checks"]["postgres"]["ok"]
-    # What needs Redis answers 503 in the envelope rather than a 500.
+    # What needs Redis answers 503 in the envelope rather than a 500: signup and login too, since their
+    # rate limits live in Redis and fail closed (no unthrottled password guessing while Redis is down).
     s: Session = sessions(server)
-    status, body = await s.request("POST", "/api/auth/signup",
-                                   json={"email": "r@example.test", "password": "a long enough password"})
-    assert status == 201
-    status, body = await s.request("POST", "/api/auth/login",
-                                   json={"email": "r@example.test", "password": "a long enough password"})
-    assert status == 200
-    assert_envelope(*await s.request("GET", "/api/me"), 503, "redis_unavailable")
+    creds = {"email": "r@example.test", "password": "a long enough password"}
+    assert_envelope(*await s.request("POST", "/api/auth/signup", json=creds), 503, "redis_unavailable")
+    assert_envelope(*await s.request("POST", "/api/auth/login", json=creds), 503, "redis_unavailable")
+    # A session made while Redis was up cannot be checked against revocations now.
+    healthy = await aiohttp_server(create_app(app_settings, driver=FakeDriver()))
+    owner: Session = sessions(healthy)
+    await owner.signup_and_login()
+    cookie = owner.http.cookie_jar.filter_cookies(healthy.make_url("/"))["vmgate_session"].value
+    assert_envelope(*await s.request("GET", "/api/me", cookies={"vmgate_session": cookie}), 503,
+                    "redis_unavailable")
 
 
-async def test_metrics_exposed(gateway: Any, sessions: Any) -> None:
-    s: Session = sessions(gateway)
+async def test_metrics_exposed(server: Any, sessions: Any) -> None:
+    s: Session = sessions(server)
     await s.request("GET", "/api/healthz")
     status, text = await s.request("GET", "/metrics")
     assert status == 200

@@ -8,12 +8,15 @@ import dataclasses
 import shutil
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
 from gateway.app import NOVNC_DIR, create_app
 from gateway.config import REPO_ROOT, Settings
-from tests.conftest import Session, truncate_all
+from gateway.keys import settings_key
+from gateway.mail import OUTBOX_DIR
+from tests.conftest import Session, outbox_link, truncate_all
 from tests.test_e2e import READY, wait_for_serial
 
 pytestmark = [pytest.mark.qemu, pytest.mark.browser]
@@ -70,6 +73,14 @@ async def test_console_page_in_chromium(browser_gateway: Any, sessions: Any) -> 
             await signup.get_by_role("button", name="Sign up").click()
             await expect(page.locator("#message")).to_contain_text("Account created")
 
+            # Open the confirmation link the gateway mailed to its outbox, on this test server (the
+            # link's host is PUBLIC_URL, an nginx that is not running here).
+            link = urlsplit(outbox_link(browser_gateway.app[settings_key].data_dir / OUTBOX_DIR, email))
+            await page.goto(f"{base}{link.path}?{link.query}")
+            await expect(page.locator("#message")).to_contain_text(f"Your email address {email} is confirmed")
+            assert "token=" not in page.url  # the page took the token out of the address bar
+            await page.goto(base + "/")
+
             login = page.locator("#login-form")
             await login.get_by_label("Email").fill(email)
             await login.get_by_label("Password").fill("wrong password here")
@@ -90,6 +101,8 @@ async def test_console_page_in_chromium(browser_gateway: Any, sessions: Any) -> 
             for cookie in await page.context.cookies():
                 api.http.cookie_jar.update_cookies({cookie["name"]: cookie["value"]},
                                                    response_url=browser_gateway.make_url("/"))
+                if cookie["name"] == "vmgate_csrf":
+                    api.csrf_token = cookie["value"]
             await wait_for_serial(api, vm_id, READY)
             await page.wait_for_function(f"({CANVAS_STATS})().distinct > 1", timeout=30_000)
             before = await page.evaluate(CANVAS_STATS)

@@ -2,10 +2,14 @@
 const msg = document.getElementById('message');
 const say = (text, isError = false) => { msg.textContent = text; msg.className = isError ? 'error' : ''; };
 
+// The session's CSRF token, echoed on every unsafe request (double submit).
+const csrfToken = () => (document.cookie.match(/(?:^|; )vmgate_csrf=([^;]*)/) || [])[1] || '';
+
 async function api(method, path, body) {
+  const headers = body ? { 'Content-Type': 'application/json' } : {};
+  if (method !== 'GET') headers['X-CSRF-Token'] = decodeURIComponent(csrfToken());
   const res = await fetch(path, {
-    method, credentials: 'same-origin',
-    headers: body ? { 'Content-Type': 'application/json' } : {},
+    method, credentials: 'same-origin', headers,
     body: body ? JSON.stringify(body) : undefined,
   });
   const data = await res.json().catch(() => ({}));
@@ -28,8 +32,11 @@ if (loginForm) {
   document.getElementById('signup-form').addEventListener('submit', async (ev) => {
     ev.preventDefault();
     try {
-      await api('POST', '/api/auth/signup', formData(ev.target));
-      say('Account created. Log in above.');
+      const account = formData(ev.target);
+      const { verification_mail_sent: sent } = await api('POST', '/api/auth/signup', account);
+      say(sent ? `Account created. We mailed a confirmation link to ${account.email}: open it, then log in above.`
+        : 'Account created, but the confirmation mail could not be sent. Log in above and press '
+          + '“Send the link again”.', !sent);
     } catch (err) { say(err.message, true); }
   });
 }
@@ -64,6 +71,16 @@ async function refresh() {
     return li;
   }));
   document.getElementById('empty').hidden = vms.length > 0;
+}
+
+const resend = document.getElementById('resend');
+if (resend) {
+  resend.addEventListener('click', async () => {
+    try {
+      const { email } = await api('POST', '/api/auth/verify/resend');
+      say(`A new confirmation link is on its way to ${email}; earlier links no longer work.`);
+    } catch (err) { say(err.message, true); }
+  });
 }
 
 const createForm = document.getElementById('create-form');
