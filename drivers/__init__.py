@@ -1,8 +1,8 @@
 """Drivers turn rendered Nomad jobs into running VMs; ``load_driver`` picks one from the settings.
 
 The contract is ``drivers.base.Driver``; ``drivers.local`` runs QEMU on this host (the default),
-``drivers.fake`` keeps VMs in memory for tests. A Nomad driver (a real cluster over its HTTP API)
-is planned and not available yet.
+``drivers.nomad`` runs each VM as a job on a Nomad cluster (the fleet), ``drivers.fake`` keeps VMs
+in memory for tests.
 """
 
 from __future__ import annotations
@@ -31,8 +31,9 @@ def load_driver(settings: Any) -> Driver:
 
         driver = FakeDriver()
     elif kind == "nomad":
-        raise ConfigError("VMGATE_DRIVER", "the nomad driver is not available yet; use local "
-                                           "(QEMU on this host, the embedded default)")
+        from drivers.nomad import NomadDriver
+
+        driver = NomadDriver(settings)
     else:
         raise ConfigError("VMGATE_DRIVER", f"unknown driver {kind!r}; expected local or nomad")
     if not isinstance(driver, Driver):

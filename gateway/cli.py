@@ -1,4 +1,5 @@
-"""Operator commands: ``python -m gateway.cli create-admin --email E`` (``make admin EMAIL=E``).
+"""Operator commands: ``python -m gateway.cli create-admin --email E`` (``make admin EMAIL=E``), and
+``python -m gateway.cli jobspec render VM_ID | export DIR | validate`` (gateway/jobspec_cli.py).
 
 There is no default admin and no default password: the first admin is made here, with a password
 typed twice without echo (interactive), read from stdin (``--password-stdin``), or generated and
@@ -25,7 +26,7 @@ from urllib.parse import urlsplit
 import aiopg
 import psycopg2
 
-from gateway import auth, db, validation
+from gateway import auth, db, jobspec_cli, validation
 from gateway.config import ConfigError, Settings
 from gateway.errors import Conflict
 from gateway.migrate import migrate
@@ -52,6 +53,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="generate a strong password and print it once")
     create.add_argument("--promote", action="store_true",
                         help="if the account exists, make it an admin (its password is not changed)")
+    jobspec_cli.add_parser(commands)
     return parser
 
 
@@ -139,8 +141,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vmgate: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     try:
+        if args.command == "jobspec":
+            return jobspec_cli.run(settings, args)
         print(create_admin(settings, args))
-    except Refused as exc:
+    except (Refused, jobspec_cli.JobspecRefused) as exc:
         print(f"vmgate: refused: {exc}", file=sys.stderr)
         return EXIT_REFUSED
     except (psycopg2.OperationalError, OSError) as exc:  # OSError covers timeouts too

@@ -86,6 +86,10 @@ def _path(key: str, value: str) -> Path:
     return path if path.is_absolute() else (REPO_ROOT / path).resolve()
 
 
+def _optional_path(key: str, value: str) -> Path | None:
+    return _path(key, value) if value else None
+
+
 def _secret(key: str, value: str) -> str:
     if len(value) < 32:
         raise ConfigError(key, "must be at least 32 characters (make run writes a random one to .env)")
@@ -195,6 +199,16 @@ class Settings:
     driver: str = _setting("VMGATE_DRIVER", _choice("local", "nomad"), "local",
                            "local (QEMU on this host) or nomad (a Nomad cluster)")
     nomad_addr: str = _setting("NOMAD_ADDR", _url(("http", "https")), "http://127.0.0.1:4646", "Nomad HTTP API")
+    nomad_token: str = _setting(
+        "NOMAD_TOKEN", _str, "",
+        "Nomad ACL token of the gateway (policy nomad/vmgate-gateway.acl.hcl); empty without ACLs")
+    nomad_cacert: Path | None = _setting("NOMAD_CACERT", _optional_path, "",
+                                         "CA bundle that signed Nomad's TLS certificate; empty uses the system's."
+                                         " TLS is always verified")
+    nomad_client_cert: Path | None = _setting("NOMAD_CLIENT_CERT", _optional_path, "",
+                                              "Client certificate for Nomad's mutual TLS; empty sends none")
+    nomad_client_key: Path | None = _setting("NOMAD_CLIENT_KEY", _optional_path, "",
+                                             "Key of NOMAD_CLIENT_CERT")
     consul_http_addr: str = _setting("CONSUL_HTTP_ADDR", _str, "127.0.0.1:8500", "Consul HTTP API")
     data_dir: Path = _setting("DATA_DIR", _path, "data", "Where vmgate keeps its state (relative to the repo)")
     vms_root: Path = _setting("VMS_ROOT", _path, "", "VM overlays and runtime files; empty means DATA_DIR/vms")

@@ -1,8 +1,9 @@
 """Render or check the VM job from the command line.
 
-    python -m jobspecs check                       render every template at its min/default/max sizes
+    python -m jobspecs check                       render every template at its min/default/max sizes, both targets
     python -m jobspecs variables                   the variables table (name, type, default, description)
     python -m jobspecs render --template tiny --id demo --owner 1 --overlay /srv/vms/demo.qcow2 [--json]
+                              [--target local|nomad]
 
 Paths come from the environment like the gateway's (IMAGES_DIR, else DATA_DIR/images, else data/images).
 """
@@ -18,7 +19,7 @@ from typing import Any
 
 from jobspecs.catalog import DEFAULT_CATALOG, SIZE_NAMES, CatalogError, load_catalog
 from jobspecs.hcl import to_hcl
-from jobspecs.render import JobSettings, JobSpecError, VMSpec, render_job, variables
+from jobspecs.render import TARGETS, JobSettings, JobSpecError, VMSpec, render_job, variables
 
 
 def _images_dir() -> Path:
@@ -44,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     for size in SIZE_NAMES:
         render.add_argument(f"--{size.replace('_', '-')}", dest=size, type=int)
     render.add_argument("--json", action="store_true", help="print the API JSON instead of HCL")
+    render.add_argument("--target", choices=TARGETS, default="local",
+                        help="local (VNC on a unix socket) or nomad (a VNC port registered in Consul)")
     args = parser.parse_args(argv)
 
     if args.command == "variables":
@@ -53,7 +56,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         templates = load_catalog(args.catalog, args.images_dir or _images_dir())
-        settings = JobSettings()
         if args.command == "check":
             for template in templates.values():
                 for pick in (0, None, 1):
@@ -61,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
                                     else template.limits.bounds(size)[pick]) for size in SIZE_NAMES}
                     vm = VMSpec.for_template(template, id="check", owner="0", overlay_path="/vms/check.qcow2",
                                              **sizes)
-                    to_hcl(render_job(vm, template, settings))
+                    for target in TARGETS:
+                        to_hcl(render_job(vm, template, JobSettings(target=target)))
                 print(f"{template.name}: renders at min, default and max sizes"
                       + ("" if template.is_built() else f" (image not built in {template.image_dir})"))
             return 0
@@ -71,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         sizes = {size: getattr(args, size) for size in SIZE_NAMES}
         vm = VMSpec.for_template(template, id=args.id, owner=args.owner, overlay_path=args.overlay,
                                  hostname=args.hostname, **sizes)
-        job = render_job(vm, template, settings)
+        job = render_job(vm, template, JobSettings(target=args.target))
         print(json.dumps({"Job": job}, indent=2) if args.json else to_hcl(job), end="" if not args.json else "\n")
         return 0
     except (CatalogError, JobSpecError) as exc:

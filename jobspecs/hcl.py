@@ -34,10 +34,39 @@ _SCHEMA: dict[str, list[tuple[str, str, str]]] = {
     "group": [
         ("Name", LABEL, ""),
         ("Count", ATTR, "count"),
+        ("Networks", BLOCKS, "network"),
+        ("Services", BLOCKS, "service"),
         ("RestartPolicy", BLOCK, "restart"),
         ("ReschedulePolicy", BLOCK, "reschedule"),
         ("Meta", MAP, "meta"),
         ("Tasks", BLOCKS, "task"),
+    ],
+    "network": [
+        ("Mode", ATTR, "mode"),
+        ("DynamicPorts", BLOCKS, "port"),
+    ],
+    "port": [
+        ("Label", LABEL, ""),
+    ],
+    "service": [
+        ("Name", ATTR, "name"),
+        ("PortLabel", ATTR, "port"),
+        ("Provider", ATTR, "provider"),
+        ("Tags", ATTR, "tags"),
+        ("Meta", MAP, "meta"),
+        ("Checks", BLOCKS, "check"),
+    ],
+    "check": [
+        ("Name", ATTR, "name"),
+        ("Type", ATTR, "type"),
+        ("Interval", DURATION, "interval"),
+        ("Timeout", DURATION, "timeout"),
+    ],
+    "template": [
+        ("EmbeddedTmpl", ATTR, "data"),
+        ("DestPath", ATTR, "destination"),
+        ("Envvars", ATTR, "env"),
+        ("ChangeMode", ATTR, "change_mode"),
     ],
     "restart": [
         ("Attempts", ATTR, "attempts"),
@@ -57,6 +86,7 @@ _SCHEMA: dict[str, list[tuple[str, str, str]]] = {
         ("Name", LABEL, ""),
         ("Driver", ATTR, "driver"),
         ("Config", CONFIG, "config"),
+        ("Templates", BLOCKS, "template"),
         ("Resources", BLOCK, "resources"),
         ("KillTimeout", DURATION, "kill_timeout"),
         ("Meta", MAP, "meta"),
@@ -69,8 +99,9 @@ _SCHEMA: dict[str, list[tuple[str, str, str]]] = {
 
 _IDENT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 _LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-# Nomad's runtime variables (interpolated by the client when the task starts).
-_RUNTIME_VAR_RE = re.compile(r"\$\{NOMAD_[A-Z0-9_]+\}")
+# Nomad's runtime variables (interpolated by the client when the task starts); port labels are
+# lower case (${NOMAD_IP_vnc}).
+_RUNTIME_VAR_RE = re.compile(r"\$\{NOMAD_[A-Za-z0-9_]+\}")
 _ESCAPES = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
 _INDENT = "  "
 
@@ -214,7 +245,8 @@ def _block(kind: str, obj: Any, depth: int, where: str) -> tuple[str | None, lis
                 raise ValueError(f"{here}: expected a list")
             for index, child in enumerate(value):
                 child_label, body = _block(name, child, depth + 1, f"{here}[{index}]")
-                items.append((name, f"{name} {hcl_string(child_label or '')}", body))
+                # network, service, check and template blocks have no label.
+                items.append((name, name if child_label is None else f"{name} {hcl_string(child_label)}", body))
         elif field_kind in (MAP, CONFIG):
             if not isinstance(value, dict):
                 raise ValueError(f"{here}: expected an object")

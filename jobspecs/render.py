@@ -19,9 +19,16 @@ The job (``vm-<id>``, type service):
                 -sandbox on -nic none
         resources: cpu = 1000 MHz per vCPU, memory = memory_mb
 
-VNC listens on a unix socket in the task directory: on one machine the console proxy reads it
-from there and nothing listens on TCP. A fleet needs VNC on a TCP port registered in Consul
-(a ``network``/``service`` block); that is a later change and is deliberately absent here.
+Two targets (``JobSettings.target``), one template:
+
+- ``local`` (the local driver, one machine): VNC listens on a unix socket in the task directory;
+  the console proxy reads it from there and nothing listens on TCP.
+- ``nomad`` (a fleet): the group also gets a ``network`` with a dynamic port ``vnc`` and a Consul
+  ``service`` (``vmgate-vnc``, tagged ``vm-<id>``, meta vm_id/owner) with a TCP check on it. QEMU's
+  ``-vnc`` takes a display number (port - 5900), not a port, so a ``template`` (env = true) computes
+  ``VMGATE_VNC_DISPLAY = NOMAD_PORT_vnc - 5900`` on the client before the task starts and the args say
+  ``-vnc ${NOMAD_IP_vnc}:${VMGATE_VNC_DISPLAY}`` (Nomad interpolates task config with the task's
+  environment, template variables included). docs/DRIVERS.md explains the choice.
 """
 
 from __future__ import annotations
@@ -36,8 +43,8 @@ from jobspecs.hcl import to_hcl
 
 SECOND = 1_000_000_000  # Nomad's API takes durations in nanoseconds
 
-__all__ = ["JobSettings", "JobSpecError", "VMSpec", "job_name", "qemu_args", "render_job", "to_hcl", "variables",
-           "vm_id_of"]
+__all__ = ["VNC_PORT_LABEL", "VNC_SERVICE", "JobSettings", "JobSpecError", "VMSpec", "job_name", "qemu_args",
+           "render_job", "to_hcl", "variables", "vm_id_of", "vnc_arg"]
 MINUTE = 60 * SECOND
 HOUR = 60 * MINUTE
 
@@ -45,6 +52,15 @@ HOUR = 60 * MINUTE
 # one vCPU keeps about one host thread busy; 1000 MHz per vCPU lets a 2-core ~2 GHz node (~4000 MHz)
 # place about four busy vCPUs, which matches what these machines can emulate usefully.
 CPU_MHZ_PER_VCPU = 1000
+
+TARGETS = ("local", "nomad")
+VNC_PORT_LABEL = "vnc"
+VNC_SERVICE = "vmgate-vnc"  # the Consul service every VM's VNC registers as (tag vm-<id>)
+VNC_ENV_FILE = "local/vnc.env"
+# consul-template: `subtract A B` is B - A. Nomad's dynamic ports (20000-32000 by default) give
+# displays 14100-26100, all within QEMU's 5900 + display <= 65535.
+VNC_DISPLAY_TEMPLATE = 'VMGATE_VNC_DISPLAY={{ env "NOMAD_PORT_vnc" | parseInt | subtract 5900 }}\n'
+VNC_CHECK = {"Interval": 10 * SECOND, "Timeout": 2 * SECOND}
 
 GROUP_NAME = "vm"
 TASK_NAME = "qemu"
@@ -120,12 +136,15 @@ class JobSettings:
     namespace: str = _var("string", "Nomad namespace of VM jobs", "default")
     accelerator: str = _var("string", "QEMU accelerator: tcg (works everywhere) or kvm", "tcg")
     stop_timeout: int = _var("number", "Seconds a guest gets to power off before a hard stop (kill_timeout)", 30)
+    target: str = _var("string", "local (VNC on a unix socket) or nomad (VNC on a port, registered in Consul)",
+                       "local")
 
     @classmethod
     def from_settings(cls, settings: Any) -> JobSettings:
-        """Take the values from ``gateway.config.Settings``."""
+        """Take the values from ``gateway.config.Settings``; the target follows VMGATE_DRIVER."""
         return cls(datacenters=tuple(settings.nomad_datacenters), namespace=settings.nomad_namespace,
-                   accelerator=settings.qemu_accelerator, stop_timeout=settings.stop_timeout)
+                   accelerator=settings.qemu_accelerator, stop_timeout=settings.stop_timeout,
+                   target="nomad" if settings.driver == "nomad" else "local")
 
 
 def variables() -> dict[str, dict[str, Any]]:
@@ -190,9 +209,18 @@ def _check(vm: VMSpec, template: Template, settings: JobSettings) -> None:
         raise JobSpecError("accelerator", f"must be one of {', '.join(ACCELERATORS)}, got {settings.accelerator!r}")
     if not _is_int(settings.stop_timeout) or not 1 <= settings.stop_timeout <= 3600:
         raise JobSpecError("stop_timeout", f"must be whole seconds between 1 and 3600, got {settings.stop_timeout!r}")
+    if settings.target not in TARGETS:
+        raise JobSpecError("target", f"must be one of {', '.join(TARGETS)}, got {settings.target!r}")
 
 
-def qemu_args(vm: VMSpec, template: Template) -> list[str]:
+def vnc_arg(target: str) -> str:
+    """The value of ``-vnc`` for a target: the task directory's socket, or the node's address and display."""
+    if target == "nomad":
+        return "${NOMAD_IP_vnc}:${VMGATE_VNC_DISPLAY}"
+    return "unix:${NOMAD_TASK_DIR}/vnc.sock"
+
+
+def qemu_args(vm: VMSpec, template: Template, target: str = "local") -> list[str]:
     """The task's ``args``: everything QEMU needs beyond what Nomad's qemu driver adds itself."""
     return [
         "-smp", str(vm.cpu),
@@ -200,7 +228,7 @@ def qemu_args(vm: VMSpec, template: Template) -> list[str]:
         "-initrd", str(template.initrd),
         "-append", f"{template.cmdline} vmgate.hostname={vm.hostname}",
         # ${NOMAD_TASK_DIR} is interpolated by the driver at start (Nomad's runtime variables).
-        "-vnc", "unix:${NOMAD_TASK_DIR}/vnc.sock",
+        "-vnc", vnc_arg(target),
         "-qmp", "unix:${NOMAD_TASK_DIR}/qmp.sock,server=on,wait=off",
         "-sandbox", "on",
         # Without this QEMU adds an e1000 NIC on user networking, where the guest reaches the host's
@@ -210,10 +238,38 @@ def qemu_args(vm: VMSpec, template: Template) -> list[str]:
     ]
 
 
+def _fleet_parts(vm: VMSpec, name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """What the nomad target adds: (group fields: network and service, task fields: the display template)."""
+    group = {
+        "Networks": [{"Mode": "host", "DynamicPorts": [{"Label": VNC_PORT_LABEL}]}],
+        "Services": [{
+            "Name": VNC_SERVICE,
+            "PortLabel": VNC_PORT_LABEL,
+            "Provider": "consul",
+            "Tags": [name],
+            "Meta": {"vm_id": vm.id, "owner": vm.owner},
+            "Checks": [{"Name": "vnc-tcp", "Type": "tcp", **VNC_CHECK}],
+        }],
+    }
+    task = {"Templates": [{"EmbeddedTmpl": VNC_DISPLAY_TEMPLATE, "DestPath": VNC_ENV_FILE, "Envvars": True,
+                           "ChangeMode": "noop"}]}
+    return group, task
+
+
 def render_job(vm: VMSpec, template: Template, settings: JobSettings) -> dict[str, Any]:
     """The Nomad API Job object for ``vm``; raises ``JobSpecError`` naming the first bad variable."""
     _check(vm, template, settings)
     name = job_name(vm.id)
+    job = _job(vm, template, settings, name)
+    if settings.target == "nomad":
+        group_extra, task_extra = _fleet_parts(vm, name)
+        group = job["TaskGroups"][0]
+        group.update(group_extra)
+        group["Tasks"][0].update(task_extra)
+    return job
+
+
+def _job(vm: VMSpec, template: Template, settings: JobSettings, name: str) -> dict[str, Any]:
     return {
         "ID": name,
         "Name": name,
@@ -237,7 +293,7 @@ def render_job(vm: VMSpec, template: Template, settings: JobSettings) -> dict[st
                             "machine_type": "pc",
                             "drive_interface": "virtio",
                             "graceful_shutdown": True,
-                            "args": qemu_args(vm, template),
+                            "args": qemu_args(vm, template, settings.target),
                         },
                         "Resources": {"CPU": vm.cpu * CPU_MHZ_PER_VCPU, "MemoryMB": vm.memory_mb},
                         "KillTimeout": settings.stop_timeout * SECOND,

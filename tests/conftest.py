@@ -66,13 +66,16 @@ def database_url(base_settings: Settings) -> Iterator[str]:
         admin.close()
 
 
-def _kill_qemu_under(root: Path) -> None:
-    """Kill any QEMU a failed test left running with files under ``root``."""
-    for pidfile in root.glob("tasks/*/qemu.pid"):
-        with contextlib.suppress(ValueError, OSError):
-            pid = int(pidfile.read_text().strip())
-            if str(root) in Path(f"/proc/{pid}/cmdline").read_text():
-                os.kill(pid, signal.SIGKILL)
+def kill_qemu_under(directory: Path) -> None:
+    """A safety net: kill any QEMU whose command line points into ``directory`` (ours, by path),
+    whichever driver started it (the local driver's own children, or a Nomad executor's)."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+            if cmdline and b"qemu-system" in cmdline[0] and any(str(directory).encode() in a for a in cmdline):
+                os.kill(int(proc.name), signal.SIGKILL)
 
 
 @pytest.fixture
@@ -80,7 +83,7 @@ def vms_root() -> Iterator[Path]:
     """A short VM root under /tmp: unix socket paths must stay under 108 bytes."""
     root = Path(tempfile.mkdtemp(prefix="vg", dir="/tmp"))
     yield root
-    _kill_qemu_under(root)
+    kill_qemu_under(root)
     shutil.rmtree(root, ignore_errors=True)
 
 

@@ -1,0 +1,70 @@
+# Nomad client agent for a node that runs vmgate VMs (the `qemu` task driver).
+# Install as /etc/nomad.d/client.hcl next to a common.hcl holding datacenter, data_dir, tls and acl.
+# Paths assume the operator layout of docs/OPERATIONS.md ("Fleet"): IMAGES_DIR=/srv/vmgate/images and
+# VMS_ROOT=/srv/vmgate/vms, both on storage every node mounts at the same path.
+
+data_dir  = "/var/lib/nomad"
+bind_addr = "{{ GetPrivateIP }}"
+
+client {
+  enabled = true
+  servers = ["nomad-server-1:4647", "nomad-server-2:4647", "nomad-server-3:4647"]
+
+  # Static ports of other software stay out of Nomad's hands; VNC ports come from the dynamic
+  # range (20000-32000), each VM gets one (${NOMAD_PORT_vnc}).
+  reserved {
+    reserved_ports = "22"
+  }
+
+  meta {
+    vmgate_role = "vms"
+  }
+}
+
+tls {
+  http = true
+  rpc  = true
+
+  ca_file   = "/etc/nomad.d/tls/nomad-agent-ca.pem"
+  cert_file = "/etc/nomad.d/tls/global-client-nomad.pem"
+  key_file  = "/etc/nomad.d/tls/global-client-nomad-key.pem"
+
+  verify_server_hostname = true
+  verify_https_client    = false
+}
+
+consul {
+  # The local Consul agent (consul/agent.hcl): VM jobs register their VNC service through it.
+  address = "127.0.0.1:8500"
+}
+
+plugin "qemu" {
+  config {
+    # image_path of a VM job is its overlay under VMS_ROOT; the base images (its backing files) and
+    # the kernels in -kernel/-initrd are under IMAGES_DIR.
+    image_paths = ["/srv/vmgate/images", "/srv/vmgate/vms"]
+
+    # Exactly the flags jobspecs.render puts in a VM job's args (tests/test_fleet.py checks it):
+    # kernel boot, vCPUs, VNC, QMP, QEMU's seccomp sandbox, no NIC.
+    args_allowlist = [
+      "-smp",
+      "-kernel",
+      "-initrd",
+      "-append",
+      "-vnc",
+      "-qmp",
+      "-sandbox",
+      "-nic",
+    ]
+
+    emulators_allowlist = ["x86_64"]
+  }
+}
+
+# raw_exec is off on VM nodes; only nodes with vmgate_role = "control" (that run nomad/vmgate.nomad.hcl)
+# enable it in their own client configuration.
+plugin "raw_exec" {
+  config {
+    enabled = false
+  }
+}

@@ -1,0 +1,277 @@
+"""The fleet path against real agents: `consul agent -dev` and `nomad agent -dev` (the qemu plugin
+configured like nomad/client.hcl) started here, the gateway on VMGATE_DRIVER=nomad. Create a tiny VM
+through the API, see Nomad run it with the qemu driver and Consul list its VNC service (check
+passing), open its console through websockify with an RFB client, read its serial console from the
+allocation's logs, stop, start, destroy, and find nothing left in Nomad or Consul.
+
+Skips, saying why, when `nomad` or `consul` is not on PATH. Everything listens on 127.0.0.1, on free ports."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from gateway.app import create_app
+from gateway.config import Settings
+from gateway.jobspec_cli import client_allowlist
+from tests.conftest import VM, Session, kill_qemu_under, truncate_all
+from tests.fixtures.websockify import free_port
+from tests.test_e2e import READY, open_console, wait_for_screen, wait_for_serial
+
+AGENT_TIMEOUT = 60.0
+MISSING = [name for name in ("nomad", "consul") if shutil.which(name) is None]
+SKIP_REASON = (f"{' and '.join(MISSING)} not on PATH: the fleet integration test needs real Nomad and Consul "
+               "agent binaries (DESIGN.md: build them beside the project, never in it)")
+
+pytestmark = [pytest.mark.qemu, pytest.mark.skipif(bool(MISSING), reason=SKIP_REASON)]
+
+
+@dataclass
+class Agent:
+    name: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    http: str
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def _start(name: str, argv: list[str], log_path: Path, http: str) -> Agent:
+    with log_path.open("ab") as log:
+        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return Agent(name, process, log_path, http)
+
+
+def _stop(agent: Agent) -> None:
+    if agent.process.poll() is None:
+        agent.process.send_signal(signal.SIGINT)  # a graceful leave; a dev client destroys its allocations
+        try:
+            agent.process.wait(30)
+        except subprocess.TimeoutExpired:
+            agent.process.kill()
+            agent.process.wait()
+    _kill_session(agent.process.pid)
+
+
+def _kill_session(session_id: int) -> None:
+    """Kill what the agent left in its session: Nomad's logmon and executor plugins outlive an agent
+    that died abruptly (by design, to be re-attached), and nothing else would ever stop them."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            # Field 6 of /proc/PID/stat is the session id; the command name (field 2) may hold spaces.
+            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+            if int(fields[3]) == session_id:
+                os.kill(int(proc.name), signal.SIGKILL)
+
+
+async def _get(http: aiohttp.ClientSession, url: str) -> tuple[int, Any]:
+    async with http.get(url) as resp:
+        text = await resp.text()
+        try:
+            return resp.status, json.loads(text)
+        except ValueError:
+            return resp.status, text
+
+
+async def _until(what: str, probe: Any, timeout: float, agent: Agent | None = None) -> Any:
+    """Poll ``probe()`` until it returns something truthy."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        with contextlib.suppress(aiohttp.ClientError):
+            last = await probe()
+            if last:
+                return last
+        await asyncio.sleep(0.5)
+    tail = f"\n--- {agent.name} log:\n{agent.log_tail()}" if agent else ""
+    raise AssertionError(f"{what} did not happen within {timeout:.0f} s (last: {last!r}){tail}")
+
+
+@pytest.fixture
+def agent_dir() -> Iterator[Path]:
+    # Short: the allocation's unix sockets (qmp.sock, Nomad's qm.sock) must stay under 108 bytes.
+    path = Path(tempfile.mkdtemp(prefix="vgn", dir="/tmp"))
+    yield path
+    kill_qemu_under(path)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+async def consul_agent(agent_dir: Path) -> AsyncIterator[Agent]:
+    http = free_port()
+    config = agent_dir / "consul.json"
+    config.write_text(json.dumps({
+        "ports": {"http": http, "dns": -1, "grpc": free_port(), "grpc_tls": -1, "serf_lan": free_port(),
+                  "serf_wan": free_port(), "server": free_port()},
+    }))
+    agent = _start("consul", ["consul", "agent", "-dev", "-bind", "127.0.0.1", "-client", "127.0.0.1",
+                              f"-config-file={config}"], agent_dir / "consul.log", f"http://127.0.0.1:{http}")
+    try:
+        async with aiohttp.ClientSession() as client:
+            async def leader() -> Any:
+                status, body = await _get(client, f"{agent.http}/v1/status/leader")
+                return status == 200 and body
+
+            await _until("consul electing itself leader", leader, AGENT_TIMEOUT, agent)
+        yield agent
+    finally:
+        _stop(agent)
+
+
+@pytest.fixture
+async def nomad_agent(agent_dir: Path, consul_agent: Agent, vms_root: Path,
+                      tiny_images_dir: Path) -> AsyncIterator[Agent]:
+    http, rpc, serf = free_port(), free_port(), free_port()
+    allowlist = ", ".join(json.dumps(flag) for flag in sorted(client_allowlist()))
+    config = agent_dir / "nomad.hcl"
+    # Like nomad/client.hcl, on loopback: image_paths are the images and this test's VMS_ROOT.
+    config.write_text(f"""
+data_dir  = "{agent_dir / 'nomad'}"
+bind_addr = "127.0.0.1"
+ports {{
+  http = {http}
+  rpc  = {rpc}
+  serf = {serf}
+}}
+client {{
+  enabled           = true
+  network_interface = "lo"
+  options = {{
+    # Cloud metadata probes only slow a laptop-sized dev agent down (and fail in some builds).
+    "fingerprint.denylist" = "env_aws,env_gce,env_azure,env_digitalocean"
+  }}
+}}
+consul {{
+  address = "{consul_agent.http.removeprefix('http://')}"
+}}
+plugin "qemu" {{
+  config {{
+    image_paths    = [{json.dumps(str(tiny_images_dir))}, {json.dumps(str(vms_root))}]
+    args_allowlist = [{allowlist}]
+  }}
+}}
+""")
+    agent = _start("nomad", ["nomad", "agent", "-dev", f"-config={config}"], agent_dir / "nomad.log",
+                   f"http://127.0.0.1:{http}")
+    try:
+        async with aiohttp.ClientSession() as client:
+            async def qemu_ready() -> Any:
+                status, nodes = await _get(client, f"{agent.http}/v1/nodes")
+                if status != 200 or not nodes:
+                    return None
+                status, node = await _get(client, f"{agent.http}/v1/node/{nodes[0]['ID']}")
+                qemu = (node.get("Drivers") or {}).get("qemu") or {}
+                if node.get("Status") == "ready" and qemu.get("Healthy"):
+                    return node
+                return None
+
+            await _until("the nomad client becoming ready with a healthy qemu driver", qemu_ready, AGENT_TIMEOUT,
+                         agent)
+        yield agent
+    finally:
+        _stop(agent)
+
+
+@pytest.fixture
+async def fleet_gateway(aiohttp_server: Any, app_settings: Settings, tiny_images_dir: Path, websockify_server: Any,
+                        nomad_agent: Agent, database_url: str) -> Any:
+    settings = dataclasses.replace(app_settings, images_dir=tiny_images_dir, driver="nomad",
+                                   nomad_addr=nomad_agent.http, nomad_namespace="default",
+                                   vnc_public_url=websockify_server.ws_url)
+    server = await aiohttp_server(create_app(settings))
+    truncate_all(database_url)
+    return server
+
+
+async def test_a_vm_on_nomad(fleet_gateway: Any, sessions: Any, nomad_agent: Agent, consul_agent: Agent,
+                             app_settings: Settings) -> None:
+    s: Session = sessions(fleet_gateway)
+    await s.signup_and_login()
+    began = time.monotonic()
+    status, vm = await s.request("POST", "/api/vms", json=VM)
+    assert status == 201, f"{vm}\n--- nomad log:\n{nomad_agent.log_tail()}"
+    print(f"\ncreate on Nomad: running after {time.monotonic() - began:.1f} s")
+    vm_id = vm["vm_id"]
+    job_id = f"vm-{vm_id}"
+    overlay = app_settings.vms_root / "users" / s.user["id"] / f"{vm_id}.qcow2"  # type: ignore[index]
+    assert overlay.exists()
+
+    async with aiohttp.ClientSession() as http:
+        async def nomad_running() -> Any:
+            status, allocs = await _get(http, f"{nomad_agent.http}/v1/job/{job_id}/allocations")
+            running = [a for a in allocs if a["ClientStatus"] == "running"] if status == 200 else []
+            return running[0] if running else None
+
+        async def vnc_instances(passing: bool) -> list[dict[str, Any]]:
+            url = f"{consul_agent.http}/v1/health/service/vmgate-vnc?tag={job_id}" + ("&passing" if passing else "")
+            status, body = await _get(http, url)
+            assert status == 200, body
+            return list(body)
+
+        status, job = await _get(http, f"{nomad_agent.http}/v1/job/{job_id}")
+        assert status == 200 and job["Status"] == "running", job
+        assert job["TaskGroups"][0]["Tasks"][0]["Driver"] == "qemu"
+        assert job["Meta"] == {"vm_id": vm_id, "owner": s.user["id"], "template": "tiny"}  # type: ignore[index]
+        first = await nomad_running()
+        status, detail = await _get(http, f"{nomad_agent.http}/v1/allocation/{first['ID']}")
+        [port] = [p for p in detail["AllocatedResources"]["Shared"]["Ports"] if p["Label"] == "vnc"]
+
+        [instance] = await _until("the VM's VNC service passing its check in Consul",
+                                  lambda: vnc_instances(passing=True), 45, consul_agent)
+        assert instance["Service"]["Port"] == port["Value"] and instance["Service"]["Address"] == "127.0.0.1"
+        assert instance["Service"]["Meta"]["vm_id"] == vm_id
+
+        serial = await wait_for_serial(s, vm_id, READY, timeout=120)
+        assert "Linux version" in serial or READY in serial
+
+        async with open_console(s, vm_id) as rfb:
+            await wait_for_screen(rfb, lambda: not rfb.is_blank())
+            assert rfb.width > 0 and rfb.height > 0
+
+        status, body = await s.request("POST", f"/api/vms/{vm_id}/stop")
+        assert status == 200 and body["state"] == "stopped", body
+        status, job = await _get(http, f"{nomad_agent.http}/v1/job/{job_id}")
+        assert status == 200 and job["Stop"] is True
+        assert await nomad_running() is None
+        await _until("the VNC service leaving Consul", lambda: _empty(vnc_instances(passing=False)), 30)
+        assert overlay.exists()  # the disk stays
+
+        status, body = await s.request("POST", f"/api/vms/{vm_id}/start")
+        assert status == 200 and body["state"] == "running", f"{body}\n{nomad_agent.log_tail()}"
+        second = await nomad_running()
+        assert second["ID"] != first["ID"]
+        await _until("the VM's VNC service passing again", lambda: vnc_instances(passing=True), 45, consul_agent)
+        await wait_for_serial(s, vm_id, READY, timeout=120, count=1)
+
+        status, body = await s.request("DELETE", f"/api/vms/{vm_id}")
+        assert status == 200 and body["state"] == "destroyed", body
+        status, _ = await _get(http, f"{nomad_agent.http}/v1/job/{job_id}")
+        assert status == 404  # purged
+        status, allocs = await _get(http, f"{nomad_agent.http}/v1/job/{job_id}/allocations")
+        assert status == 404 or not [a for a in allocs if a["ClientStatus"] in ("pending", "running")]
+        await _until("the VNC service leaving Consul", lambda: _empty(vnc_instances(passing=False)), 30)
+        status, services = await _get(http, f"{consul_agent.http}/v1/catalog/service/vmgate-vnc")
+        assert status == 200 and services == []
+        assert not overlay.exists()
+
+
+async def _empty(probe: Any) -> bool:
+    return not await probe
