@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline
 
 from console import keys
 from drivers.base import VncTarget
@@ -53,14 +54,19 @@ async def issue_token(redis: aioredis.Redis, vm_id: str, user_id: str, ttl: int,
     return ConsoleGrant(url=f"{ws_url}?token={token}", token=token, expires_at=expires_at)
 
 
+async def _revoking(redis: aioredis.Redis, set_key: str) -> Pipeline:
+    """A transaction that already deletes every token in ``set_key`` and the set; the caller adds the rest."""
+    digests = await redis.smembers(set_key)
+    pipe = redis.pipeline(transaction=True)
+    for digest in digests:
+        pipe.delete(keys.token_key(_text(digest)))
+    pipe.delete(set_key)
+    return pipe
+
+
 async def revoke_vm(redis: aioredis.Redis, vm_id: str, reason: str = "vm stopped") -> None:
     """Forget where the VM's VNC is, revoke every outstanding token for it and end its live sessions."""
-    set_key = keys.vm_tokens_key(vm_id)
-    digests = await redis.smembers(set_key)
-    async with redis.pipeline(transaction=True) as pipe:
-        for digest in digests:
-            pipe.delete(keys.token_key(_text(digest)))
-        pipe.delete(set_key)
+    async with await _revoking(redis, keys.vm_tokens_key(vm_id)) as pipe:
         pipe.delete(keys.vnc_target_key(vm_id))  # live sessions that miss the message see this
         pipe.publish(keys.vm_end_channel(vm_id), reason)
         await pipe.execute()
@@ -68,12 +74,7 @@ async def revoke_vm(redis: aioredis.Redis, vm_id: str, reason: str = "vm stopped
 
 async def revoke_user(redis: aioredis.Redis, user_id: str, reason: str = "logged out") -> None:
     """Revoke every outstanding console token of a user and end their live console sessions."""
-    set_key = keys.user_tokens_key(user_id)
-    digests = await redis.smembers(set_key)
-    async with redis.pipeline(transaction=True) as pipe:
-        for digest in digests:
-            pipe.delete(keys.token_key(_text(digest)))
-        pipe.delete(set_key)
+    async with await _revoking(redis, keys.user_tokens_key(user_id)) as pipe:
         pipe.set(keys.user_generation_key(user_id), secrets.token_hex(8), ex=keys.GENERATION_TTL)
         pipe.publish(keys.user_end_channel(user_id), reason)
         await pipe.execute()
