@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
 import json
 import re
 import shutil
@@ -34,6 +33,7 @@ import zlib
 from pathlib import Path
 from typing import Any
 
+from manifest import sha256_of  # images/manifest.py, beside this script
 from qemu.qmp import QMPClient
 
 READY = "vmgate-tiny: ready"
@@ -215,10 +215,6 @@ def vnc_hello(path: Path) -> dict[str, Any]:
         recv_exact(sock, 16)  # pixel format
         name = recv_exact(sock, struct.unpack(">I", recv_exact(sock, 4))[0]).decode(errors="replace")
         return {"version": version, "width": width, "height": height, "name": name}
-
-
-def sha256_of(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 async def run(image: Path, work: Path, accel: str, overlay: Path, userdata: Path) -> dict[str, Any]:

@@ -9,7 +9,6 @@ import dataclasses
 import hashlib
 import logging
 import secrets
-import socket
 import stat
 from collections.abc import Iterator
 from email import policy as email_policy
@@ -30,16 +29,11 @@ from gateway.config import Settings
 from gateway.keys import mailer_key
 from gateway.logs import JsonFormatter
 from tests.conftest import VM, Session, assert_envelope, link_token, outbox_link, truncate_all
+from tests.fixtures.websockify import free_port
 
 PASSWORD = "correct horse battery"
 NEW_PASSWORD = "a brand new passphrase"
 SMTP_LOGIN = ("mailer", "smtp password 123")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class Mailbox:
