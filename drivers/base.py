@@ -63,6 +63,10 @@ class Driver(abc.ABC):
     """
 
     name: ClassVar[str]
+    # True when the driver restarts a crashed VM itself (Nomad's restart block); the gateway's
+    # reconciler then only reports what the driver did. False: the reconciler applies the job's
+    # restart block (drivers/local).
+    manages_restarts: ClassVar[bool] = False
 
     @abc.abstractmethod
     async def start(self, vm_id: str, job: dict[str, Any]) -> VMStatus:

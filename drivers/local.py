@@ -607,6 +607,8 @@ class LocalDriver(Driver):
             self._watch(vm_id, pid)
             task = self._load_task(vm_id, task_dir)
             details: dict[str, Any] = {"task_dir": str(task_dir)}
+            with contextlib.suppress(OSError):
+                details["started_at_epoch"] = (task_dir / "qemu.pid").stat().st_mtime
             if task is not None:
                 details["qmp_socket"] = str(task.qmp_socket)
             return VMStatus("running", pid=pid, vnc=task.vnc if task else None, details=details)

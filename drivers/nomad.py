@@ -191,6 +191,7 @@ class NomadDriver(Driver):
     """Runs each VM as the Nomad job ``vm-<id>``; ``settings`` is gateway.config.Settings."""
 
     name = "nomad"
+    manages_restarts = True
 
     def __init__(self, settings: Any, client: Any | None = None) -> None:
         self.namespace = settings.nomad_namespace

@@ -11,11 +11,12 @@ import asyncio
 import logging
 from typing import Any
 
+import redis.exceptions
 from aiohttp import web
 
-from gateway import api, auth, consoles, db, paging, validation, vms
+from gateway import api, auth, consoles, db, lifecycle, paging, validation, vms
 from gateway.config import Settings
-from gateway.errors import ApiError, BadRequest, Conflict, ValidationFailed
+from gateway.errors import ApiError, BadRequest, Conflict, ServiceUnavailable, ValidationFailed
 from gateway.keys import db_key, redis_key, settings_key
 
 log = logging.getLogger("vmgate.admin")
@@ -25,6 +26,7 @@ routes = web.RouteTableDef()
 QUOTA_BOUNDS = {"vms": 10000, "vcpus": 100000, "memory_mb": 10**8, "disk_gb": 10**6}
 # VMs of a disabled user stopped at once: each stop may wait STOP_TIMEOUT for the guest.
 STOP_CONCURRENCY = 4
+STOP_WAIT_MARGIN = 30  # seconds beyond STOP_TIMEOUT to wait for a disabled user's VM to stop
 VM_STATES = ("requested", "provisioning", "starting", "running", "stopping", "stopped", "destroying",
              "destroyed", "error")
 
@@ -101,7 +103,8 @@ async def _stop_vms(app: web.Application, owner: dict[str, Any], vm_ids: list[st
     async def stop_one(vm_id: str) -> dict[str, Any] | None:
         async with gate:
             try:
-                await vms.stop(app, owner, vm_id, ip)
+                await vms.request_action(app, owner, vm_id, "stop", ip,
+                                         wait=app[settings_key].stop_timeout + STOP_WAIT_MARGIN)
             except ApiError as exc:
                 return {"vm_id": vm_id, "error": {"code": exc.code, "message": exc.message}}
             except Exception:
@@ -207,3 +210,23 @@ async def audit(request: web.Request) -> web.Response:
         rows = await db.audit_page(cur, size + 1, before, user_id=user_id, vm_id=vm_id, action=action)
     rows, next_before = paging.page(rows, size, lambda row: row["id"])
     return _json({"entries": [api.audit_entry(r, with_user=True) for r in rows], "next_before": next_before})
+
+
+# ---- the lifecycle queue ---------------------------------------------------------------------------
+
+@routes.get("/api/admin/queue")
+async def queue(request: web.Request) -> web.Response:
+    """The lifecycle engine's queue: depth, jobs taken but unfinished, the oldest job's age, consumers."""
+    await auth.require_admin(request)
+    engine = lifecycle.engine_of(request.app)
+    try:
+        stats = await engine.update_metrics()
+    except (redis.exceptions.RedisError, OSError) as exc:
+        raise ServiceUnavailable("The queue lives in Redis, which is unreachable.", code="queue_unavailable") from exc
+    async with db.cursor(request.app[db_key]) as cur:
+        await cur.execute("SELECT state, count(*) AS n FROM vms WHERE state = ANY(%s) GROUP BY state",
+                          (list(db.TRANSITIONAL_STATES),))
+        transitional = {r["state"]: int(r["n"]) for r in await cur.fetchall()}
+    settings = request.app[settings_key]
+    return _json({**stats, "vms_in_transition": transitional, "workers_per_gateway": settings.workers,
+                  "reconcile_interval": settings.reconcile_interval, "claim_idle": settings.claim_idle})

@@ -170,9 +170,26 @@ async def create_vm(request: web.Request) -> web.Response:
     wanted["name"] = name
     userdata = validation.string(body, "userdata", max_len=vms.MAX_USERDATA, required=False)
     wanted["userdata"] = userdata
+    wait = _wait(request)
     await ratelimit.limit(request, "vm_create_user", str(user["id"]))
-    row = await vms.create(request.app, user, wanted, client_ip(request))
-    return _json(vms.public_vm(row, request.app[settings_key].public_url), status=201)
+    row, running = await vms.create(request.app, user, wanted, client_ip(request), wait=wait)
+    response = _json(vms.public_vm(row, request.app[settings_key].public_url), status=201 if running else 202)
+    response.headers["Location"] = f"/api/vms/{row['id']}"
+    return response
+
+
+def _wait(request: web.Request) -> float:
+    """``?wait=SECONDS`` (0 to 120): answer once the VM settled, or after that long (then 202)."""
+    raw = request.query.get("wait")
+    if raw is None:
+        return 0.0
+    try:
+        wait = float(raw)
+    except ValueError:
+        wait = -1.0
+    if not 0 <= wait <= vms.MAX_WAIT:
+        raise ValidationFailed(f"wait: seconds between 0 and {vms.MAX_WAIT}", details={"field": "wait"})
+    return wait
 
 
 async def _owned_vm(request: web.Request) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -193,25 +210,27 @@ async def get_vm(request: web.Request) -> web.Response:
     return _json(data)
 
 
-async def _vm_action(request: web.Request, action: Any) -> web.Response:
+async def _vm_action(request: web.Request, action: str) -> web.Response:
     user = await auth.current_user(request)
-    row = await action(request.app, user, request.match_info["vm_id"], client_ip(request))
-    return _json(vms.public_vm(row, request.app[settings_key].public_url))
+    wait = _wait(request)
+    row, done = await vms.request_action(request.app, user, request.match_info["vm_id"], action,
+                                         client_ip(request), wait=wait)
+    return _json(vms.public_vm(row, request.app[settings_key].public_url), status=200 if done else 202)
 
 
 @routes.post("/api/vms/{vm_id}/stop")
 async def stop_vm(request: web.Request) -> web.Response:
-    return await _vm_action(request, vms.stop)
+    return await _vm_action(request, "stop")
 
 
 @routes.post("/api/vms/{vm_id}/start")
 async def start_vm(request: web.Request) -> web.Response:
-    return await _vm_action(request, vms.start)
+    return await _vm_action(request, "start")
 
 
 @routes.delete("/api/vms/{vm_id}")
 async def destroy_vm(request: web.Request) -> web.Response:
-    return await _vm_action(request, vms.destroy)
+    return await _vm_action(request, "destroy")
 
 
 @routes.get("/api/vms/{vm_id}/console")

@@ -14,7 +14,7 @@ from aiohttp import web
 
 from drivers import load_driver
 from drivers.base import Driver
-from gateway import accounts, admin, api, api_tokens, pages, vms
+from gateway import accounts, admin, api, api_tokens, events, lifecycle, pages
 from gateway.catalog import Catalog
 from gateway.config import REPO_ROOT, Settings
 from gateway.errors import error_middleware
@@ -38,10 +38,16 @@ def create_app(settings: Settings, *, driver: Driver | None = None) -> web.Appli
                          autoescape=jinja2.select_autoescape(default=True))
 
     async def postgres_ctx(app: web.Application) -> AsyncIterator[None]:
-        async with aiopg.create_pool(settings.postgres_url, minsize=1, maxsize=10, timeout=10) as pool:
+        pool = await aiopg.create_pool(settings.postgres_url, minsize=1, maxsize=10, timeout=10)
+        try:
             await migrate(pool)
             app[db_key] = pool
             yield
+        finally:
+            # terminate, not close: a connection still held by a task cancelled at shutdown must not
+            # keep the process waiting for it.
+            pool.terminate()
+            await pool.wait_closed()
 
     async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
         client = aioredis.from_url(settings.redis_url, decode_responses=True, socket_timeout=5,
@@ -63,15 +69,13 @@ def create_app(settings: Settings, *, driver: Driver | None = None) -> web.Appli
         app[catalog_key] = Catalog(settings.images_dir)
         yield
 
-    async def readopt_ctx(app: web.Application) -> AsyncIterator[None]:
-        await vms.readopt(app)
-        yield
-
-    app.cleanup_ctx.extend([postgres_ctx, redis_ctx, driver_ctx, catalog_ctx, readopt_ctx])
+    # The lifecycle engine last: its first reconciler pass re-adopts the VMs that still run.
+    app.cleanup_ctx.extend([postgres_ctx, redis_ctx, driver_ctx, catalog_ctx, lifecycle.engine_ctx])
 
     app.router.add_routes(api.routes)
     app.router.add_routes(api_tokens.routes)
     app.router.add_routes(admin.routes)
+    app.router.add_routes(events.routes)
     accounts.setup(app)  # routes, and the mailer (after the Postgres context: see its docstring)
     app.router.add_routes(pages.routes)
     app.router.add_get("/metrics", metrics_handler)

@@ -26,13 +26,12 @@ from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatc
 from gateway import db
 from gateway.config import Settings
 from gateway.errors import Forbidden, Unauthorized
-from gateway.keys import db_key, redis_key, settings_key
+from gateway.keys import db_key, settings_key
 
 SESSION_COOKIE = "vmgate_session"
 CSRF_COOKIE = "vmgate_csrf"
 CSRF_HEADER = "X-CSRF-Token"
 JWT_ALGORITHM = "HS256"
-REVOKED_PREFIX = "vmgate:session:revoked:"
 API_TOKEN_PREFIX = "vg_"  # noqa: S105 - a public prefix, not a secret
 UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
@@ -110,9 +109,10 @@ def clear_session_cookies(response: web.StreamResponse, settings: Settings) -> N
 
 
 async def revoke_session(request: web.Request, claims: dict[str, Any]) -> None:
-    """Remember a logged-out session's id until it would have expired anyway."""
-    ttl = max(1, int(claims["exp"]) - int(time.time()))
-    await request.app[redis_key].set(REVOKED_PREFIX + str(claims["jti"]), "1", ex=ttl)
+    """Remember a logged-out session's id until it would have expired anyway (the collector forgets it then)."""
+    async with db.cursor(request.app[db_key]) as cur:
+        await cur.execute("INSERT INTO revoked_sessions (jti, expires_at) VALUES (%s, to_timestamp(%s))"
+                          " ON CONFLICT (jti) DO NOTHING", (str(claims["jti"]), int(claims["exp"])))
 
 
 async def end_all_sessions(cur: Any, user_id: str) -> None:
@@ -125,9 +125,10 @@ async def _cookie_caller(request: web.Request, token: str) -> Caller | None:
     claims = decode_session(settings, token)
     if claims is None or not db.is_uuid(str(claims["sub"])):
         return None
-    if await request.app[redis_key].exists(REVOKED_PREFIX + str(claims["jti"])):
-        return None
     async with db.cursor(request.app[db_key]) as cur:
+        await cur.execute("SELECT 1 FROM revoked_sessions WHERE jti = %s", (str(claims["jti"]),))
+        if await cur.fetchone() is not None:
+            return None
         user = await db.user_by_id(cur, str(claims["sub"]))
     if user is None or not user["is_active"] or int(user["session_epoch"]) != int(claims["epoch"]):
         return None

@@ -57,17 +57,27 @@ def _url(schemes: tuple[str, ...], optional: bool = False) -> Callable[[str, str
     return parse
 
 
-def _int(lo: int, hi: int) -> Callable[[str, str], int]:
-    def parse(key: str, value: str) -> int:
+def _number(kind: type, lo: float, hi: float) -> Callable[[str, str], Any]:
+    noun = "an integer" if kind is int else "a number"
+
+    def parse(key: str, value: str) -> Any:
         try:
-            number = int(value)
+            number = kind(value)
         except ValueError:
-            raise ConfigError(key, f"expected an integer, got {value!r}") from None
+            raise ConfigError(key, f"expected {noun}, got {value!r}") from None
         if not lo <= number <= hi:
-            raise ConfigError(key, f"must be between {lo} and {hi}, got {number}")
+            raise ConfigError(key, f"must be between {lo:g} and {hi:g}, got {number:g}")
         return number
 
     return parse
+
+
+def _int(lo: int, hi: int) -> Callable[[str, str], int]:
+    return _number(int, lo, hi)
+
+
+def _float(lo: float, hi: float) -> Callable[[str, str], float]:
+    return _number(float, lo, hi)
 
 
 def _choice(*choices: str) -> Callable[[str, str], str]:
@@ -230,6 +240,26 @@ class Settings:
     session_ttl: int = _setting("SESSION_TTL", _int(300, 30 * 86400), "43200", "Session lifetime, seconds")
     stop_timeout: int = _setting("STOP_TIMEOUT", _int(1, 600), "30",
                                  "Seconds a guest gets to power off before a hard stop")
+    restart_attempts: int = _setting("RESTART_ATTEMPTS", _int(0, 100), "2",
+                                     "Restarts of a crashed VM within RESTART_INTERVAL (the job's restart block)")
+    restart_interval: int = _setting("RESTART_INTERVAL", _int(1, 7 * 86400), "1800",
+                                     "Window, seconds, in which RESTART_ATTEMPTS are counted")
+    restart_delay: int = _setting("RESTART_DELAY", _int(0, 3600), "15", "Seconds before a crashed VM is restarted")
+    restart_mode: str = _setting("RESTART_MODE", _choice("fail", "delay"), "fail",
+                                 "When restarts run out: fail (state error) or delay (wait out the window)")
+    workers: int = _setting("WORKERS", _int(0, 64), "2",
+                            "Lifecycle workers in each gateway process (0: this process only serves the API)")
+    reconcile_interval: float = _setting("RECONCILE_INTERVAL", _float(0.1, 3600), "5",
+                                         "Seconds between reconciler passes (desired vs actual state)")
+    collect_interval: float = _setting("COLLECT_INTERVAL", _float(0.1, 86400), "60",
+                                       "Seconds between orphan collector passes")
+    claim_idle: float = _setting("CLAIM_IDLE", _float(0.5, 3600), "15",
+                                 "Seconds a queued job may sit claimed by a silent worker before another takes it")
+    transition_timeout: int = _setting("TRANSITION_TIMEOUT", _int(10, 86400), "300",
+                                       "Seconds a VM may stay provisioning, starting or destroying before it is"
+                                       " settled by the collector (stopping gets STOP_TIMEOUT more)")
+    orphan_grace: int = _setting("ORPHAN_GRACE", _int(0, 86400), "120",
+                                 "Minimum age, seconds, of a file or process before the collector removes it")
     quota_max_vms: int = _setting("QUOTA_MAX_VMS", _int(0, 10000), "3", "Default per-user VM count")
     quota_vcpus: int = _setting("QUOTA_VCPUS", _int(0, 100000), "4", "Default per-user vCPUs")
     quota_memory_mb: int = _setting("QUOTA_MEMORY_MB", _int(0, 10**8), "2048", "Default per-user memory, MB")

@@ -20,12 +20,14 @@ from gateway.errors import Conflict, NotFound, QuotaExceeded
 
 Row = dict[str, Any]
 
-# A VM in these states holds no share of its owner's quota.
-FREE_STATES = ("error", "destroyed")
+# A VM holds a share of its owner's quota unless it is destroyed or its creation failed (`error` with
+# desired state `destroyed`: nothing of it is left). A VM in `error` after crashes keeps its disk: it counts.
+HOLDS_QUOTA_SQL = "NOT (state = 'destroyed' OR (state = 'error' AND desired_state = 'destroyed'))"
 TRANSITIONAL_STATES = ("requested", "provisioning", "starting", "stopping", "destroying")
 
 VM_COLUMNS = ("id, user_id, name, template, cpu, memory_mb, disk_gb, state, desired_state, error_reason,"
-              " overlay_path, created_at, updated_at, started_at, stopped_at, destroyed_at")
+              " overlay_path, created_at, updated_at, started_at, stopped_at, destroyed_at, crash_times,"
+              " restart_after")
 
 
 @contextlib.asynccontextmanager
@@ -95,8 +97,8 @@ def quota_of(user: Row, settings: Settings) -> Resources:
 async def usage_of(cur: Any, user_id: str) -> Resources:
     await cur.execute(
         "SELECT count(*) AS vms, coalesce(sum(cpu), 0) AS vcpus, coalesce(sum(memory_mb), 0) AS memory_mb,"
-        " coalesce(sum(disk_gb), 0) AS disk_gb FROM vms WHERE user_id = %s AND state <> ALL(%s)",
-        (user_id, list(FREE_STATES)))
+        f" coalesce(sum(disk_gb), 0) AS disk_gb FROM vms WHERE user_id = %s AND {HOLDS_QUOTA_SQL}",
+        (user_id,))
     row = await cur.fetchone()
     return Resources(int(row["vms"]), int(row["vcpus"]), int(row["memory_mb"]), int(row["disk_gb"]))
 
@@ -127,14 +129,16 @@ async def admit_vm(cur: Any, settings: Settings, user_id: str, vm: Row) -> Row:
                 "This VM does not fit your quota: " + ", ".join(sorted(over)) + ".", details={"exceeded": over})
         await cur.execute(
             "INSERT INTO vms (id, user_id, name, template, cpu, memory_mb, disk_gb, userdata, state,"
-            " desired_state, overlay_path) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, 'provisioning', 'running', %s)"
+            " desired_state, overlay_path, jobspec)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, 'provisioning', 'running', %s, %s)"
             f" RETURNING {VM_COLUMNS}",
             (vm["id"], user_id, vm["name"], vm["template"], vm["cpu"], vm["memory_mb"], vm["disk_gb"],
-             vm["userdata"], vm["overlay_path"]))
+             vm["userdata"], vm["overlay_path"], json.dumps(vm["jobspec"]) if vm.get("jobspec") else None))
         row = dict(await cur.fetchone())
-        await cur.execute("INSERT INTO vm_events (vm_id, from_state, to_state) VALUES (%s, NULL, 'provisioning')",
-                          (vm["id"],))
-    return row
+        await cur.execute("INSERT INTO vm_events (vm_id, from_state, to_state) VALUES (%s, NULL, 'provisioning')"
+                          " RETURNING id", (vm["id"],))
+        event = await cur.fetchone()
+    return {**row, "event_id": event["id"], "reason": None}
 
 
 async def vm_for_owner(cur: Any, vm_id: str, user_id: str) -> Row:
@@ -173,12 +177,17 @@ async def set_jobspec(cur: Any, vm_id: str, job: dict[str, Any]) -> None:
 _STAMPS = {"running": "started_at", "stopped": "stopped_at", "destroyed": "destroyed_at"}
 
 
+# Columns ``transition`` may set besides the state (the lifecycle engine's restart bookkeeping).
+_EXTRA_COLUMNS = frozenset({"crash_times", "restart_after"})
+
+
 async def transition(cur: Any, vm_id: str, to_state: str, *, only_from: tuple[str, ...] | None = None,
-                     reason: str | None = None, desired: str | None = None) -> Row | None:
+                     reason: str | None = None, desired: str | None = None,
+                     extra: dict[str, Any] | None = None) -> Row | None:
     """Move a VM to ``to_state`` (only from ``only_from``, when given) and record it in its history.
 
-    Returns the updated row, or None when the VM was not in one of ``only_from`` (a lost race):
-    the caller decides whether that is a conflict.
+    Returns the updated row with ``event_id`` (its history entry), or None when the VM was not in
+    one of ``only_from`` (a lost race): the caller decides whether that is a conflict.
     """
     sets = ["state = %s", "updated_at = now()", "error_reason = %s"]
     params: list[Any] = [to_state, reason if to_state in ("error", "stopped") else None]
@@ -187,6 +196,11 @@ async def transition(cur: Any, vm_id: str, to_state: str, *, only_from: tuple[st
     if desired:
         sets.append("desired_state = %s")
         params.append(desired)
+    for column, value in (extra or {}).items():
+        if column not in _EXTRA_COLUMNS:
+            raise ValueError(f"transition cannot set {column}")
+        sets.append(f"{column} = %s")
+        params.append(value)
     where = "id = %s"
     params.append(vm_id)
     if only_from is not None:
@@ -201,9 +215,10 @@ async def transition(cur: Any, vm_id: str, to_state: str, *, only_from: tuple[st
         row = await cur.fetchone()
         if row is None:
             return None
-        await cur.execute("INSERT INTO vm_events (vm_id, from_state, to_state, reason) VALUES (%s, %s, %s, %s)",
-                          (vm_id, before["state"], to_state, reason))
-    return dict(row)
+        await cur.execute("INSERT INTO vm_events (vm_id, from_state, to_state, reason) VALUES (%s, %s, %s, %s)"
+                          " RETURNING id", (vm_id, before["state"], to_state, reason))
+        event = await cur.fetchone()
+    return {**dict(row), "event_id": event["id"], "reason": reason}
 
 
 async def require_transition(cur: Any, vm: Row, to_state: str, only_from: tuple[str, ...], action: str,
@@ -222,6 +237,30 @@ async def vm_events(cur: Any, vm_id: str) -> list[Row]:
     await cur.execute("SELECT from_state, to_state, reason, created_at FROM vm_events WHERE vm_id = %s ORDER BY id",
                       (vm_id,))
     return [dict(r) for r in await cur.fetchall()]
+
+
+async def events_after(cur: Any, after_id: int, *, vm_id: str | None = None, user_id: str | None = None,
+                       limit: int = 500) -> list[Row]:
+    """History entries newer than ``after_id`` of one VM or of every VM of one user, with the VM's columns."""
+    await cur.execute(
+        "SELECT e.id AS event_id, e.to_state AS state, e.reason, e.created_at AS at, v.id AS vm_id, v.user_id,"
+        " v.desired_state, v.error_reason FROM vm_events e JOIN vms v ON v.id = e.vm_id"
+        " WHERE e.id > %(after)s AND (%(vm)s::uuid IS NULL OR e.vm_id = %(vm)s)"
+        " AND (%(user)s::uuid IS NULL OR v.user_id = %(user)s) ORDER BY e.id LIMIT %(limit)s",
+        {"after": after_id, "vm": vm_id, "user": user_id, "limit": limit})
+    return [dict(r) for r in await cur.fetchall()]
+
+
+async def live_vms(cur: Any) -> list[Row]:
+    """Every VM not destroyed, for the reconciler and the collector."""
+    await cur.execute(f"SELECT {VM_COLUMNS} FROM vms WHERE state <> 'destroyed'")
+    return [dict(r) for r in await cur.fetchall()]
+
+
+async def vm_states(cur: Any, vm_ids: list[str]) -> dict[str, Row]:
+    """``{vm_id: row}`` for the VMs among ``vm_ids`` that exist."""
+    await cur.execute(f"SELECT {VM_COLUMNS} FROM vms WHERE id = ANY(%s::uuid[])", (vm_ids,))
+    return {str(r["id"]): dict(r) for r in await cur.fetchall()}
 
 
 # ---- audit -----------------------------------------------------------------------------------------
@@ -319,7 +358,7 @@ _ADMIN_USER_SQL = (
     " u.quota_memory_mb, u.quota_disk_gb, us.vms AS used_vms, us.vcpus AS used_vcpus,"
     " us.memory_mb AS used_memory_mb, us.disk_gb AS used_disk_gb FROM users u CROSS JOIN LATERAL"
     " (SELECT count(*) AS vms, coalesce(sum(cpu), 0) AS vcpus, coalesce(sum(memory_mb), 0) AS memory_mb,"
-    " coalesce(sum(disk_gb), 0) AS disk_gb FROM vms WHERE vms.user_id = u.id AND vms.state <> ALL(%(free)s)) us")
+    f" coalesce(sum(disk_gb), 0) AS disk_gb FROM vms WHERE vms.user_id = u.id AND {HOLDS_QUOTA_SQL}) us")
 
 
 def usage_in(row: Row) -> Resources:
@@ -336,7 +375,7 @@ async def users_page(cur: Any, limit: int, after: tuple[Any, str] | None = None,
         _ADMIN_USER_SQL + " WHERE (%(at)s::timestamptz IS NULL OR (u.created_at, u.id) < (%(at)s, %(id)s::uuid))"
         " AND (%(email)s::text IS NULL OR strpos(lower(u.email), lower(%(email)s)) > 0)"
         " ORDER BY u.created_at DESC, u.id DESC LIMIT %(limit)s",
-        {"free": list(FREE_STATES), "at": at, "id": last_id, "email": email_contains, "limit": limit})
+        {"at": at, "id": last_id, "email": email_contains, "limit": limit})
     return [dict(r) for r in await cur.fetchall()]
 
 
@@ -344,7 +383,7 @@ async def user_for_admin(cur: Any, user_id: str) -> Row:
     """One user with their usage; NotFound for an unknown or malformed id."""
     if not is_uuid(user_id):
         raise NotFound("No such user.")
-    await cur.execute(_ADMIN_USER_SQL + " WHERE u.id = %(id)s", {"free": list(FREE_STATES), "id": user_id})
+    await cur.execute(_ADMIN_USER_SQL + " WHERE u.id = %(id)s", {"id": user_id})
     row = await cur.fetchone()
     if row is None:
         raise NotFound("No such user.")

@@ -6,7 +6,7 @@ import time
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 
 class Metrics:
@@ -20,6 +20,14 @@ class Metrics:
                                  ["route", "method"], registry=self.registry)
         self.vm_ops = Counter("vmgate_vm_operations_total", "VM lifecycle operations by outcome",
                               ["operation", "outcome"], registry=self.registry)
+        self.queue_depth = Gauge("vmgate_queue_depth", "Lifecycle jobs queued and not yet finished",
+                                 registry=self.registry)
+        self.queue_pending = Gauge("vmgate_queue_pending", "Lifecycle jobs taken by a worker and not yet finished",
+                                   registry=self.registry)
+        self.queue_oldest = Gauge("vmgate_queue_oldest_age_seconds", "Age of the oldest unfinished lifecycle job",
+                                  registry=self.registry)
+        self.vms_by_state = Gauge("vmgate_vms", "VMs by state (at the last reconciler pass)", ["state"],
+                                  registry=self.registry)
 
 
 metrics_key = web.AppKey("metrics", Metrics)

@@ -1,30 +1,33 @@
-"""The VM lifecycle: create, stop, start, destroy, and re-adopting running VMs at start-up.
+"""The API's side of the VM lifecycle: admit a create, record a stop, start or destroy, and queue
+the VM for the lifecycle engine (gateway.lifecycle), which does the work.
 
-Postgres holds the desired state and the state machine; every transition is a compare-and-set
-on the row, so two requests racing on one VM cannot both act (the loser gets 409). A create
-that fails at any step leaves no overlay, no process, no console target and no quota use:
-the VM row ends in ``error`` with the reason.
+Postgres holds the desired state and the state machine; every request is a compare-and-set on the
+row, so two requests racing on one VM cannot both act (the loser gets 409). A create that fails at
+any step leaves no overlay, no process, no console target and no quota use: the engine puts the
+VM in ``error`` with the reason. Requests answer at once (202) or, with ``?wait=``, once the VM settled.
 """
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import logging
+import time
 import uuid
-from pathlib import Path
 from typing import Any
 
+import redis.exceptions
 from aiohttp import web
 
-from drivers.base import DriverError, VMStatus
-from gateway import consoles, db, storage
+from gateway import consoles, db, lifecycle, storage
 from gateway.catalog import Catalog
-from gateway.errors import ApiError, NotFound, ServiceUnavailable
-from gateway.keys import catalog_key, db_key, driver_key, redis_key, settings_key
+from gateway.errors import ApiError, Conflict, NotFound, ServiceUnavailable
+from gateway.keys import catalog_key, db_key, redis_key, settings_key
 
 log = logging.getLogger("vmgate.vms")
 
 MAX_USERDATA = 64 * 1024
+MAX_WAIT = 120  # seconds a request may ask to wait for its VM to settle (?wait=)
+SETTLE_POLL = 0.1
 
 
 class ProvisioningFailed(ServiceUnavailable):
@@ -55,14 +58,6 @@ def public_vm(row: dict[str, Any], public_url: str) -> dict[str, Any]:
     }
 
 
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, ApiError):
-        return exc.message
-    if isinstance(exc, DriverError | storage.StorageError):
-        return str(exc)[:1000]
-    return f"internal error ({type(exc).__name__})"
-
-
 async def _audit(app: web.Application, action: str, outcome: str, user: dict[str, Any], ip: str | None,
                  vm_id: str | None = None, **details: Any) -> None:
     async with db.cursor(app[db_key]) as cur:
@@ -70,26 +65,26 @@ async def _audit(app: web.Application, action: str, outcome: str, user: dict[str
                        details=details)
 
 
-async def _launch(app: web.Application, vm_id: str, job: dict[str, Any]) -> VMStatus:
-    """Start the job and publish its VNC target; on failure nothing of the run is left."""
-    driver = app[driver_key]
-    try:
-        status = await driver.start(vm_id, job)
-        if status.vnc is None:
-            raise DriverError("the driver reported no VNC endpoint")
-        await consoles.publish_target(app[redis_key], vm_id, status.vnc)
-    except BaseException:
-        with contextlib.suppress(Exception):
-            await driver.destroy(vm_id)
-        with contextlib.suppress(Exception):
-            await consoles.revoke_vm(app[redis_key], vm_id)
-        raise
-    return status
+async def settle(app: web.Application, vm_id: str, wait: float) -> dict[str, Any]:
+    """The VM's row once it is in a settled state (running, stopped, destroyed, error) or ``wait`` s passed."""
+    deadline = time.monotonic() + wait
+    while True:
+        async with db.cursor(app[db_key]) as cur:
+            row = await db.vm_by_id(cur, vm_id)
+        if row is None:
+            raise NotFound("No such VM.")
+        if row["state"] in lifecycle.SETTLED_STATES or time.monotonic() >= deadline:
+            return row
+        await asyncio.sleep(SETTLE_POLL)
 
 
 async def create(app: web.Application, user: dict[str, Any], request: dict[str, Any],
-                 ip: str | None) -> dict[str, Any]:
-    """Admit, render, make the overlay, start. Returns the VM row (state running)."""
+                 ip: str | None, wait: float = 0) -> tuple[dict[str, Any], bool]:
+    """Admit the VM (quota, under the owner's lock) and queue it; a worker makes its overlay and starts it.
+
+    Returns (row, settled). With ``wait``, waits up to that many seconds for the VM to be running;
+    a create that failed meanwhile raises ProvisioningFailed (the VM is in ``error`` and holds nothing).
+    """
     settings = app[settings_key]
     catalog: Catalog = app[catalog_key]
     template = catalog.get(request["template"])
@@ -101,151 +96,73 @@ async def create(app: web.Application, user: dict[str, Any], request: dict[str, 
     vm = {"id": vm_id, "name": name, "template": template.name, "cpu": request["cpu"],
           "memory_mb": request["memory_mb"], "disk_gb": request["disk_gb"],
           "userdata": request.get("userdata"), "overlay_path": str(overlay)}
-    pool = app[db_key]
-    async with db.cursor(pool) as cur:
+    vm["jobspec"] = catalog.render(template, vm, owner=user_id, settings=settings)
+    async with db.cursor(app[db_key]) as cur:
         try:
-            await db.admit_vm(cur, settings, user_id, vm)
+            row = await db.admit_vm(cur, settings, user_id, vm)
         except ApiError as exc:
             await db.audit(cur, action="vm.create", outcome="denied", user_id=user_id, ip=ip,
                            details={"reason": exc.message, "template": template.name})
             raise
-    try:
-        job = catalog.render(template, vm, owner=user_id, settings=settings)
-        async with db.cursor(pool) as cur:
-            await db.set_jobspec(cur, vm_id, job)
-        await storage.create_overlay(template.disk, overlay, vm["disk_gb"])
-        async with db.cursor(pool) as cur:
-            await db.transition(cur, vm_id, "starting", only_from=("provisioning",))
-        await _launch(app, vm_id, job)
-        async with db.cursor(pool) as cur:
-            row = await db.transition(cur, vm_id, "running", only_from=("starting",))
-    except BaseException as exc:
-        reason = _reason(exc)
-        log.warning("create of VM %s failed: %s", vm_id, reason)
-        with contextlib.suppress(Exception):
-            await app[driver_key].destroy(vm_id)
-        with contextlib.suppress(Exception):
-            await consoles.revoke_vm(app[redis_key], vm_id)
-        storage.remove_overlay(overlay)
-        async with db.cursor(pool) as cur:
-            await db.transition(cur, vm_id, "error", reason=reason, desired="destroyed")
-            await db.audit(cur, action="vm.create", outcome="error", user_id=user_id, ip=ip, vm_id=vm_id,
-                           details={"reason": reason})
-        if isinstance(exc, Exception):
-            raise ProvisioningFailed(f"The VM could not be started: {reason}",
-                                     details={"vm_id": vm_id, "reason": reason}) from exc
-        raise
-    await _audit(app, "vm.create", "ok", user, ip, vm_id, template=template.name, cpu=vm["cpu"],
-                 memory_mb=vm["memory_mb"], disk_gb=vm["disk_gb"])
-    assert row is not None
-    return row
+        await db.audit(cur, action="vm.create", outcome="accepted", user_id=user_id, ip=ip, vm_id=vm_id,
+                       details={"template": template.name, "cpu": vm["cpu"], "memory_mb": vm["memory_mb"],
+                                "disk_gb": vm["disk_gb"]})
+    await lifecycle.publish(app[redis_key], row)
+    await lifecycle.engine_of(app).enqueue(vm_id, "create")
+    if wait <= 0:
+        return row, False
+    row = await settle(app, vm_id, wait)
+    if row["state"] == "error":
+        reason = row["error_reason"] or "unknown"
+        raise ProvisioningFailed(f"The VM could not be started: {reason}", details={"vm_id": vm_id, "reason": reason})
+    return row, row["state"] == "running"
 
 
-# Past tense of each action, for error messages.
-_DONE = {"stop": "stopped", "start": "started", "destroy": "destroyed"}
+# What each action asks for: the state it puts the VM in, the states it may come from, the desired
+# state, the state that means done, and the past tense for messages.
+ACTIONS: dict[str, tuple[str, tuple[str, ...], str, str, str]] = {
+    "stop": ("stopping", ("running", "starting"), "stopped", "stopped", "stopped"),
+    "start": ("starting", ("stopped", "error"), "running", "running", "started"),
+    "destroy": ("destroying", ("provisioning", "starting", "running", "stopping", "stopped", "error"),
+                "destroyed", "destroyed", "destroyed"),
+}
 
 
-async def _begin(app: web.Application, user: dict[str, Any], vm_id: str, action: str, to_state: str,
-                 only_from: tuple[str, ...], desired: str) -> dict[str, Any]:
-    """Claim the owner's VM for ``action``: 404 if not theirs, 409 if in another state."""
+async def request_action(app: web.Application, user: dict[str, Any], vm_id: str, action: str, ip: str | None,
+                         wait: float = 0) -> tuple[dict[str, Any], bool]:
+    """Record the user's wish (404 if not their VM, 409 if its state does not allow it) and queue the VM.
+
+    Returns (row, settled): with ``wait``, the row once the action finished; an action that failed
+    meanwhile raises ServiceUnavailable with the reason.
+    """
+    to_state, only_from, desired, done_state, past = ACTIONS[action]
     async with db.cursor(app[db_key]) as cur:
         vm = await db.vm_for_owner(cur, vm_id, str(user["id"]))
-        await db.require_transition(cur, vm, to_state, only_from, action, desired=desired)
-    return vm
-
-
-async def _failed(app: web.Application, user: dict[str, Any], ip: str | None, vm_id: str, action: str,
-                  exc: Exception, state: str, desired: str | None = None) -> ServiceUnavailable:
-    """Record a failed action (state, history, audit) and return the 503 to raise."""
-    reason = _reason(exc)
-    async with db.cursor(app[db_key]) as cur:
-        await db.transition(cur, vm_id, state, reason=f"{action} failed: {reason}", desired=desired)
-        await db.audit(cur, action=f"vm.{action}", outcome="error", user_id=str(user["id"]), ip=ip, vm_id=vm_id,
-                       details={"reason": reason})
-    return ServiceUnavailable(f"The VM could not be {_DONE[action]}: {reason}", code=f"{action}_failed",
-                              details={"vm_id": vm_id, "reason": reason})
-
-
-async def _done(app: web.Application, user: dict[str, Any], ip: str | None, vm_id: str, action: str,
-                from_state: str, to_state: str) -> dict[str, Any]:
-    """Record a finished action and return the VM's row."""
-    async with db.cursor(app[db_key]) as cur:
-        row = await db.transition(cur, vm_id, to_state, only_from=(from_state,))
-        await db.audit(cur, action=f"vm.{action}", outcome="ok", user_id=str(user["id"]), ip=ip, vm_id=vm_id)
-    if row is None:
-        raise NotFound("No such VM.")
-    return row
-
-
-async def stop(app: web.Application, user: dict[str, Any], vm_id: str, ip: str | None) -> dict[str, Any]:
-    """Graceful stop (ACPI, then hard after STOP_TIMEOUT); the disk is kept."""
-    await _begin(app, user, vm_id, "stop", "stopping", ("running",), desired="stopped")
-    await consoles.revoke_vm(app[redis_key], vm_id)
-    try:
-        await app[driver_key].stop(vm_id, timeout=app[settings_key].stop_timeout)
-    except Exception as exc:
-        raise await _failed(app, user, ip, vm_id, "stop", exc, state="error") from exc
-    return await _done(app, user, ip, vm_id, "stop", "stopping", "stopped")
-
-
-async def start(app: web.Application, user: dict[str, Any], vm_id: str, ip: str | None) -> dict[str, Any]:
-    """Start a stopped VM on its existing overlay. A failed start leaves it stopped, disk intact."""
-    vm = await _begin(app, user, vm_id, "start", "starting", ("stopped",), desired="running")
-    try:
-        if not vm["jobspec"] or not vm["overlay_path"] or not Path(vm["overlay_path"]).exists():
-            raise DriverError("the VM's disk is missing")
-        template = app[catalog_key].get(vm["template"])
-        await app[catalog_key].verify(template)
-        await _launch(app, vm_id, vm["jobspec"])
-    except Exception as exc:
-        raise await _failed(app, user, ip, vm_id, "start", exc, state="stopped", desired="stopped") from exc
-    return await _done(app, user, ip, vm_id, "start", "starting", "running")
-
-
-async def destroy(app: web.Application, user: dict[str, Any], vm_id: str, ip: str | None) -> dict[str, Any]:
-    """Stop hard, revoke consoles, remove the overlay; the row stays as history, state destroyed."""
-    vm = await _begin(app, user, vm_id, "destroy", "destroying", ("running", "stopped", "error"),
-                      desired="destroyed")
-    await consoles.revoke_vm(app[redis_key], vm_id)
-    try:
-        await app[driver_key].destroy(vm_id)
-        if vm["overlay_path"]:
-            storage.remove_overlay(Path(vm["overlay_path"]))
-    except Exception as exc:
-        raise await _failed(app, user, ip, vm_id, "destroy", exc, state="error") from exc
-    return await _done(app, user, ip, vm_id, "destroy", "destroying", "destroyed")
-
-
-async def readopt(app: web.Application) -> None:
-    """At start-up: re-publish consoles of VMs still running, and settle VMs whose QEMU is gone.
-
-    QEMU processes outlive the gateway; the driver finds them again. A VM recorded as running
-    whose process ended while the gateway was down is marked stopped with the reason (its disk is kept).
-    """
-    driver = app[driver_key]
-    pool = app[db_key]
-    async with db.cursor(pool) as cur:
-        rows = await db.vms_in_states(cur, ("running", "starting", "stopping"))
-    for row in rows:
-        vm_id = str(row["id"])
+        if action == "start" and vm["state"] == "error" and vm["desired_state"] == "destroyed":
+            raise Conflict("This VM's creation failed and nothing of it is left; destroy it and create another.",
+                           code="invalid_state", details={"state": "error", "allowed_from": ["stopped", "error"]})
+        extra: dict[str, Any] | None = {"crash_times": [], "restart_after": None} if action == "start" else None
+        row = await db.transition(cur, vm_id, to_state, only_from=only_from, desired=desired, extra=extra)
+        if row is None:
+            current = await db.vm_by_id(cur, vm_id)
+            state = current["state"] if current else "destroyed"
+            raise Conflict(f"Cannot {action} a VM that is {state}.", code="invalid_state",
+                           details={"state": state, "allowed_from": list(only_from)})
+        await db.audit(cur, action=f"vm.{action}", outcome="accepted", user_id=str(user["id"]), ip=ip, vm_id=vm_id)
+    await lifecycle.publish(app[redis_key], row)
+    if action != "start":
+        # The console goes at once, not when a worker gets to the VM (which revokes again: with Redis
+        # away now, that is when it happens; websockify cannot redeem tokens without Redis meanwhile).
         try:
-            status = await driver.status(vm_id)
-        except DriverError as exc:
-            log.warning("cannot read status of VM %s: %s", vm_id, exc)
-            continue
-        if status.state == "running" and status.vnc is not None and row["state"] != "stopping":
-            await consoles.publish_target(app[redis_key], vm_id, status.vnc)
-            if row["state"] == "starting":
-                async with db.cursor(pool) as cur:
-                    await db.transition(cur, vm_id, "running", only_from=("starting",))
-            log.info("re-adopted VM %s (pid %s)", vm_id, status.pid)
-        elif status.state == "running":
-            await driver.stop(vm_id, timeout=app[settings_key].stop_timeout)
-            async with db.cursor(pool) as cur:
-                await db.transition(cur, vm_id, "stopped", reason="stopped after a gateway restart")
-        else:
-            await consoles.revoke_vm(app[redis_key], vm_id)
-            async with db.cursor(pool) as cur:
-                await db.transition(cur, vm_id, "stopped",
-                                    reason=status.reason or "QEMU was not running when the gateway started")
-            log.info("VM %s was not running at start-up; marked stopped", vm_id)
+            await consoles.revoke_vm(app[redis_key], vm_id, "vm destroyed" if action == "destroy" else "vm stopped")
+        except (redis.exceptions.RedisError, OSError) as exc:
+            log.warning("could not revoke the consoles of VM %s yet: %s", vm_id, exc)
+    await lifecycle.engine_of(app).enqueue(vm_id, action)
+    if wait <= 0:
+        return row, False
+    row = await settle(app, vm_id, wait)
+    if row["state"] in lifecycle.SETTLED_STATES and row["state"] != done_state:
+        reason = row["error_reason"] or f"the VM is {row['state']}"
+        raise ServiceUnavailable(f"The VM could not be {past}: {reason}", code=f"{action}_failed",
+                                 details={"vm_id": vm_id, "reason": reason, "state": row["state"]})
+    return row, row["state"] == done_state

@@ -68,7 +68,6 @@ JOB_PREFIX = "vm-"
 
 # A crash-looping VM under TCG burns a core, so give up and let the reconciler mark it `error`:
 # at most 2 restarts in 30 minutes on the same node, then at most 2 new placements an hour.
-RESTART_POLICY = {"Attempts": 2, "Interval": 30 * MINUTE, "Delay": 15 * SECOND, "Mode": "fail"}
 RESCHEDULE_POLICY = {
     "Attempts": 2,
     "Interval": HOUR,
@@ -138,13 +137,19 @@ class JobSettings:
     stop_timeout: int = _var("number", "Seconds a guest gets to power off before a hard stop (kill_timeout)", 30)
     target: str = _var("string", "local (VNC on a unix socket) or nomad (VNC on a port, registered in Consul)",
                        "local")
+    restart_attempts: int = _var("number", "Restarts of a crashed VM allowed within restart_interval", 2)
+    restart_interval: int = _var("number", "Seconds of the window in which restart_attempts are counted", 1800)
+    restart_delay: int = _var("number", "Seconds to wait before restarting a crashed VM", 15)
+    restart_mode: str = _var("string", "fail (the VM goes to error) or delay (wait for the window to pass)", "fail")
 
     @classmethod
     def from_settings(cls, settings: Any) -> JobSettings:
         """Take the values from ``gateway.config.Settings``; the target follows VMGATE_DRIVER."""
         return cls(datacenters=tuple(settings.nomad_datacenters), namespace=settings.nomad_namespace,
                    accelerator=settings.qemu_accelerator, stop_timeout=settings.stop_timeout,
-                   target="nomad" if settings.driver == "nomad" else "local")
+                   target="nomad" if settings.driver == "nomad" else "local",
+                   restart_attempts=settings.restart_attempts, restart_interval=settings.restart_interval,
+                   restart_delay=settings.restart_delay, restart_mode=settings.restart_mode)
 
 
 def variables() -> dict[str, dict[str, Any]]:
@@ -209,6 +214,13 @@ def _check(vm: VMSpec, template: Template, settings: JobSettings) -> None:
         raise JobSpecError("accelerator", f"must be one of {', '.join(ACCELERATORS)}, got {settings.accelerator!r}")
     if not _is_int(settings.stop_timeout) or not 1 <= settings.stop_timeout <= 3600:
         raise JobSpecError("stop_timeout", f"must be whole seconds between 1 and 3600, got {settings.stop_timeout!r}")
+    for name, lo, hi in (("restart_attempts", 0, 100), ("restart_interval", 1, 7 * 86400),
+                         ("restart_delay", 0, 3600)):
+        value = getattr(settings, name)
+        if not _is_int(value) or not lo <= value <= hi:
+            raise JobSpecError(name, f"must be a whole number between {lo} and {hi}, got {value!r}")
+    if settings.restart_mode not in ("fail", "delay"):
+        raise JobSpecError("restart_mode", f"must be fail or delay, got {settings.restart_mode!r}")
     if settings.target not in TARGETS:
         raise JobSpecError("target", f"must be one of {', '.join(TARGETS)}, got {settings.target!r}")
 
@@ -281,7 +293,9 @@ def _job(vm: VMSpec, template: Template, settings: JobSettings, name: str) -> di
             {
                 "Name": GROUP_NAME,
                 "Count": 1,
-                "RestartPolicy": dict(RESTART_POLICY),
+                "RestartPolicy": {"Attempts": settings.restart_attempts,
+                                  "Interval": settings.restart_interval * SECOND,
+                                  "Delay": settings.restart_delay * SECOND, "Mode": settings.restart_mode},
                 "ReschedulePolicy": dict(RESCHEDULE_POLICY),
                 "Tasks": [
                     {

@@ -126,9 +126,11 @@ def tiny_images_dir(base_settings: Settings) -> Path:
 def app_settings(base_settings: Settings, database_url: str, redis_test_url: str, vms_root: Path,
                  stand_in_images: Path, redis_flush: redis.Redis, tmp_path: Path) -> Settings:
     """Settings for an app under test: its own database, Redis db 15 (flushed), a short VM root, and
-    a data dir of its own whose outbox receives the mails (never SMTP, whatever .env says)."""
+    a data dir of its own whose outbox receives the mails (never SMTP, whatever .env says). The
+    lifecycle engine reconciles twice a second; the collector runs only when a test calls it."""
     return dataclasses.replace(base_settings, postgres_url=database_url, redis_url=redis_test_url,
                                vms_root=vms_root, images_dir=stand_in_images, stop_timeout=15,
+                               reconcile_interval=0.5, claim_idle=3.0, collect_interval=3600.0, restart_delay=0,
                                data_dir=tmp_path / "data", smtp_host="",
                                public_url="http://127.0.0.1:8080", vnc_public_url="ws://127.0.0.1:8080/vnc")
 
@@ -243,13 +245,20 @@ def fake_driver() -> FakeDriver:
     return FakeDriver()
 
 
+async def fake_gateway(aiohttp_server: Any, settings: Settings, database_url: str,
+                       driver: FakeDriver | None = None) -> Any:
+    """A gateway on ``settings`` and a fake driver (``server.driver``), on a migrated, emptied database."""
+    driver = driver if driver is not None else FakeDriver()
+    srv = await aiohttp_server(create_app(settings, driver=driver))
+    truncate_all(database_url)
+    srv.driver = driver
+    return srv
+
+
 @pytest.fixture
 async def server(aiohttp_server: Any, app_settings: Settings, database_url: str, fake_driver: FakeDriver) -> Any:
     """The gateway on the fake driver (``server.driver``), on a migrated, emptied database."""
-    srv = await aiohttp_server(create_app(app_settings, driver=fake_driver))
-    truncate_all(database_url)
-    srv.driver = fake_driver
-    return srv
+    return await fake_gateway(aiohttp_server, app_settings, database_url, fake_driver)
 
 
 @pytest.fixture

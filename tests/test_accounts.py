@@ -158,7 +158,7 @@ async def test_signup_mail_link_verify_then_create(gateway: Any, sessions: Any, 
     # Unverified: can log in, cannot create VMs.
     assert (await login(s, "ada@example.test"))[0] == 200
     assert (await s.request("GET", "/api/me"))[1]["user"]["email_verified"] is False
-    assert_envelope(*await s.request("POST", "/api/vms", json=VM), 403, "email_not_verified")
+    assert_envelope(*await s.request("POST", "/api/vms?wait=60", json=VM), 403, "email_not_verified")
 
     # Following the link: the page loads (and would post the token), then the token is posted.
     page_path = link.removeprefix(app_settings.public_url)
@@ -172,7 +172,7 @@ async def test_signup_mail_link_verify_then_create(gateway: Any, sessions: Any, 
     assert (status, answer) == (200, {"verified": True, "email": "Ada@Example.test"})
 
     assert (await s.request("GET", "/api/me"))[1]["user"]["email_verified"] is True
-    status, vm = await s.request("POST", "/api/vms", json=VM)
+    status, vm = await s.request("POST", "/api/vms?wait=60", json=VM)
     assert status == 201 and vm["state"] == "running"
 
     user_id = (await s.request("GET", "/api/me"))[1]["user"]["id"]
@@ -266,7 +266,7 @@ async def test_password_reset_ends_every_session(gateway: Any, sessions: Any, ma
     assert (await verify(old, link_token(mailbox.links("verify")[-1])))[0] == 200
     await login(old, email)
     user_id = old.user["id"] if old.user else None
-    status, vm = await old.request("POST", "/api/vms", json=VM)
+    status, vm = await old.request("POST", "/api/vms?wait=60", json=VM)
     assert status == 201
     status, grant = await old.request("GET", f"/api/vms/{vm['vm_id']}/console")
     assert status == 200
@@ -298,7 +298,7 @@ async def test_password_reset_ends_every_session(gateway: Any, sessions: Any, ma
     assert answer["user"]["email_verified"] is True
     # The session from before the reset is over, cookie and CSRF token alike.
     assert_envelope(*await old.request("GET", "/api/me"), 401, "not_authenticated")
-    assert_envelope(*await old.request("POST", "/api/vms", json=VM), 401, "not_authenticated")
+    assert_envelope(*await old.request("POST", "/api/vms?wait=60", json=VM), 401, "not_authenticated")
     # So are the console tokens issued to it.
     assert not redis_flush.exists(console_token_key)
     # The link is spent.

@@ -88,10 +88,10 @@ async def test_admin_lists_users_and_vms_page_by_page(server: Any, admin: Sessio
         users.append(s)
     vm_ids = []
     for s in users:
-        status, vm = await s.request("POST", "/api/vms", json=VM)
+        status, vm = await s.request("POST", "/api/vms?wait=60", json=VM)
         assert status == 201
         vm_ids.append(vm["vm_id"])
-    assert (await users[0].request("DELETE", f"/api/vms/{vm_ids[0]}"))[0] == 200
+    assert (await users[0].request("DELETE", f"/api/vms/{vm_ids[0]}?wait=60"))[0] == 200
 
     seen, cursor = [], None
     while True:
@@ -154,8 +154,8 @@ async def test_quota_override_is_shown_and_enforced(server: Any, admin: Session,
     status, me = await alice.request("GET", "/api/me")
     assert me["quota"] == {"vms": 1, "vcpus": 4, "memory_mb": 4096, "disk_gb": 20}
 
-    assert (await alice.request("POST", "/api/vms", json=VM))[0] == 201
-    error = assert_envelope(*await alice.request("POST", "/api/vms", json=VM), 403, "quota_exceeded")
+    assert (await alice.request("POST", "/api/vms?wait=60", json=VM))[0] == 201
+    error = assert_envelope(*await alice.request("POST", "/api/vms?wait=60", json=VM), 403, "quota_exceeded")
     assert error["details"]["exceeded"]["vms"] == {"quota": 1, "used": 1, "requested": 1}
 
     # Lowering below what is in use keeps the running VM and refuses new ones; null restores the default.
@@ -164,7 +164,7 @@ async def test_quota_override_is_shown_and_enforced(server: Any, admin: Session,
     assert (await alice.request("GET", "/api/me/vms"))[1]["vms"][0]["state"] == "running"
     status, body = await admin.request("PATCH", url, json={"quota": {"vms": None, "memory_mb": None}})
     assert status == 200 and body["user"]["quota"] == {"vms": 3, "vcpus": 4, "memory_mb": 2048, "disk_gb": 20}
-    assert (await alice.request("POST", "/api/vms", json=VM))[0] == 201
+    assert (await alice.request("POST", "/api/vms?wait=60", json=VM))[0] == 201
     # Setting what is already set changes nothing and is not audited.
     status, body = await admin.request("PATCH", url, json={"quota": {"vms": None}})
     assert status == 200 and body["changed"] == []
@@ -206,11 +206,11 @@ async def test_disabling_a_user_locks_them_out_and_stops_their_vms(server: Any, 
     script = bearer(server, (await make_token(alice))["token"], clients)
     running = []
     for _ in range(2):
-        status, vm = await alice.request("POST", "/api/vms", json=VM)
+        status, vm = await alice.request("POST", "/api/vms?wait=60", json=VM)
         assert status == 201
         running.append(vm["vm_id"])
-    status, stopped = await script.request("POST", "/api/vms", json=VM)
-    assert (await alice.request("POST", f"/api/vms/{stopped['vm_id']}/stop"))[0] == 200
+    status, stopped = await script.request("POST", "/api/vms?wait=60", json=VM)
+    assert (await alice.request("POST", f"/api/vms/{stopped['vm_id']}/stop?wait=60"))[0] == 200
 
     status, body = await admin.request("PATCH", f"/api/admin/users/{uid(alice)}", json={"is_active": False})
     assert status == 200, body
@@ -246,7 +246,7 @@ async def test_disabling_a_user_locks_them_out_and_stops_their_vms(server: Any, 
 
 
 async def test_disable_reports_a_vm_that_would_not_stop(server: Any, admin: Session, alice: Session) -> None:
-    made = [(await alice.request("POST", "/api/vms", json=VM))[1]["vm_id"] for _ in range(3)]
+    made = [(await alice.request("POST", "/api/vms?wait=60", json=VM))[1]["vm_id"] for _ in range(3)]
     stuck = made[1]
     real_stop = server.driver.stop
 
@@ -275,8 +275,8 @@ async def test_admin_cannot_disable_themselves(server: Any, admin: Session) -> N
 
 async def test_my_audit_pages_newest_first(server: Any, alice: Session) -> None:
     for _ in range(2):
-        status, vm = await alice.request("POST", "/api/vms", json=VM)
-        assert (await alice.request("POST", f"/api/vms/{vm['vm_id']}/stop"))[0] == 200
+        status, vm = await alice.request("POST", "/api/vms?wait=60", json=VM)
+        assert (await alice.request("POST", f"/api/vms/{vm['vm_id']}/stop?wait=60"))[0] == 200
     status, everything = await alice.request("GET", "/api/me/audit")
     assert status == 200 and everything["next_before"] is None
     entries = everything["entries"]
@@ -301,7 +301,7 @@ async def test_my_audit_pages_newest_first(server: Any, alice: Session) -> None:
 
 
 async def test_admin_audit_sees_everyone(server: Any, admin: Session, alice: Session) -> None:
-    status, vm = await alice.request("POST", "/api/vms", json=VM)
+    status, vm = await alice.request("POST", "/api/vms?wait=60", json=VM)
     status, audit = await admin.request("GET", "/api/admin/audit")
     assert status == 200
     owners = {e["user_id"] for e in audit["entries"]}

@@ -147,7 +147,7 @@ async def test_templates_lists_tiny(server: Any, sessions: Any) -> None:
 
 async def test_vm_lifecycle_on_fake_driver(server: Any, alice: Session, app_settings: Settings,
                                            redis_flush: redis.Redis) -> None:
-    status, vm = await alice.request("POST", "/api/vms", json=VM)
+    status, vm = await alice.request("POST", "/api/vms?wait=60", json=VM)
     assert status == 201, vm
     vm_id = vm["vm_id"]
     assert vm["state"] == "running"
@@ -179,10 +179,10 @@ async def test_vm_lifecycle_on_fake_driver(server: Any, alice: Session, app_sett
     assert_envelope(*await alice.request("GET", f"/api/vms/{vm_id}/logs?max_bytes=0"), 400)
 
     # A running VM cannot be started again; the conflict names its state.
-    error = assert_envelope(*await alice.request("POST", f"/api/vms/{vm_id}/start"), 409, "invalid_state")
+    error = assert_envelope(*await alice.request("POST", f"/api/vms/{vm_id}/start?wait=60"), 409, "invalid_state")
     assert error["details"]["state"] == "running"
 
-    status, stopped = await alice.request("POST", f"/api/vms/{vm_id}/stop")
+    status, stopped = await alice.request("POST", f"/api/vms/{vm_id}/stop?wait=60")
     assert status == 200 and stopped["state"] == "stopped"
     assert overlay.is_file()
     assert redis_flush.get(keys.vnc_target_key(vm_id)) is None
@@ -190,16 +190,16 @@ async def test_vm_lifecycle_on_fake_driver(server: Any, alice: Session, app_sett
     assert redis_flush.get(keys.token_key(keys.hash_token(grant["token"]))) is None
     assert_envelope(*await alice.request("GET", f"/api/vms/{vm_id}/console"), 409, "vm_not_running")
 
-    status, started = await alice.request("POST", f"/api/vms/{vm_id}/start")
+    status, started = await alice.request("POST", f"/api/vms/{vm_id}/start?wait=60")
     assert status == 200 and started["state"] == "running"
 
-    status, gone = await alice.request("DELETE", f"/api/vms/{vm_id}")
+    status, gone = await alice.request("DELETE", f"/api/vms/{vm_id}?wait=60")
     assert status == 200 and gone["state"] == "destroyed"
     assert not overlay.exists()
     assert (await server.driver.status(vm_id)).state == "missing"
     status, me = await alice.request("GET", "/api/me")
     assert me["usage"]["vms"] == 0
-    assert_envelope(*await alice.request("DELETE", f"/api/vms/{vm_id}"), 409, "invalid_state")
+    assert_envelope(*await alice.request("DELETE", f"/api/vms/{vm_id}?wait=60"), 409, "invalid_state")
     status, detail = await alice.request("GET", f"/api/vms/{vm_id}")
     assert [h["to"] for h in detail["history"]] == [
         "provisioning", "starting", "running", "stopping", "stopped", "starting", "running", "destroying",
@@ -226,7 +226,7 @@ async def test_vm_lifecycle_on_fake_driver(server: Any, alice: Session, app_sett
 ])
 async def test_vm_create_bad_input(server: Any, alice: Session, app_settings: Settings,
                                    change: dict[str, Any], field: str) -> None:
-    error = assert_envelope(*await alice.request("POST", "/api/vms", json={**VM, **change}), 422,
+    error = assert_envelope(*await alice.request("POST", "/api/vms?wait=60", json={**VM, **change}), 422,
                             "validation_failed")
     assert error["details"]["field"] == field
     assert (await alice.request("GET", "/api/me/vms"))[1] == {"vms": []}
@@ -243,18 +243,18 @@ async def test_vm_create_malformed_bodies(server: Any, alice: Session) -> None:
 async def test_quota_is_enforced(server: Any, alice: Session) -> None:
     # Default quota: 3 VMs, 4 vCPUs, 2048 MB, 20 GB.
     for _ in range(3):
-        status, body = await alice.request("POST", "/api/vms", json=VM)
+        status, body = await alice.request("POST", "/api/vms?wait=60", json=VM)
         assert status == 201, body
-    error = assert_envelope(*await alice.request("POST", "/api/vms", json=VM), 403, "quota_exceeded")
+    error = assert_envelope(*await alice.request("POST", "/api/vms?wait=60", json=VM), 403, "quota_exceeded")
     assert "vms" in error["details"]["exceeded"]
     status, me = await alice.request("GET", "/api/me")
     assert me["usage"] == {"vms": 3, "vcpus": 3, "memory_mb": 768, "disk_gb": 3}
 
 
 async def test_memory_quota_names_memory(server: Any, alice: Session) -> None:
-    assert (await alice.request("POST", "/api/vms", json={**VM, "memory_mb": 1024}))[0] == 201
-    assert (await alice.request("POST", "/api/vms", json={**VM, "memory_mb": 1024}))[0] == 201
-    error = assert_envelope(*await alice.request("POST", "/api/vms", json={**VM, "memory_mb": 128}), 403,
+    assert (await alice.request("POST", "/api/vms?wait=60", json={**VM, "memory_mb": 1024}))[0] == 201
+    assert (await alice.request("POST", "/api/vms?wait=60", json={**VM, "memory_mb": 1024}))[0] == 201
+    error = assert_envelope(*await alice.request("POST", "/api/vms?wait=60", json={**VM, "memory_mb": 128}), 403,
                             "quota_exceeded")
     assert set(error["details"]["exceeded"]) == {"memory_mb"}
 
@@ -262,7 +262,7 @@ async def test_memory_quota_names_memory(server: Any, alice: Session) -> None:
 async def test_failed_create_leaves_nothing(server: Any, alice: Session, app_settings: Settings,
                                             redis_flush: redis.Redis) -> None:
     server.driver.fail_next_start = "qemu refused to start (injected)"
-    error = assert_envelope(*await alice.request("POST", "/api/vms", json=VM), 503, "provisioning_failed")
+    error = assert_envelope(*await alice.request("POST", "/api/vms?wait=60", json=VM), 503, "provisioning_failed")
     vm_id = error["details"]["vm_id"]
     status, vm = await alice.request("GET", f"/api/vms/{vm_id}")
     assert vm["state"] == "error" and "injected" in vm["error"]
@@ -272,7 +272,7 @@ async def test_failed_create_leaves_nothing(server: Any, alice: Session, app_set
     status, me = await alice.request("GET", "/api/me")
     assert me["usage"] == {"vms": 0, "vcpus": 0, "memory_mb": 0, "disk_gb": 0}
     # The failed VM can be cleaned away; it holds nothing.
-    status, gone = await alice.request("DELETE", f"/api/vms/{vm_id}")
+    status, gone = await alice.request("DELETE", f"/api/vms/{vm_id}?wait=60")
     assert status == 200 and gone["state"] == "destroyed"
 
 
@@ -281,7 +281,7 @@ async def test_unbuilt_image_is_refused(server: Any, alice: Session, app_setting
     original = disk.read_bytes()
     try:
         disk.write_bytes(original + b"tampered")
-        error = assert_envelope(*await alice.request("POST", "/api/vms", json=VM), 503, "image_unavailable")
+        error = assert_envelope(*await alice.request("POST", "/api/vms?wait=60", json=VM), 503, "image_unavailable")
         assert "sha256" in error["message"]
         assert (await alice.request("GET", "/api/me/vms"))[1] == {"vms": []}
     finally:
@@ -290,8 +290,8 @@ async def test_unbuilt_image_is_refused(server: Any, alice: Session, app_setting
 
 OWNED_ENDPOINTS = [
     ("GET", "/api/vms/{id}"),
-    ("POST", "/api/vms/{id}/stop"),
-    ("POST", "/api/vms/{id}/start"),
+    ("POST", "/api/vms/{id}/stop?wait=60"),
+    ("POST", "/api/vms/{id}/start?wait=60"),
     ("DELETE", "/api/vms/{id}"),
     ("GET", "/api/vms/{id}/console"),
     ("GET", "/api/vms/{id}/jobspec"),
@@ -300,7 +300,7 @@ OWNED_ENDPOINTS = [
 
 
 async def test_other_users_vm_is_404(server: Any, alice: Session, bob: Session) -> None:
-    status, vm = await alice.request("POST", "/api/vms", json=VM)
+    status, vm = await alice.request("POST", "/api/vms?wait=60", json=VM)
     assert status == 201
     for method, path in OWNED_ENDPOINTS:
         for vm_id in (vm["vm_id"], "not-a-uuid", "00000000-0000-0000-0000-000000000000"):
@@ -314,7 +314,7 @@ async def test_other_users_vm_is_404(server: Any, alice: Session, bob: Session) 
 
 async def test_console_page_requires_login_and_ownership(server: Any, alice: Session, bob: Session,
                                                          sessions: Any) -> None:
-    status, vm = await alice.request("POST", "/api/vms", json=VM)
+    status, vm = await alice.request("POST", "/api/vms?wait=60", json=VM)
     page = f"/vms/{vm['vm_id']}/console"
     status, html = await alice.request("GET", page)
     assert status == 200 and "/static/console/console.js" in html and vm["vm_id"] in html
@@ -345,13 +345,17 @@ async def test_healthz_names_what_is_down(aiohttp_server: Any, app_settings: Set
     creds = {"email": "r@example.test", "password": "a long enough password"}
     assert_envelope(*await s.request("POST", "/api/auth/signup", json=creds), 503, "redis_unavailable")
     assert_envelope(*await s.request("POST", "/api/auth/login", json=creds), 503, "redis_unavailable")
-    # A session made while Redis was up cannot be checked against revocations now.
+    # A session made while Redis was up still works: logged-out sessions are recorded in Postgres, so
+    # reads that need only Postgres go on (docs/LIFECYCLE.md, "When Redis or Postgres is away").
     healthy = await aiohttp_server(create_app(app_settings, driver=FakeDriver()))
     owner: Session = sessions(healthy)
     await owner.signup_and_login()
     cookie = owner.http.cookie_jar.filter_cookies(healthy.make_url("/"))["vmgate_session"].value
-    assert_envelope(*await s.request("GET", "/api/me", cookies={"vmgate_session": cookie}), 503,
-                    "redis_unavailable")
+    status, me = await s.request("GET", "/api/me", cookies={"vmgate_session": cookie})
+    assert status == 200 and me["user"]["id"] == owner.user["id"] if owner.user else False
+    # ... and a logged-out one stays out, whatever Redis knows.
+    assert (await owner.request("POST", "/api/auth/logout"))[0] == 200
+    assert_envelope(*await s.request("GET", "/api/me", cookies={"vmgate_session": cookie}), 401)
 
 
 async def test_metrics_exposed(server: Any, sessions: Any) -> None:

@@ -25,8 +25,8 @@ async def test_csrf_guards_cookie_sessions_only(server: Any, sessions: Any) -> N
     s: Session = sessions(server)
     await s.signup_and_login()
     body = {"template": "tiny"}
-    assert_envelope(*await s.request("POST", "/api/vms", json=body, csrf=False), 403, "csrf_failed")
-    assert_envelope(*await s.request("POST", "/api/vms", json=body, csrf=False,
+    assert_envelope(*await s.request("POST", "/api/vms?wait=60", json=body, csrf=False), 403, "csrf_failed")
+    assert_envelope(*await s.request("POST", "/api/vms?wait=60", json=body, csrf=False,
                                      headers={"X-CSRF-Token": "not-the-token"}), 403, "csrf_failed")
     # Reads need no token; logout is unsafe and needs it like everything else.
     assert (await s.request("GET", "/api/me", csrf=False))[0] == 200

@@ -107,7 +107,7 @@ async def user(server: Any, sessions: Any, database_url: str) -> Session:
 
 async def running_vm(session: Session, r: redis.Redis, qemu_vm: Vm) -> str:
     """Create a VM through the API (the fake driver "runs" it) whose console is ``qemu_vm``'s screen."""
-    status, body = await session.request("POST", "/api/vms", json=VM)
+    status, body = await session.request("POST", "/api/vms?wait=60", json=VM)
     assert status == 201, body
     vm_id: str = body["vm_id"]
     r.set(keys.vnc_target_key(vm_id), json.dumps({"unix_socket": qemu_vm.vnc_socket}))
@@ -222,7 +222,7 @@ async def test_token_reaches_its_own_vm_once(
     assert await ws_upgrade(url_for(websockify_server, token)) == b""  # replayed
     # A token of a VM that then stops does not fall through to the other VM.
     token = await console_token(alice, vm_1)
-    assert (await alice.request("POST", f"/api/vms/{vm_1}/stop"))[0] == 200
+    assert (await alice.request("POST", f"/api/vms/{vm_1}/stop?wait=60"))[0] == 200
     assert await ws_upgrade(f"{url_for(websockify_server, token)}&vm_id={vm_2}") == b""
     async with await open_console(alice, vm_2, websockify_server) as client:
         assert client.name == vm_b.vnc_name
@@ -256,7 +256,7 @@ async def test_live_session_ends_when_its_vm_stops(
     async with (await open_console(alice, vm_id, websockify_server) as client,
                 await open_console(alice, other, websockify_server) as bystander):
         await wait_until_shown(client)
-        assert (await alice.request(method, f"/api/vms/{vm_id}{suffix}"))[0] == 200
+        assert (await alice.request(method, f"/api/vms/{vm_id}{suffix}?wait=60"))[0] == 200
         started = time.monotonic()
         assert await wait_closed(client) == f"the WebSocket closed (code {keys.CLOSE_REVOKED})"
         assert time.monotonic() - started < 5

@@ -81,7 +81,7 @@ async def test_signup_create_console_type_destroy(local_gateway: Any, sessions: 
                                                   redis_flush: redis.Redis) -> None:
     s: Session = sessions(local_gateway)
     await s.signup_and_login()
-    status, vm = await s.request("POST", "/api/vms", json=VM)
+    status, vm = await s.request("POST", "/api/vms?wait=60", json=VM)
     assert status == 201, vm
     assert vm["state"] == "running"
     vm_id = vm["vm_id"]
@@ -111,7 +111,7 @@ async def test_signup_create_console_type_destroy(local_gateway: Any, sessions: 
 
     overlay = app_settings.vms_root / "users" / str(s.user["id"] if s.user else "") / f"{vm_id}.qcow2"
     assert overlay.is_file()
-    status, gone = await s.request("DELETE", f"/api/vms/{vm_id}")
+    status, gone = await s.request("DELETE", f"/api/vms/{vm_id}?wait=60")
     assert status == 200 and gone["state"] == "destroyed"
     assert not Path(f"/proc/{pid}").exists() or "qemu" not in Path(f"/proc/{pid}/cmdline").read_text()
     assert not overlay.exists()
@@ -125,7 +125,7 @@ async def test_stop_start_keeps_disk_and_console_follows(local_gateway: Any, ses
                                                          redis_flush: redis.Redis) -> None:
     s: Session = sessions(local_gateway)
     await s.signup_and_login()
-    status, vm = await s.request("POST", "/api/vms", json=VM)
+    status, vm = await s.request("POST", "/api/vms?wait=60", json=VM)
     assert status == 201, vm
     vm_id = vm["vm_id"]
     await wait_for_serial(s, vm_id, READY)
@@ -135,14 +135,14 @@ async def test_stop_start_keeps_disk_and_console_follows(local_gateway: Any, ses
         await wait_for_serial(s, vm_id, "marker-written")
 
     started = time.monotonic()
-    status, stopped = await s.request("POST", f"/api/vms/{vm_id}/stop")
+    status, stopped = await s.request("POST", f"/api/vms/{vm_id}/stop?wait=60")
     assert status == 200 and stopped["state"] == "stopped", stopped
     # ACPI power-off, not the hard-stop fallback: well inside STOP_TIMEOUT.
     assert time.monotonic() - started < 15
     assert redis_flush.get(keys.vnc_target_key(vm_id)) is None
     assert (await s.request("GET", f"/api/vms/{vm_id}/console"))[0] == 409
 
-    status, running = await s.request("POST", f"/api/vms/{vm_id}/start")
+    status, running = await s.request("POST", f"/api/vms/{vm_id}/start?wait=60")
     assert status == 200 and running["state"] == "running", running
     target = json.loads(redis_flush.get(keys.vnc_target_key(vm_id)) or "{}")
     assert target.get("unix_socket", "").endswith("vnc.sock")
@@ -151,4 +151,4 @@ async def test_stop_start_keeps_disk_and_console_follows(local_gateway: Any, ses
         await rfb.type_text("cat /root/marker > /dev/console\n")
         # The echo typed before the restart went to tty1 only; on ttyS0 the text comes from the disk.
         await wait_for_serial(s, vm_id, "kept-across-restart")
-    assert (await s.request("DELETE", f"/api/vms/{vm_id}"))[0] == 200
+    assert (await s.request("DELETE", f"/api/vms/{vm_id}?wait=60"))[0] == 200

@@ -313,10 +313,10 @@ async def test_cli_render_and_export(server: Any, sessions: Any, app_settings: S
     await alice.signup_and_login()
     ids = []
     for _ in range(2):
-        status, body = await alice.request("POST", "/api/vms", json=VM)
+        status, body = await alice.request("POST", "/api/vms?wait=60", json=VM)
         assert status == 201, body
         ids.append(body["vm_id"])
-    status, body = await alice.request("DELETE", f"/api/vms/{ids[1]}")
+    status, body = await alice.request("DELETE", f"/api/vms/{ids[1]}?wait=60")
     assert status == 200, body
 
     result = cli(app_settings, "render", ids[0])

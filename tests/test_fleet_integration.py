@@ -206,7 +206,7 @@ async def test_a_vm_on_nomad(fleet_gateway: Any, sessions: Any, nomad_agent: Age
     s: Session = sessions(fleet_gateway)
     await s.signup_and_login()
     began = time.monotonic()
-    status, vm = await s.request("POST", "/api/vms", json=VM)
+    status, vm = await s.request("POST", "/api/vms?wait=60", json=VM)
     assert status == 201, f"{vm}\n--- nomad log:\n{nomad_agent.log_tail()}"
     print(f"\ncreate on Nomad: running after {time.monotonic() - began:.1f} s")
     vm_id = vm["vm_id"]
@@ -246,7 +246,7 @@ async def test_a_vm_on_nomad(fleet_gateway: Any, sessions: Any, nomad_agent: Age
             await wait_for_screen(rfb, lambda: not rfb.is_blank())
             assert rfb.width > 0 and rfb.height > 0
 
-        status, body = await s.request("POST", f"/api/vms/{vm_id}/stop")
+        status, body = await s.request("POST", f"/api/vms/{vm_id}/stop?wait=60")
         assert status == 200 and body["state"] == "stopped", body
         status, job = await _get(http, f"{nomad_agent.http}/v1/job/{job_id}")
         assert status == 200 and job["Stop"] is True
@@ -254,14 +254,14 @@ async def test_a_vm_on_nomad(fleet_gateway: Any, sessions: Any, nomad_agent: Age
         await _until("the VNC service leaving Consul", lambda: _empty(vnc_instances(passing=False)), 30)
         assert overlay.exists()  # the disk stays
 
-        status, body = await s.request("POST", f"/api/vms/{vm_id}/start")
+        status, body = await s.request("POST", f"/api/vms/{vm_id}/start?wait=60")
         assert status == 200 and body["state"] == "running", f"{body}\n{nomad_agent.log_tail()}"
         second = await nomad_running()
         assert second["ID"] != first["ID"]
         await _until("the VM's VNC service passing again", lambda: vnc_instances(passing=True), 45, consul_agent)
         await wait_for_serial(s, vm_id, READY, timeout=120, count=1)
 
-        status, body = await s.request("DELETE", f"/api/vms/{vm_id}")
+        status, body = await s.request("DELETE", f"/api/vms/{vm_id}?wait=60")
         assert status == 200 and body["state"] == "destroyed", body
         status, _ = await _get(http, f"{nomad_agent.http}/v1/job/{job_id}")
         assert status == 404  # purged

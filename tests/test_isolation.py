@@ -22,8 +22,8 @@ MISSING = "00000000-0000-0000-0000-000000000000"
 # filled with A's ids (or unknown ones). The body is valid, so only ownership can refuse it.
 OWNED = [
     ("GET", "/api/vms/{vm}", None),
-    ("POST", "/api/vms/{vm}/stop", None),
-    ("POST", "/api/vms/{vm}/start", None),
+    ("POST", "/api/vms/{vm}/stop?wait=60", None),
+    ("POST", "/api/vms/{vm}/start?wait=60", None),
     ("DELETE", "/api/vms/{vm}", None),
     ("GET", "/api/vms/{vm}/console", None),
     ("GET", "/api/vms/{vm}/jobspec", None),
@@ -67,11 +67,12 @@ async def make_tenant(server: Any, sessions: Any) -> Tenant:
     await session.signup_and_login()
     token = await make_token(session, "isolation")
     bearer = BearerSession(str(server.make_url("/")), token["token"])
-    status, running = await session.request("POST", "/api/vms", json={**VM, "name": f"run-{uuid.uuid4().hex[:12]}"})
+    status, running = await session.request("POST", "/api/vms?wait=60",
+                                            json={**VM, "name": f"run-{uuid.uuid4().hex[:12]}"})
     assert status == 201, running
-    status, stopped = await session.request("POST", "/api/vms", json=VM)
+    status, stopped = await session.request("POST", "/api/vms?wait=60", json=VM)
     assert status == 201, stopped
-    assert (await session.request("POST", f"/api/vms/{stopped['vm_id']}/stop"))[0] == 200
+    assert (await session.request("POST", f"/api/vms/{stopped['vm_id']}/stop?wait=60"))[0] == 200
     return Tenant(session, bearer, token, running, stopped)
 
 

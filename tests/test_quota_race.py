@@ -62,7 +62,7 @@ async def check_books(session: Session, database_url: str, user_id: str) -> dict
 
 async def race(clients: list[Session], body: dict[str, Any]) -> list[tuple[int, Any]]:
     """CONCURRENT creates at once, alternating between the user's cookie session and API token."""
-    return await asyncio.gather(*(clients[i % len(clients)].request("POST", "/api/vms", json=body)
+    return await asyncio.gather(*(clients[i % len(clients)].request("POST", "/api/vms?wait=60", json=body)
                                   for i in range(CONCURRENT)))
 
 
@@ -85,7 +85,7 @@ async def test_concurrent_creates_never_exceed_quota(server: Any, user: tuple[Se
     set_quota(database_url, user_id, **{**ROOMY, **quota})
     body = {**VM, **each}
     for _ in range(before):
-        assert (await session.request("POST", "/api/vms", json=body))[0] == 201
+        assert (await session.request("POST", "/api/vms?wait=60", json=body))[0] == 201
 
     answers = await race([session, bearer], body)
 
@@ -105,7 +105,7 @@ async def test_concurrent_creates_never_exceed_quota(server: Any, user: tuple[Se
     assert len(running) == before + fits
     outcomes = dict(sql(database_url, "SELECT outcome, count(*) FROM audit_log WHERE user_id = %s"
                         " AND action = 'vm.create' GROUP BY outcome", user_id))
-    assert outcomes == {"ok": before + fits, "denied": CONCURRENT - fits}
+    assert outcomes == {"accepted": before + fits, "denied": CONCURRENT - fits}
 
 
 async def test_error_and_destroyed_vms_free_their_share(server: Any, user: tuple[Session, BearerSession],
@@ -114,28 +114,28 @@ async def test_error_and_destroyed_vms_free_their_share(server: Any, user: tuple
     user_id = str((session.user or {})["id"])
     # A create that fails after admission ends in `error` and holds nothing.
     server.driver.fail_next_start = "injected failure"
-    error = assert_envelope(*await session.request("POST", "/api/vms", json=VM), 503, "provisioning_failed")
+    error = assert_envelope(*await session.request("POST", "/api/vms?wait=60", json=VM), 503, "provisioning_failed")
     failed_id = error["details"]["vm_id"]
     made = []
     for _ in range(3):  # the default quota: 3 VMs, the error VM not among them
-        status, vm = await session.request("POST", "/api/vms", json=VM)
+        status, vm = await session.request("POST", "/api/vms?wait=60", json=VM)
         assert status == 201, vm
         made.append(vm["vm_id"])
-    assert_envelope(*await session.request("POST", "/api/vms", json=VM), 403, "quota_exceeded")
+    assert_envelope(*await session.request("POST", "/api/vms?wait=60", json=VM), 403, "quota_exceeded")
     me = await check_books(session, database_url, user_id)
     assert me["usage"] == {"vms": 3, "vcpus": 3, "memory_mb": 768, "disk_gb": 3}
     assert sql(database_url, "SELECT state FROM vms WHERE id = %s", failed_id) == [("error",)]
 
     # A stopped VM still holds its share; a destroyed one does not, and the race for the freed slot
     # admits exactly one.
-    assert (await session.request("POST", f"/api/vms/{made[0]}/stop"))[0] == 200
-    assert_envelope(*await session.request("POST", "/api/vms", json=VM), 403, "quota_exceeded")
-    assert (await bearer.request("DELETE", f"/api/vms/{made[0]}"))[0] == 200
+    assert (await session.request("POST", f"/api/vms/{made[0]}/stop?wait=60"))[0] == 200
+    assert_envelope(*await session.request("POST", "/api/vms?wait=60", json=VM), 403, "quota_exceeded")
+    assert (await bearer.request("DELETE", f"/api/vms/{made[0]}?wait=60"))[0] == 200
     answers = await race([session, bearer], VM)
     assert sorted(status for status, _ in answers) == [201] + [403] * (CONCURRENT - 1)
     await check_books(session, database_url, user_id)
     # Deleting the error VM changes nothing: it held nothing.
-    assert (await session.request("DELETE", f"/api/vms/{failed_id}"))[0] == 200
+    assert (await session.request("DELETE", f"/api/vms/{failed_id}?wait=60"))[0] == 200
     assert (await check_books(session, database_url, user_id))["usage"]["vms"] == 3
 
 
@@ -143,8 +143,8 @@ async def test_creates_racing_a_destroy_stay_within_quota(server: Any, user: tup
                                                           database_url: str) -> None:
     session, bearer = user
     user_id = str((session.user or {})["id"])
-    made = [(await session.request("POST", "/api/vms", json=VM))[1]["vm_id"] for _ in range(3)]
-    destroy = bearer.request("DELETE", f"/api/vms/{made[1]}")
+    made = [(await session.request("POST", "/api/vms?wait=60", json=VM))[1]["vm_id"] for _ in range(3)]
+    destroy = bearer.request("DELETE", f"/api/vms/{made[1]}?wait=60")
     answers = await asyncio.gather(destroy, race([session, bearer], VM))
     assert answers[0][0] == 200
     created = [status for status, _ in answers[1] if status == 201]

@@ -231,19 +231,19 @@ async def test_vm_create_is_limited_per_user(make_server: MakeServer, sessions: 
     bob = await signed_up(server, sessions)
     for user in (alice, bob):
         mark_verified(database_url, user.user["id"] if user.user else "")
-    assert (await alice.request("POST", "/api/vms", json=VM))[0] == 201
-    assert (await alice.request("POST", "/api/vms", json=VM))[0] == 201
+    assert (await alice.request("POST", "/api/vms?wait=60", json=VM))[0] == 201
+    assert (await alice.request("POST", "/api/vms?wait=60", json=VM))[0] == 201
     retry_after = assert_limited(*await request_with_headers(alice, "POST", "/api/vms", json=VM), "vm_create_user")
-    assert (await bob.request("POST", "/api/vms", json=VM))[0] == 201
+    assert (await bob.request("POST", "/api/vms?wait=60", json=VM))[0] == 201
     await asyncio.sleep(retry_after)
-    assert (await alice.request("POST", "/api/vms", json=VM))[0] == 201
+    assert (await alice.request("POST", "/api/vms?wait=60", json=VM))[0] == 201
 
 
 async def test_console_is_limited_per_user(make_server: MakeServer, sessions: Any, database_url: str) -> None:
     server = await make_server({"console_user": (2, 2)})
     alice = await signed_up(server, sessions)
     mark_verified(database_url, alice.user["id"] if alice.user else "")
-    status, vm = await alice.request("POST", "/api/vms", json=VM)
+    status, vm = await alice.request("POST", "/api/vms?wait=60", json=VM)
     assert status == 201, vm
     path = f"/api/vms/{vm['vm_id']}/console"
     assert (await alice.request("GET", path))[0] == 200
