@@ -6,9 +6,10 @@ SHELL := /bin/bash
 PY := .venv/bin/python
 VENV_STAMP := .venv/.requirements-installed
 NOVNC_STAMP := node_modules/.package-lock.json
+CSS_OUT := gateway/static/build/app.css
 export PYTEST_ARGS
 
-.PHONY: help deps venv novnc env images services status migrate admin run down test lint typecheck clean
+.PHONY: help deps venv novnc css env images services status migrate admin run down test lint typecheck clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z][a-z-]*:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -22,10 +23,14 @@ $(VENV_STAMP): requirements.txt requirements-dev.txt | deps
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements-dev.txt
 	@touch $@
 
-novnc: $(NOVNC_STAMP) ## install noVNC 1.7.0 from npm into node_modules (npm ci, pinned by package-lock.json)
+novnc: $(NOVNC_STAMP) ## install noVNC 1.7.0 and Tailwind CSS from npm into node_modules (npm ci, pinned by package-lock.json)
 $(NOVNC_STAMP): package.json package-lock.json | deps
 	npm ci --no-audit --no-fund
 	@touch $@
+
+css: $(CSS_OUT) ## build the web console's stylesheet with Tailwind (generated, not committed)
+$(CSS_OUT): $(NOVNC_STAMP) gateway/static/tailwind.css $(wildcard gateway/templates/*.html gateway/static/*.js console/static/*.js)
+	node_modules/.bin/tailwindcss --input gateway/static/tailwind.css --output $@ --minify
 
 env: ## create .env with random secrets if it does not exist
 	@deploy/ensure-env.sh
@@ -46,13 +51,13 @@ admin: services venv ## create an admin: make admin EMAIL=you@example.com [ADMIN
 	@[ -n "$(EMAIL)" ] || { echo "usage: make admin EMAIL=you@example.com [ADMIN_ARGS='--promote|--generate-password']"; exit 2; }
 	@deploy/with-env.sh $(PY) -m gateway.cli create-admin --email "$(EMAIL)" $(ADMIN_ARGS)
 
-run: deps venv novnc env images ## start everything in the foreground and print the URL; Ctrl-C stops it (VMs keep running)
+run: deps venv novnc css env images ## start everything in the foreground and print the URL; Ctrl-C stops it (VMs keep running)
 	@deploy/run.sh
 
 down: ## stop what make run started, the servers and every VM
 	@deploy/down.sh
 
-test: deps venv novnc env images services ## ruff, mypy and pytest (PYTEST_ARGS='-k foo' passes arguments)
+test: deps venv novnc css env images services ## ruff, mypy and pytest (PYTEST_ARGS='-k foo' passes arguments)
 	@deploy/test.sh
 
 lint: venv ## ruff check

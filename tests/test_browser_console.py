@@ -1,31 +1,44 @@
-"""The pages in headless Chromium (Debian's package, driven by Playwright; no browser download):
-sign up and log in through the forms, create a `tiny` VM, land on its noVNC console, see the
-guest's screen on the canvas, type `uname -a` and see the screen change and the command run."""
+"""The web console end to end in headless Chromium (Debian's package, driven by Playwright; no browser
+download) on the real local driver, QEMU and websockify: sign up and confirm the address from the
+mail, log in (a wrong password first), create a `tiny` VM on the New VM page, land on its noVNC
+console (after a token that expired on the way was refused), see the guest's screen on the canvas,
+type a command and paste text and see both run, then stop it, see its console say so, destroy it
+and log out.
+
+Its screenshot tests/artifacts/console-running.png is the one in README.md (docs/WEB.md says how to
+refresh it)."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
-import shutil
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import pytest
 
-from gateway.app import NOVNC_DIR, create_app
-from gateway.config import REPO_ROOT, Settings
-from gateway.keys import settings_key
-from gateway.mail import OUTBOX_DIR
-from tests.conftest import Session, outbox_link, truncate_all
+from gateway.app import create_app
+from gateway.config import Settings
+from tests.conftest import truncate_all
+from tests.fixtures.browser import (
+    ARTIFACTS,
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    api_session_of,
+    base_url,
+    chromium,
+    new_page,
+    require_assets,
+    sign_up_and_confirm,
+)
 from tests.test_e2e import READY, wait_for_serial
+
+__all__ = ["CHROMIUM", "CHROMIUM_ARGS"]  # tests/test_accounts.py takes them from here
 
 pytestmark = [pytest.mark.qemu, pytest.mark.browser]
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-ARTIFACTS = REPO_ROOT / "tests" / "artifacts"
-# Flags for a closed network and a root user (see docs/TESTING.md).
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+# Console tokens live 5 s (the least allowed), so the test can hold one back until it expires.
+TOKEN_TTL = 5
 
 # Sums the canvas's pixels in the page; a blank (single-colour) canvas gives distinct == 1.
 CANVAS_STATS = """() => {
@@ -45,83 +58,107 @@ CANVAS_STATS = """() => {
 @pytest.fixture
 async def browser_gateway(aiohttp_server: Any, app_settings: Settings, tiny_images_dir: Path,
                           websockify_server: Any, database_url: str) -> Any:
-    if not (NOVNC_DIR / "core" / "rfb.js").is_file():
-        pytest.fail("noVNC is not installed; run `make novnc`")
-    if not Path(CHROMIUM).exists():
-        pytest.fail("chromium is not installed; run `make deps`")
+    require_assets()
     settings = dataclasses.replace(app_settings, images_dir=tiny_images_dir, driver="local",
-                                   vnc_public_url=websockify_server.ws_url)
+                                   vnc_public_url=websockify_server.ws_url, console_token_ttl=TOKEN_TTL)
     server = await aiohttp_server(create_app(settings))
     truncate_all(database_url)
     return server
 
 
-async def test_console_page_in_chromium(browser_gateway: Any, sessions: Any) -> None:
-    from playwright.async_api import async_playwright, expect
+async def test_web_console_end_to_end(browser_gateway: Any, sessions: Any) -> None:
+    from playwright.async_api import Route, expect
 
-    base = str(browser_gateway.make_url("/")).rstrip("/")
+    server, base = browser_gateway, base_url(browser_gateway)
     email, password = "browser@example.test", "a long enough password"
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    async with async_playwright() as pw:
-        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = await browser.new_page(viewport={"width": 1100, "height": 760})
-        try:
-            await page.goto(base + "/")
-            signup = page.locator("#signup-form")
-            await signup.get_by_label("Email").fill(email)
-            await signup.get_by_label("Password").fill(password)
-            await signup.get_by_role("button", name="Sign up").click()
-            await expect(page.locator("#message")).to_contain_text("Account created")
+    async with chromium() as browser, new_page(browser, "console") as page:
+        await sign_up_and_confirm(page, server, email, password)
+        assert "token=" not in page.url  # the page took the token out of the address bar
+        await page.goto(base + "/")
 
-            # Open the confirmation link the gateway mailed to its outbox, on this test server (the
-            # link's host is PUBLIC_URL, an nginx that is not running here).
-            link = urlsplit(outbox_link(browser_gateway.app[settings_key].data_dir / OUTBOX_DIR, email))
-            await page.goto(f"{base}{link.path}?{link.query}")
-            await expect(page.locator("#message")).to_contain_text(f"Your email address {email} is confirmed")
-            assert "token=" not in page.url  # the page took the token out of the address bar
-            await page.goto(base + "/")
+        login = page.locator("#login-form")
+        await login.get_by_label("Email").fill(email)
+        await login.get_by_label("Password").fill("wrong password here")
+        await login.get_by_role("button", name="Log in").click()
+        await expect(page.locator("#message")).to_contain_text("Wrong email or password")
+        await login.get_by_label("Password").fill(password)
+        await login.get_by_role("button", name="Log in").click()
+        await expect(page.locator("#who")).to_have_text(email)
+        await expect(page.locator("#empty")).to_be_visible()
 
-            login = page.locator("#login-form")
-            await login.get_by_label("Email").fill(email)
-            await login.get_by_label("Password").fill("wrong password here")
-            await login.get_by_role("button", name="Log in").click()
-            await expect(page.locator("#message")).to_contain_text("Wrong email or password")
-            await login.get_by_label("Password").fill(password)
-            await login.get_by_role("button", name="Log in").click()
-            await expect(page.locator("#who")).to_have_text(email)
+        # The first console token is held back until it has expired: websockify refuses it.
+        held: list[str] = []
 
-            await expect(page.locator("#template option[value=tiny]")).to_have_count(1)
-            await page.get_by_role("button", name="Create VM").click()
-            await page.wait_for_url("**/vms/*/console", timeout=60_000)
-            vm_id = page.url.rstrip("/").split("/")[-2]
-            await expect(page.locator("#status")).to_have_attribute("data-state", "connected", timeout=30_000)
+        async def hold_first_token(route: Route) -> None:
+            if held:
+                await route.continue_()
+                return
+            held.append(route.request.url)
+            response = await route.fetch()
+            await asyncio.sleep(TOKEN_TTL + 1.5)
+            await route.fulfill(response=response)
 
-            # The API session of the same user reads the serial log while the browser shows the screen.
-            api: Session = sessions(browser_gateway)
-            for cookie in await page.context.cookies():
-                api.http.cookie_jar.update_cookies({cookie["name"]: cookie["value"]},
-                                                   response_url=browser_gateway.make_url("/"))
-                if cookie["name"] == "vmgate_csrf":
-                    api.csrf_token = cookie["value"]
-            await wait_for_serial(api, vm_id, READY)
-            await page.wait_for_function(f"({CANVAS_STATS})().distinct > 1", timeout=30_000)
-            before = await page.evaluate(CANVAS_STATS)
+        await page.route("**/api/vms/*/console", hold_first_token)
 
-            await page.locator("#screen canvas").click()
-            # As a person types it: "|" with Shift held (without Shift, QEMU maps the keysym to "\").
-            await page.keyboard.type("uname -a ")
-            await page.keyboard.press("Shift+Backslash")
-            # /dev/console is ttyS0 (the last console= on the kernel command line), typed without Shift.
-            await page.keyboard.type(" tee /dev/console")
-            await page.keyboard.press("Enter")
-            serial = await wait_for_serial(api, vm_id, "Linux ")
-            assert "cloud-amd64" in serial
-            await page.wait_for_function(f"({CANVAS_STATS})().sum !== {before['sum']}", timeout=30_000)
-            await page.screenshot(path=str(ARTIFACTS / "console-uname.png"))
+        await page.locator("main").get_by_role("link", name="New VM").click()
+        await expect(page.locator(".template-card[data-template=tiny] input")).to_be_checked()
+        await page.get_by_role("button", name="Create VM").click()
+        # Whether the create answers at once (202) or once the VM runs (201), the page ends up here.
+        await page.wait_for_url("**/vms/*/console", timeout=60_000)
+        vm_id = page.url.rstrip("/").split("/")[-2]
+        status = page.locator("#status")
+        await expect(status).to_have_attribute("data-state", "refused", timeout=60_000)
+        await expect(status).to_contain_text("The console connection was refused (token expired or VM not running).")
+        assert held
+        await page.get_by_role("button", name="Reconnect").click()  # a fresh token this time
+        await expect(status).to_have_attribute("data-state", "connected", timeout=30_000)
 
-            assert (await api.request("DELETE", f"/api/vms/{vm_id}"))[0] == 200
-        except BaseException:
-            await page.screenshot(path=str(ARTIFACTS / "console-failure.png"))
-            raise
-        finally:
-            await browser.close()
+        # The API session of the same user reads the serial log while the browser shows the screen.
+        api = await api_session_of(page, server, sessions)
+        await wait_for_serial(api, vm_id, READY)
+        await page.wait_for_function(f"({CANVAS_STATS})().distinct > 1", timeout=30_000)
+        before = await page.evaluate(CANVAS_STATS)
+
+        await page.locator("#screen canvas").click()
+        # As a person types it: "|" with Shift held (Playwright sends a bare "|" without Shift, and
+        # QEMU would map that keysym to "\"). /dev/console is ttyS0 (the last console= on the kernel
+        # command line).
+        await page.keyboard.type("uname -a ")
+        await page.keyboard.press("Shift+Backslash")
+        await page.keyboard.type(" tee /dev/console")
+        await page.keyboard.press("Enter")
+        serial = await wait_for_serial(api, vm_id, "Linux ")
+        assert "cloud-amd64" in serial
+        await page.wait_for_function(f"({CANVAS_STATS})().sum !== {before['sum']}", timeout=30_000)
+
+        # Paste: capitals and ">" arrive as a person would type them, Shift included.
+        await page.get_by_role("button", name="Paste text").click()
+        await page.get_by_label("Text to type").fill("echo Pasted-OK > /dev/console\n")
+        await page.get_by_role("button", name="Type it").click()
+        await wait_for_serial(api, vm_id, "Pasted-OK")  # QEMU paces keys: wait for the guest to say so
+        await expect(page.get_by_role("button", name="Ctrl-Alt-Del")).to_be_enabled()
+        await page.screenshot(path=str(ARTIFACTS / "console-running.png"))
+
+        # The VM page: live state, history, job spec, serial log tail; then stop.
+        await page.locator(".console-bar .vm-name").click()
+        await expect(page.locator("#vm-state .badge")).to_have_text("running")
+        await expect(page.locator("#jobspec")).to_contain_text('job "')
+        await expect(page.locator("#serial")).to_contain_text("Pasted-OK")
+        await expect(page.locator("#history")).to_contain_text("running")
+        await page.get_by_role("button", name="Stop").click()
+        await expect(page.locator("#vm-state .badge")).to_have_text("stopped", timeout=90_000)
+
+        await page.goto(f"{base}/vms/{vm_id}/console")
+        await expect(page.locator("#notice")).to_contain_text("The VM is stopped")
+        await expect(status).to_have_attribute("data-state", "stopped")
+
+        await page.goto(f"{base}/vms/{vm_id}")
+        await page.get_by_role("button", name="Destroy…").click()
+        await page.locator("#destroy-dialog").get_by_role("button", name="Destroy").click()
+        await page.wait_for_url(base + "/dashboard")
+        await expect(page.locator("#empty")).to_be_visible(timeout=60_000)
+        await expect(page.locator(f"li[data-vm-id='{vm_id}']")).to_have_count(0)
+
+        await page.get_by_role("button", name="Log out").click()
+        await expect(page.locator("#login-form")).to_be_visible()
+        assert (await api.request("GET", "/api/me"))[0] == 401  # the shared session ended with it

@@ -3,7 +3,7 @@
 const msg = document.getElementById('message');
 const say = (text, isError = false) => {
   msg.textContent = text;
-  msg.className = isError ? 'error' : '';
+  msg.className = isError ? 'msg error' : 'msg ok';
 };
 
 // Read the token once, then take it out of the address bar (and so out of history and bookmarks).
