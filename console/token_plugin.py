@@ -5,7 +5,9 @@ Run websockify with::
     websockify --token-plugin console.token_plugin.RedisTokens --token-source env:REDIS_URL 127.0.0.1:6080
 
 ``--token-source`` is a Redis URL, or ``env:NAME`` to read the URL from the environment variable
-NAME (which keeps the Redis password out of the process list).
+NAME (which keeps the Redis password out of the process list). A fleet VM's target names its
+Consul service instead of an address: the plugin then asks Consul (``CONSUL_HTTP_ADDR``) for the
+VM's healthy instance (console/consul.py).
 
 websockify 0.13 forks one child per connection and calls ``lookup`` in that child before it
 accepts the WebSocket, so every call opens its own Redis connection and keeps nothing. A token is
@@ -42,7 +44,7 @@ from websockify.token_plugins import BasePlugin
 from websockify.websocketproxy import ProxyRequestHandler
 from websockify.websockifyserver import WebSockifyRequestHandler, WebSockifyServer
 
-from console import keys
+from console import consul, keys
 
 log = logging.getLogger("vmgate.console.tokens")
 
@@ -221,6 +223,17 @@ def _parse_target(raw: str | bytes, vm_id: str) -> Target:
         # websockify 0.13's validate_connection() reads this pair as (host, port) and, when
         # host == 'unix_socket', connects to the path in "port" as a unix socket.
         return ["unix_socket", path]
+    service = data.get("consul_service")
+    if service is not None:
+        # A fleet VM: go where Consul says its healthy instance is now (console/consul.py).
+        if not isinstance(service, str) or not service:
+            raise Refused(f"VNC target of vm {vm_id} has a bad consul_service")
+        try:
+            found = consul.healthy_endpoint(service, vm_id)
+        except consul.ConsulError as exc:
+            raise Refused(str(exc)) from None
+        log.info("vm %s: VNC at %s:%d, from Consul's healthy %s instance", vm_id, found[0], found[1], service)
+        return found
     host, port = data.get("host"), data.get("port")
     if not isinstance(host, str) or not host:
         raise Refused(f"VNC target of vm {vm_id} has neither unix_socket nor host")

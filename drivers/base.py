@@ -25,22 +25,31 @@ class JobInvalid(DriverError):
 
 @dataclass(frozen=True)
 class VncTarget:
-    """Where a VM's VNC server listens: a unix socket path, or a host and port."""
+    """Where a VM's VNC server listens: a unix socket path, or a host and port.
+
+    ``consul_service`` (fleet VMs) tells websockify to find the VM's healthy instance of that Consul
+    service (tagged ``vm-<id>``) rather than trust ``host``/``port``, which say where it was at start.
+    """
 
     unix_socket: str | None = None
     host: str | None = None
     port: int | None = None
+    consul_service: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         if self.unix_socket:
             return {"unix_socket": self.unix_socket}
-        return {"host": self.host, "port": self.port}
+        data: dict[str, Any] = {"host": self.host, "port": self.port}
+        if self.consul_service:
+            data["consul_service"] = self.consul_service
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> VncTarget:
         if data.get("unix_socket"):
             return cls(unix_socket=str(data["unix_socket"]))
-        return cls(host=str(data["host"]), port=int(data["port"]))
+        service = data.get("consul_service")
+        return cls(host=str(data["host"]), port=int(data["port"]), consul_service=str(service) if service else None)
 
 
 @dataclass

@@ -22,6 +22,7 @@ docs/DRIVERS.md ("The Nomad driver") has the details and the storage choice.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import importlib
 import logging
 import time
@@ -32,6 +33,7 @@ import requests
 from nomad.api import exceptions as nomad_exc
 
 from drivers.base import Driver, DriverError, JobInvalid, VMStatus, VncTarget
+from jobspecs.render import VNC_SERVICE
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +178,10 @@ def status_of(job: dict[str, Any] | None, allocs: list[dict[str, Any]],
     client_status = alloc.get("ClientStatus")
     if client_status == "running" and _task_state(alloc).get("State") == "running":
         source = detail if detail is not None and detail.get("ID") == alloc.get("ID") else alloc
-        return VMStatus("running", vnc=vnc_of(source), details=details)
+        vnc = vnc_of(source)
+        # websockify looks the VM up in Consul (its healthy instance), not at the port seen at start.
+        vnc = dataclasses.replace(vnc, consul_service=VNC_SERVICE) if vnc is not None else None
+        return VMStatus("running", vnc=vnc, details=details)
     event = last_event(alloc)
     if client_status in LIVE:
         details["how"] = "pending"

@@ -40,6 +40,11 @@ SECOND = 1_000_000_000
 NOMAD = JobSettings(datacenters=("dc1",), namespace="vmgate", target="nomad")
 
 
+def fleet_vnc(host: str, port: int) -> VncTarget:
+    """A fleet VM's VNC target as the Nomad driver reports it: websockify resolves it through Consul."""
+    return VncTarget(host=host, port=port, consul_service="vmgate-vnc")
+
+
 @pytest.fixture(scope="module")
 def templates(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Template]:
     return load_catalog(DEFAULT_CATALOG, tmp_path_factory.mktemp("images"))
@@ -189,12 +194,12 @@ JOB = {"ID": "vm-1", "Status": "running", "Version": 0, "Stop": False}
 def test_status_mapping() -> None:
     assert status_of(None, []).state == "missing"
     running = status_of(JOB, [alloc("a1", "running")], full("a1"))
-    assert running.state == "running" and running.vnc == VncTarget(host="10.0.0.5", port=23456)
+    assert running.state == "running" and running.vnc == fleet_vnc("10.0.0.5", 23456)
     assert running.details["alloc_id"] == "a1" and running.details["node"] == "node-1"
     # A newer replacement wins over the old (stopped) one; its ports come from its own full record.
     moved = status_of(JOB, [alloc("old", "complete", "stop", "dead", 5), alloc("new", "running", create=20)],
                       full("new", 24000, "10.0.0.6"))
-    assert moved.details["alloc_id"] == "new" and moved.vnc == VncTarget(host="10.0.0.6", port=24000)
+    assert moved.details["alloc_id"] == "new" and moved.vnc == fleet_vnc("10.0.0.6", 24000)
     pending = status_of(JOB, [alloc("a1", "pending", task="pending")])
     assert pending.state == "stopped" and pending.details["how"] == "pending"
     unplaced = status_of(JOB, [])
@@ -283,7 +288,7 @@ async def test_driver_start_stop_destroy_against_recorded_answers() -> None:
     assert (await driver.status("1")).state == "missing"
     await driver.stop("1", 5)  # unknown: a no-op
     status = await driver.start("1", job)
-    assert status.state == "running" and status.vnc == VncTarget(host="10.0.0.5", port=23456)
+    assert status.state == "running" and status.vnc == fleet_vnc("10.0.0.5", 23456)
     again = await driver.start("1", job)  # already running: nothing registered twice
     assert again.vnc == status.vnc and len(fake.jobs_registered) == 1
     await driver.stop("1", 5)
@@ -349,3 +354,30 @@ def test_cli_validate(app_settings: Settings) -> None:
     assert "every job is valid" in result.stdout
     if "nomad is not on PATH" not in result.stdout:
         assert "nomad parse" in result.stdout or "nomad job validate" in result.stdout
+
+
+# ---------------------------------------------------------------- consoles through Consul
+
+def test_consul_instance_is_the_vms_own() -> None:
+    from console.consul import ConsulError, base_url, pick_instance
+
+    def entry(vm: str, address: str, port: int, node: str = "10.0.0.9") -> dict[str, Any]:
+        return {"Node": {"Address": node}, "Service": {"Address": address, "Port": port, "Meta": {"vm_id": vm}}}
+
+    answer = [entry("other", "10.0.0.1", 21000), entry("abc", "10.0.0.2", 22000)]
+    assert pick_instance(answer, "abc") == ("10.0.0.2", 22000)
+    assert pick_instance([entry("abc", "", 22000)], "abc") == ("10.0.0.9", 22000)  # no service address: the node's
+    assert pick_instance(answer, "missing") is None
+    assert pick_instance([entry("abc", "10.0.0.2", 0)], "abc") is None
+    assert pick_instance({"not": "a list"}, "abc") is None
+    assert base_url("127.0.0.1:8500") == "http://127.0.0.1:8500"
+    assert base_url("https://consul.example:8501/") == "https://consul.example:8501"
+    with pytest.raises(ConsulError, match="http"):
+        base_url("file:///etc/passwd")
+
+
+def test_fleet_vnc_target_names_the_consul_service() -> None:
+    target = fleet_vnc("10.0.0.5", 23456)
+    assert target.to_json() == {"host": "10.0.0.5", "port": 23456, "consul_service": "vmgate-vnc"}
+    assert VncTarget.from_json(target.to_json()) == target
+    assert VncTarget.from_json({"host": "h", "port": 1}).consul_service is None

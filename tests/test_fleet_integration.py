@@ -30,7 +30,7 @@ from gateway.app import create_app
 from gateway.config import Settings
 from gateway.jobspec_cli import client_allowlist
 from tests.conftest import VM, Session, kill_qemu_under, truncate_all
-from tests.fixtures.websockify import free_port
+from tests.fixtures.websockify import WebsockifyServer, free_port
 from tests.test_e2e import READY, open_console, wait_for_screen, wait_for_serial
 
 AGENT_TIMEOUT = 60.0
@@ -191,6 +191,12 @@ plugin "qemu" {{
 
 
 @pytest.fixture
+def websockify_env(consul_agent: Agent) -> dict[str, str]:
+    """websockify finds fleet VMs' VNC in this Consul agent (console/consul.py)."""
+    return {"CONSUL_HTTP_ADDR": consul_agent.http}
+
+
+@pytest.fixture
 async def fleet_gateway(aiohttp_server: Any, app_settings: Settings, tiny_images_dir: Path, websockify_server: Any,
                         nomad_agent: Agent, database_url: str) -> Any:
     settings = dataclasses.replace(app_settings, images_dir=tiny_images_dir, driver="nomad",
@@ -202,7 +208,7 @@ async def fleet_gateway(aiohttp_server: Any, app_settings: Settings, tiny_images
 
 
 async def test_a_vm_on_nomad(fleet_gateway: Any, sessions: Any, nomad_agent: Agent, consul_agent: Agent,
-                             app_settings: Settings) -> None:
+                             app_settings: Settings, websockify_server: WebsockifyServer) -> None:
     s: Session = sessions(fleet_gateway)
     await s.signup_and_login()
     began = time.monotonic()
@@ -245,6 +251,9 @@ async def test_a_vm_on_nomad(fleet_gateway: Any, sessions: Any, nomad_agent: Age
         async with open_console(s, vm_id) as rfb:
             await wait_for_screen(rfb, lambda: not rfb.is_blank())
             assert rfb.width > 0 and rfb.height > 0
+        # websockify went where Consul's passing instance is, not to an address stored at start.
+        assert f"vm {vm_id}: VNC at 127.0.0.1:{port['Value']}, from Consul's healthy vmgate-vnc instance" \
+            in websockify_server.log_text()
 
         status, body = await s.request("POST", f"/api/vms/{vm_id}/stop?wait=60")
         assert status == 200 and body["state"] == "stopped", body
@@ -258,8 +267,14 @@ async def test_a_vm_on_nomad(fleet_gateway: Any, sessions: Any, nomad_agent: Age
         assert status == 200 and body["state"] == "running", f"{body}\n{nomad_agent.log_tail()}"
         second = await nomad_running()
         assert second["ID"] != first["ID"]
-        await _until("the VM's VNC service passing again", lambda: vnc_instances(passing=True), 45, consul_agent)
+        [again] = await _until("the VM's VNC service passing again", lambda: vnc_instances(passing=True), 45,
+                               consul_agent)
         await wait_for_serial(s, vm_id, READY, timeout=120, count=1)
+        # The new allocation has a new port; the console follows it through Consul.
+        async with open_console(s, vm_id) as rfb:
+            await wait_for_screen(rfb, lambda: not rfb.is_blank())
+        assert f"vm {vm_id}: VNC at 127.0.0.1:{again['Service']['Port']}, from Consul's healthy vmgate-vnc" \
+            in websockify_server.log_text()
 
         status, body = await s.request("DELETE", f"/api/vms/{vm_id}?wait=60")
         assert status == 200 and body["state"] == "destroyed", body
