@@ -153,6 +153,7 @@ class Engine:
         self.tasks: list[asyncio.Task[None]] = []
         self.name = f"{socket.gethostname()}-{os.getpid()}"
         self.passes = 0
+        self.running_seen = 0  # VMs recorded running whose QEMU runs, at the last reconciler pass
         self.stopping = asyncio.Event()
 
     # ---- running the loops
@@ -500,6 +501,8 @@ class Engine:
                 published = await pipe.execute()
         has_target = dict(zip(running_ids, published, strict=True))
         needing = []
+        self.running_seen = sum(1 for r in rows if r["state"] == "running" and str(r["id"]) in actual
+                                and actual[str(r["id"])].state == "running")
         for row in rows:
             vm_id, state, desired = str(row["id"]), row["state"], row["desired_state"]
             runs = vm_id in actual and actual[vm_id].state == "running"
@@ -713,7 +716,9 @@ async def engine_ctx(app: web.Application) -> AsyncIterator[None]:
     app[ENGINE_KEY] = engine
     if app[settings_key].workers:
         try:
-            await engine.reconcile_once()
+            queued = await engine.reconcile_once()
+            log.info("start-up: %d running VM(s) re-adopted as they are; %d VM(s) queued for work",
+                     engine.running_seen, len(queued))
         except Exception as exc:
             log.warning("first reconciler pass failed: %s; the loop tries again", exc)
     await engine.start()

@@ -9,10 +9,3 @@ ALTER TABLE vms
 
 CREATE INDEX vms_state_idx ON vms (state) WHERE state <> 'destroyed';
 
--- Logged-out sessions, until their JWT would have expired anyway. In Postgres rather than Redis, so
--- that a Redis restart cannot bring a logged-out session back, and pages keep working while Redis is away.
-CREATE TABLE revoked_sessions (
-    jti        text PRIMARY KEY,
-    expires_at timestamptz NOT NULL
-);
-CREATE INDEX revoked_sessions_expiry_idx ON revoked_sessions (expires_at);
