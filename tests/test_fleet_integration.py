@@ -290,3 +290,82 @@ async def test_a_vm_on_nomad(fleet_gateway: Any, sessions: Any, nomad_agent: Age
 
 async def _empty(probe: Any) -> bool:
     return not await probe
+
+
+# ---------------------------------------------------------------- TLS to Nomad
+
+def _tls_files(directory: Path) -> dict[str, Path]:
+    """A CA, a server certificate for the dev agent and a client certificate, made by `nomad tls`."""
+    def run(*args: str) -> None:
+        subprocess.run(["nomad", "tls", *args], cwd=directory, check=True, capture_output=True)
+
+    run("ca", "create")
+    run("cert", "create", "-server", "-region", "global", "-additional-ipaddress", "127.0.0.1")
+    run("cert", "create", "-client")
+    names = {"ca": "nomad-agent-ca", "server_cert": "global-server-nomad", "server_key": "global-server-nomad-key",
+             "client_cert": "global-client-nomad", "client_key": "global-client-nomad-key"}
+    return {key: directory / f"{name}.pem" for key, name in names.items()}
+
+
+async def test_the_nomad_driver_speaks_verified_tls(agent_dir: Path, app_settings: Settings) -> None:
+    """NOMAD_CACERT / NOMAD_CLIENT_CERT / NOMAD_CLIENT_KEY against an agent that requires client certificates."""
+    from drivers.base import DriverError
+    from drivers.nomad import NomadDriver
+
+    tls = _tls_files(agent_dir)
+    http, rpc, serf = free_port(), free_port(), free_port()
+    config = agent_dir / "nomad-tls.hcl"
+    config.write_text(f"""
+data_dir  = "{agent_dir / 'nomad-tls'}"
+bind_addr = "127.0.0.1"
+ports {{
+  http = {http}
+  rpc  = {rpc}
+  serf = {serf}
+}}
+client {{
+  enabled = true
+  options = {{
+    "fingerprint.denylist" = "env_aws,env_gce,env_azure,env_digitalocean"
+  }}
+}}
+tls {{
+  http                   = true
+  rpc                    = true
+  ca_file                = "{tls['ca']}"
+  cert_file              = "{tls['server_cert']}"
+  key_file               = "{tls['server_key']}"
+  verify_server_hostname = true
+  verify_https_client    = true
+}}
+""")
+    agent = _start("nomad", ["nomad", "agent", "-dev", f"-config={config}"],
+                   agent_dir / "nomad-tls.log", f"https://127.0.0.1:{http}")
+    try:
+        base = dataclasses.replace(app_settings, driver="nomad", nomad_addr=agent.http)
+        verified = NomadDriver(dataclasses.replace(base, nomad_cacert=tls["ca"], nomad_client_cert=tls["client_cert"],
+                                                   nomad_client_key=tls["client_key"]))
+
+        async def leader() -> Any:
+            try:
+                return (await verified.health())["ok"]
+            except DriverError:
+                return False
+
+        await _until("the TLS agent answering its health check", leader, AGENT_TIMEOUT, agent)
+        assert await verified.list_vms() == {}
+        # The system's CAs do not know this CA: refused, never silently unverified.
+        unverified = NomadDriver(dataclasses.replace(base, nomad_client_cert=tls["client_cert"],
+                                                     nomad_client_key=tls["client_key"]))
+        with pytest.raises(DriverError):
+            await unverified.list_vms()
+        health = await unverified.health()
+        assert health["ok"] is False
+        # Without a client certificate, an agent with verify_https_client refuses the connection.
+        anonymous = NomadDriver(dataclasses.replace(base, nomad_cacert=tls["ca"]))
+        with pytest.raises(DriverError):
+            await anonymous.list_vms()
+        for driver in (verified, unverified, anonymous):
+            await driver.close()
+    finally:
+        _stop(agent)
