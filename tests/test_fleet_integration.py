@@ -136,15 +136,14 @@ async def consul_agent(agent_dir: Path) -> AsyncIterator[Agent]:
         _stop(agent)
 
 
-@pytest.fixture
-async def nomad_agent(agent_dir: Path, consul_agent: Agent, vms_root: Path,
-                      tiny_images_dir: Path) -> AsyncIterator[Agent]:
+def _nomad_hcl(data_dir: Path, consul: Agent, vms_root: Path, images: Path, *, extra: str = "",
+               client_extra: str = "") -> tuple[str, str]:
+    """An agent's configuration (HCL) and its HTTP address: on loopback, free ports, the qemu plugin like
+    nomad/client.hcl with image_paths = the images and the test's VMS_ROOT."""
     http, rpc, serf = free_port(), free_port(), free_port()
     allowlist = ", ".join(json.dumps(flag) for flag in sorted(client_allowlist()))
-    config = agent_dir / "nomad.hcl"
-    # Like nomad/client.hcl, on loopback: image_paths are the images and this test's VMS_ROOT.
-    config.write_text(f"""
-data_dir  = "{agent_dir / 'nomad'}"
+    return f"""
+data_dir  = "{data_dir}"
 bind_addr = "127.0.0.1"
 ports {{
   http = {http}
@@ -158,33 +157,50 @@ client {{
     # Cloud metadata probes only slow a laptop-sized dev agent down (and fail in some builds).
     "fingerprint.denylist" = "env_aws,env_gce,env_azure,env_digitalocean"
   }}
+{client_extra}
 }}
 consul {{
-  address = "{consul_agent.http.removeprefix('http://')}"
+  address = "{consul.http.removeprefix('http://')}"
 }}
 plugin "qemu" {{
   config {{
-    image_paths    = [{json.dumps(str(tiny_images_dir))}, {json.dumps(str(vms_root))}]
+    image_paths    = [{json.dumps(str(images))}, {json.dumps(str(vms_root))}]
     args_allowlist = [{allowlist}]
   }}
 }}
-""")
-    agent = _start("nomad", ["nomad", "agent", "-dev", f"-config={config}"], agent_dir / "nomad.log",
-                   f"http://127.0.0.1:{http}")
-    try:
-        async with aiohttp.ClientSession() as client:
-            async def qemu_ready() -> Any:
-                status, nodes = await _get(client, f"{agent.http}/v1/nodes")
-                if status != 200 or not nodes:
-                    return None
-                status, node = await _get(client, f"{agent.http}/v1/node/{nodes[0]['ID']}")
+{extra}
+""", f"http://127.0.0.1:{http}"
+
+
+async def _ready_qemu_nodes(agent: Agent, count: int) -> list[dict[str, Any]]:
+    """Wait until ``count`` nodes are ready with a healthy qemu driver; return them."""
+    async with aiohttp.ClientSession() as client:
+        async def ready() -> Any:
+            status, nodes = await _get(client, f"{agent.http}/v1/nodes")
+            if status != 200:
+                return None
+            found = []
+            for stub in nodes:
+                status, node = await _get(client, f"{agent.http}/v1/node/{stub['ID']}")
                 qemu = (node.get("Drivers") or {}).get("qemu") or {}
                 if node.get("Status") == "ready" and qemu.get("Healthy"):
-                    return node
-                return None
+                    found.append(node)
+            return found if len(found) >= count else None
 
-            await _until("the nomad client becoming ready with a healthy qemu driver", qemu_ready, AGENT_TIMEOUT,
-                         agent)
+        nodes: list[dict[str, Any]] = await _until(
+            f"{count} nomad client(s) becoming ready with a healthy qemu driver", ready, AGENT_TIMEOUT, agent)
+        return nodes
+
+
+@pytest.fixture
+async def nomad_agent(agent_dir: Path, consul_agent: Agent, vms_root: Path,
+                      tiny_images_dir: Path) -> AsyncIterator[Agent]:
+    hcl, http = _nomad_hcl(agent_dir / "nomad", consul_agent, vms_root, tiny_images_dir)
+    config = agent_dir / "nomad.hcl"
+    config.write_text(hcl)
+    agent = _start("nomad", ["nomad", "agent", "-dev", f"-config={config}"], agent_dir / "nomad.log", http)
+    try:
+        await _ready_qemu_nodes(agent, 1)
         yield agent
     finally:
         _stop(agent)
@@ -369,3 +385,118 @@ tls {{
             await driver.close()
     finally:
         _stop(agent)
+
+
+# ---------------------------------------------------------------- a node dies
+
+# Agents outside -dev mode refuse to advertise loopback unless told to.
+LOOPBACK_ADVERTISE = """advertise {
+  http = "127.0.0.1"
+  rpc  = "127.0.0.1"
+  serf = "127.0.0.1"
+}"""
+
+async def test_a_vm_moves_when_its_node_dies(aiohttp_server: Any, app_settings: Settings, agent_dir: Path,
+                                              consul_agent: Agent, vms_root: Path, tiny_images_dir: Path,
+                                              websockify_server: WebsockifyServer, sessions: Any,
+                                              database_url: str) -> None:
+    """One Nomad server and two clients (one host, separate agents and data dirs, shared storage): kill the
+    client running a VM — agent, executor and QEMU, like a node losing power — and the VM comes back on the
+    other client; vmgate shows it running again and its console opens there, found through Consul."""
+    rpc = free_port()
+    server_http = f"http://127.0.0.1:{free_port()}"
+    server_config = agent_dir / "server.hcl"
+    server_config.write_text(f"""
+data_dir  = "{agent_dir / 'server'}"
+bind_addr = "127.0.0.1"
+ports {{
+  http = {server_http.rsplit(':', 1)[1]}
+  rpc  = {rpc}
+  serf = {free_port()}
+}}
+{LOOPBACK_ADVERTISE}
+server {{
+  enabled           = true
+  bootstrap_expect  = 1
+  # Notice a dead node within seconds, not the default tens of seconds.
+  min_heartbeat_ttl = "1s"
+  heartbeat_grace   = "2s"
+}}
+consul {{
+  address = "{consul_agent.http.removeprefix('http://')}"
+}}
+""")
+    agents = {"server": _start("nomad", ["nomad", "agent", f"-config={server_config}"], agent_dir / "server.log",
+                               server_http)}
+    try:
+        for name in ("a", "b"):
+            hcl, http = _nomad_hcl(agent_dir / f"client-{name}", consul_agent, vms_root, tiny_images_dir,
+                                   extra=f'name = "client-{name}"\n{LOOPBACK_ADVERTISE}',
+                                   client_extra=f'  servers = ["127.0.0.1:{rpc}"]')
+            (agent_dir / f"client-{name}.hcl").write_text(hcl)
+            agents[name] = _start("nomad", ["nomad", "agent", f"-config={agent_dir / f'client-{name}.hcl'}"],
+                                  agent_dir / f"client-{name}.log", http)
+        nodes = {node["Name"]: node["ID"] for node in await _ready_qemu_nodes(agents["server"], 2)}
+        assert set(nodes) == {"client-a", "client-b"}
+
+        settings = dataclasses.replace(app_settings, images_dir=tiny_images_dir, driver="nomad",
+                                       nomad_addr=server_http, vnc_public_url=websockify_server.ws_url)
+        gateway = await aiohttp_server(create_app(settings))
+        truncate_all(database_url)
+        s: Session = sessions(gateway)
+        await s.signup_and_login()
+        status, vm = await s.request("POST", "/api/vms?wait=120", json=VM)
+        assert status == 201, vm
+        vm_id, job_id = vm["vm_id"], f"vm-{vm['vm_id']}"
+
+        async with aiohttp.ClientSession() as http:
+            async def running_alloc(not_on: str | None = None) -> Any:
+                status, allocs = await _get(http, f"{server_http}/v1/job/{job_id}/allocations")
+                running = [a for a in allocs if a["ClientStatus"] == "running" and a["NodeID"] != not_on] \
+                    if status == 200 else []
+                return running[0] if running else None
+
+            first = await _until("the VM's allocation running", running_alloc, 60, agents["server"])
+            dead = next(name for name, node_id in nodes.items() if node_id == first["NodeID"])
+            survivor = "client-b" if dead == "client-a" else "client-a"
+            async with open_console(s, vm_id) as rfb:
+                await wait_for_screen(rfb, lambda: not rfb.is_blank())
+
+            # The node dies: its agent, the executor and QEMU, at once.
+            agent = agents[dead.removeprefix("client-")]
+            agent.process.kill()
+            agent.process.wait()
+            _kill_session(agent.process.pid)
+            kill_qemu_under(agent_dir / dead)
+            began = time.monotonic()
+
+            second = await _until(f"a replacement allocation running on {survivor}",
+                                  lambda: running_alloc(not_on=first["NodeID"]), 180, agents["server"])
+            assert second["NodeID"] == nodes[survivor]
+            print(f"\nnode {dead} killed; the VM runs on {survivor} {time.monotonic() - began:.1f} s later")
+
+            async def vmgate_running() -> Any:
+                status, body = await s.request("GET", f"/api/vms/{vm_id}")
+                return status == 200 and body["state"] == "running" and body
+
+            await _until("vmgate showing the VM running again", vmgate_running, 60)
+            status, detail = await _get(http, f"{server_http}/v1/allocation/{second['ID']}")
+            [port] = [p for p in detail["AllocatedResources"]["Shared"]["Ports"] if p["Label"] == "vnc"]
+
+            async def passing() -> Any:
+                url = f"{consul_agent.http}/v1/health/service/vmgate-vnc?tag={job_id}&passing"
+                status, body = await _get(http, url)
+                return status == 200 and [i for i in body if i["Service"]["Port"] == port["Value"]]
+
+            await _until("the moved VM's VNC passing its check in Consul", passing, 60, consul_agent)
+            async with open_console(s, vm_id) as rfb:
+                await wait_for_screen(rfb, lambda: not rfb.is_blank())
+            assert f"vm {vm_id}: VNC at 127.0.0.1:{port['Value']}, from Consul's healthy vmgate-vnc" \
+                in websockify_server.log_text()
+
+        status, body = await s.request("DELETE", f"/api/vms/{vm_id}?wait=90")
+        assert status == 200 and body["state"] == "destroyed", body
+    finally:
+        for agent in reversed(list(agents.values())):
+            _stop(agent)
+        kill_qemu_under(agent_dir)
