@@ -117,6 +117,11 @@ class Driver(abc.ABC):
     async def health(self) -> dict[str, Any]:
         """Return ``{"ok": bool, ...details}`` about the driver's ability to run VMs."""
 
+    async def wait_for_change(self, index: int, wait: float) -> int | None:
+        """Block until what the driver runs may have changed since ``index`` (0: answer at once), or
+        ``wait`` s passed; return the new index. None: this driver cannot tell, the reconciler only polls."""
+        return None
+
     async def close(self) -> None:
         """Release clients and connections. Running VMs are not affected."""
         return None

@@ -224,6 +224,18 @@ class NomadDriver(Driver):
         except Exception as exc:  # mapped to exactly one typed error
             raise map_error(exc, doing) from exc
 
+    async def wait_for_change(self, index: int, wait: float) -> int | None:
+        """A Nomad blocking query on the namespace's allocations: returns when Nomad's allocation index
+        moves past ``index`` (an allocation placed, started, restarted, lost...) or after ``wait`` s."""
+        def query() -> int:
+            response = self.client.allocations.request(
+                method="get", params={"index": index, "wait": f"{max(1, int(wait))}s", "namespace": self.namespace},
+                timeout=wait + REQUEST_TIMEOUT)
+            # An empty table has index 0, and a query at index 0 never blocks: start from 1 at least.
+            return max(1, int(response.headers.get("X-Nomad-Index", index)))
+
+        return await self._call("watching Nomad's allocations", query)
+
     @staticmethod
     def job_id(vm_id: str) -> str:
         return f"vm-{vm_id}"

@@ -57,6 +57,7 @@ LOCK_WAIT = 60  # seconds a worker waits for another worker's lock on the same V
 RECONCILER_LOCK = 0x766D67617465  # "vmgate": one reconciler pass at a time across gateways
 SERIAL_TAIL_LINES = 8
 STOP_GRACE = 5.0  # seconds the loops get to finish at shutdown
+WATCH_WAIT = 5.0  # seconds of one blocking query on the driver (short: a query in flight delays shutdown)
 NS = 1_000_000_000
 
 ENGINE_KEY = web.AppKey("engine", object)
@@ -154,6 +155,7 @@ class Engine:
         self.name = f"{socket.gethostname()}-{os.getpid()}"
         self.passes = 0
         self.running_seen = 0  # VMs recorded running whose QEMU runs, at the last reconciler pass
+        self.watch_wakeups = 0  # reconciler passes the driver's change notifications started
         self.stopping = asyncio.Event()
 
     # ---- running the loops
@@ -169,6 +171,7 @@ class Engine:
             self.tasks.append(asyncio.create_task(self._every(self.settings.collect_interval, self.collect_once,
                                                               first_delay=self.settings.collect_interval),
                                                   name="vmgate-collector"))
+            self.tasks.append(asyncio.create_task(self._watch_driver(), name="vmgate-driver-watch"))
 
     async def stop(self, grace: float = STOP_GRACE) -> None:
         """Let the loops finish what they are doing (up to ``grace`` s), then cancel them. A job cut
@@ -182,6 +185,29 @@ class Engine:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
         self.tasks.clear()
+
+    async def _watch_driver(self) -> None:
+        """Reconcile as soon as the driver says something changed (Nomad: a blocking query on its
+        allocations), besides the RECONCILE_INTERVAL passes. Drivers that cannot tell end this at once."""
+        index, backoff = 0, 1.0
+        while not self.stopping.is_set():
+            try:
+                new = await self.driver.wait_for_change(index, WATCH_WAIT)
+            except Exception as exc:
+                log.warning("watching the driver: %s", exc, exc_info=not isinstance(exc, DriverError))
+                await self._pause(backoff)
+                backoff = min(backoff * 2, 30.0)
+                continue
+            backoff = 1.0
+            if new is None:
+                return
+            changed, index = index not in (0, new), (new if new >= index else 0)  # an index going back: start over
+            if changed and not self.stopping.is_set():
+                self.watch_wakeups += 1
+                try:
+                    await self.reconcile_once()
+                except Exception as exc:
+                    log.warning("reconciling after a driver change: %s", exc, exc_info=not _is_outage(exc))
 
     async def _pause(self, seconds: float) -> None:
         """Sleep, but wake at once when the engine stops."""

@@ -29,6 +29,7 @@ import pytest
 from gateway.app import create_app
 from gateway.config import Settings
 from gateway.jobspec_cli import client_allowlist
+from gateway.lifecycle import engine_of
 from tests.conftest import VM, Session, kill_qemu_under, truncate_all
 from tests.fixtures.websockify import WebsockifyServer, free_port
 from tests.test_e2e import READY, open_console, wait_for_screen, wait_for_serial
@@ -500,3 +501,27 @@ consul {{
         for agent in reversed(list(agents.values())):
             _stop(agent)
         kill_qemu_under(agent_dir)
+
+
+async def test_nomad_blocking_query_returns_on_a_change(fleet_gateway: Any, sessions: Any, nomad_agent: Agent,
+                                                        app_settings: Settings) -> None:
+    """The Nomad driver's wait_for_change (what wakes the reconciler) answers when an allocation appears."""
+    from drivers.nomad import NomadDriver
+
+    driver = NomadDriver(dataclasses.replace(app_settings, driver="nomad", nomad_addr=nomad_agent.http))
+    try:
+        index = await driver.wait_for_change(0, 5)
+        assert index is not None and index >= 1
+        waiting = asyncio.create_task(driver.wait_for_change(index, 60))
+        await asyncio.sleep(1)
+        assert not waiting.done()  # nothing changed yet: the query blocks
+        s: Session = sessions(fleet_gateway)
+        await s.signup_and_login()
+        status, vm = await s.request("POST", "/api/vms?wait=60", json=VM)
+        assert status == 201, vm
+        changed = await asyncio.wait_for(waiting, 30)  # well before its 60 s
+        assert changed is not None and changed > index
+        assert engine_of(fleet_gateway.app).watch_wakeups >= 1  # the gateway's own watch saw it too
+        assert (await s.request("DELETE", f"/api/vms/{vm['vm_id']}?wait=60"))[0] == 200
+    finally:
+        await driver.close()

@@ -9,6 +9,7 @@ kill -9 of QEMU, a Redis restart during a burst, the soak) is in tests/test_life
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
@@ -426,3 +427,45 @@ async def test_with_redis_down_reads_work_and_writes_say_503(aiohttp_server: Any
         return (await alice.request("GET", f"/api/vms/{vm['vm_id']}/console"))[0] == 200
 
     await eventually(console_back, what="the console of the running VM after Redis came back")
+
+
+# ---- drivers that say when something changed -------------------------------------------------------
+
+class WatchedFakeDriver(FakeDriver):
+    """A fake driver that, like the Nomad driver's blocking query, answers ``wait_for_change`` when told."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.index = 1
+        self.changed = asyncio.Event()
+
+    def bump(self) -> None:
+        self.index += 1
+        self.changed.set()
+
+    async def wait_for_change(self, index: int, wait: float) -> int | None:
+        if index == self.index:
+            self.changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.changed.wait(), wait)
+        return self.index
+
+
+async def test_a_driver_change_is_reconciled_at_once(aiohttp_server: Any, restart_settings: Settings,
+                                                     database_url: str, sessions: Any) -> None:
+    settings = dataclasses.replace(restart_settings, reconcile_interval=3600.0)  # no periodic pass in this test
+    srv = await fake_gateway(aiohttp_server, settings, database_url, WatchedFakeDriver())
+    driver: WatchedFakeDriver = srv.driver
+    alice = await user(srv, sessions)
+    status, vm = await alice.request("POST", "/api/vms?wait=20", json=VM)
+    assert status == 201
+    pid = driver.vms[vm["vm_id"]].pid
+    driver.crash(vm["vm_id"], returncode=1)
+    driver.bump()  # what a Nomad blocking query returning with a new index means
+
+    async def restarted() -> bool:
+        current = driver.vms[vm["vm_id"]].pid
+        return current not in (None, pid) and (await vm_state(alice, vm["vm_id"]))["state"] == "running"
+
+    await eventually(restarted, 10, "a restart started by the driver's change notification")
+    assert engine_of(srv.app).watch_wakeups >= 1
