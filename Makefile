@@ -35,7 +35,7 @@ $(CSS_OUT): $(NOVNC_STAMP) gateway/static/tailwind.css $(wildcard gateway/templa
 env: ## create .env with random secrets if it does not exist
 	@deploy/ensure-env.sh
 
-images: deps env ## build the tiny base image into IMAGES_DIR (skipped when up to date)
+images: deps venv env ## build the tiny base image and its warm layer into IMAGES_DIR (skipped when up to date)
 	@deploy/images.sh
 
 services: deps env ## start Postgres and Redis (reuses running ones; they stay up)

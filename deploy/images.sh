@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# Build the tiny base image into IMAGES_DIR/tiny. images/build-tiny.sh skips the work itself when
-# the output matches its manifest; this script adds FORCE=1 when a build input under images/
-# changed since the last successful build here, so edited build scripts take effect.
+# Build the tiny base image into IMAGES_DIR/tiny, then the warm layers of the warm templates into
+# IMAGES_DIR/warm (python -m images.warm: boot once, save the memory state; docs/IMAGES.md).
+# images/build-tiny.sh skips the work itself when the output matches its manifest; this script adds
+# FORCE=1 when a build input under images/ changed since the last successful build here, so edited
+# build scripts take effect. images.warm skips a template whose layer matches its inputs (base files,
+# QEMU arguments, sizes, QEMU version).
 set -euo pipefail
 # shellcheck source=lib.sh
 . "$(dirname "$0")/lib.sh"
@@ -15,7 +18,7 @@ stamp=$IMAGES_DIR/.tiny.built  # outside the work dir, so make clean keeps a bui
 [ -f "$script" ] || die "$script is missing"
 
 force=${FORCE:-0}  # FORCE=1 make images rebuilds regardless
-if [ -f "$stamp" ] && [ -n "$(find images -type f ! -name catalog.json ! -name '*.md' ! -name '*.pyc' \
+if [ -f "$stamp" ] && [ -n "$(find images -type f ! -name catalog.json ! -name '*.md' ! -name '*.pyc' ! -name warm.py \
         -newer "$stamp" -print -quit)" ]; then
     say "images: build inputs under images/ changed since the last build; rebuilding tiny"
     force=1
@@ -23,3 +26,4 @@ fi
 mkdir -p "$work" "$IMAGES_DIR"
 FORCE=$force bash "$script" "$out" "$work"
 touch "$stamp"
+.venv/bin/python -m images.warm

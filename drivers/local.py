@@ -66,6 +66,10 @@ RUNTIME_FILES = ("qemu.pid",)
 LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
 
 _INTERP_RE = re.compile(r"\$\{([^}]*)\}")
+# -incoming "exec:cat PATH": QEMU runs it with /bin/sh, so PATH may hold nothing the shell interprets.
+_INCOMING_RE = re.compile(r"^exec:cat (/[A-Za-z0-9/._-]+)$")
+# -fw_cfg may only hand the guest a string (file= would copy any file QEMU can read into the guest).
+_FW_CFG_RE = re.compile(r"^name=opt/[A-Za-z0-9/._-]+,string=[^,]*$")
 _OPTION_VALUE_RE = re.compile(r"^[A-Za-z0-9_.:+-]+$")
 _VERSION_RE = re.compile(r"version (\d+)\.(\d+)(?:\.(\d+))?")
 
@@ -83,6 +87,7 @@ class QemuTask:
     vnc: VncTarget | None
     graceful_shutdown: bool
     env: dict[str, str] = field(default_factory=dict)
+    incoming: str | None = None  # the state file a warm start restores (-incoming "exec:cat PATH")
 
 
 def check_vm_id(vm_id: str) -> None:
@@ -247,7 +252,18 @@ def build_task(vm_id: str, job: dict[str, Any], task_dir: Path, qemu_path: str =
                 raise JobInvalid(f"{arg!r} is not in args_allowlist")
     qmp_socket: Path | None = None
     vnc: VncTarget | None = None
+    incoming: str | None = None
     for flag, value in zip(extra, [*extra[1:], ""], strict=True):
+        if flag == "-incoming":
+            match = _INCOMING_RE.match(value)
+            if not match or incoming is not None:
+                raise JobInvalid(f"-incoming {value!r}: the local driver restores only a saved state file, "
+                                 "once: exec:cat /ABSOLUTE/PATH")
+            incoming = os.path.normpath(match[1])
+        elif flag == "-fw_cfg" and not _FW_CFG_RE.match(value):
+            raise JobInvalid(f"-fw_cfg {value!r}: only name=opt/...,string=VALUE is allowed")
+        elif flag == "-set" and value != "drive.image0.file.auto-read-only=off":
+            raise JobInvalid(f"-set {value!r}: only drive.image0.file.auto-read-only=off is allowed")
         if flag == "-qmp":
             if not value.startswith("unix:") or "server" not in value:
                 raise JobInvalid(f"-qmp {value!r}: the local driver needs a unix socket server "
@@ -270,7 +286,7 @@ def build_task(vm_id: str, job: dict[str, Any], task_dir: Path, qemu_path: str =
             raise DriverError(f"unix socket path {path} is {len(os.fsencode(str(path)))} bytes; it must be "
                               f"under {SUN_PATH_MAX}: use a shorter VMS_ROOT")
     return QemuTask(argv=tuple(argv), image_path=image_path, qmp_socket=qmp_socket, sockets=tuple(sockets),
-                    vnc=vnc, graceful_shutdown=bool(config.get("graceful_shutdown")), env=env)
+                    vnc=vnc, graceful_shutdown=bool(config.get("graceful_shutdown")), env=env, incoming=incoming)
 
 
 def _exit_message(returncode: int | None) -> str:
@@ -634,6 +650,8 @@ class LocalDriver(Driver):
                 return current
             if not os.path.isfile(task.image_path):
                 raise JobInvalid(f"config.image_path {task.image_path} does not exist")
+            if task.incoming is not None and not os.path.isfile(task.incoming):
+                raise JobInvalid(f"-incoming: the saved state {task.incoming} does not exist")
             argv = [*task.argv, *await self._run_as_args()]
             created = not task_dir.exists()
             pid: int | None = None
@@ -693,8 +711,14 @@ class LocalDriver(Driver):
                 try:
                     reply = await self._qmp(task.qmp_socket, "query-status",
                                             timeout=max(0.5, deadline - time.monotonic()))
-                    if isinstance(reply, dict) and reply.get("status") == "running":
+                    status = reply.get("status") if isinstance(reply, dict) else None
+                    if status == "running":
                         return
+                    if status == "paused" and task.incoming is not None:
+                        # The restore is done ("inmigrate" before) but the state was saved from a paused
+                        # VM that recorded its run state: QEMU then stays paused. images/warm.py saves
+                        # without it (the VM starts by itself, as under Nomad); an older state needs this.
+                        await self._qmp(task.qmp_socket, "cont", timeout=max(0.5, deadline - time.monotonic()))
                 except QMP_ERRORS:
                     pass
             if time.monotonic() >= deadline:

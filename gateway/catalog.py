@@ -1,5 +1,5 @@
 """The template catalog as the gateway uses it: lookup, image checks against the build manifest,
-job rendering."""
+job rendering (warm when the template has a warm layer that fits the VM: docs/IMAGES.md)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from gateway.config import Settings
 from gateway.errors import ValidationFailed
 from gateway.storage import ImageUnavailable, ImageVerifier
 from jobspecs import render
-from jobspecs.catalog import DEFAULT_CATALOG, Template, load_catalog
+from jobspecs.catalog import DEFAULT_CATALOG, WARM_DISK, WARM_STATE, Template, load_catalog
 
 
 class Catalog:
@@ -45,7 +45,32 @@ class Catalog:
         return listing
 
     def render(self, template: Template, vm: dict[str, Any], *, owner: str, settings: Settings) -> dict[str, Any]:
+        """A new VM's job: warm (its first start restores the template's saved state) when the template
+        has a warm layer saved for this VM's sizes, cold otherwise."""
         spec = render.VMSpec(
             id=vm["id"], owner=owner, template=template.name, cpu=vm["cpu"], memory_mb=vm["memory_mb"],
             disk_gb=vm["disk_gb"], overlay_path=str(vm["overlay_path"]), hostname=vm["name"])
-        return render.render_job(spec, template, render.JobSettings.from_settings(settings))
+        job_settings = render.JobSettings.from_settings(settings)
+        warm = template.warm_image()
+        if warm is not None and not render.warm_fits(spec, warm, job_settings):
+            warm = None
+        return render.render_job(spec, template, job_settings, warm=warm)
+
+    @staticmethod
+    def overlay_base(template: Template, job: dict[str, Any]) -> Path:
+        """The disk a VM's overlay is made on: the warm layer its job names, else the base disk."""
+        layer = (job.get("Meta") or {}).get("warm_layer")
+        if isinstance(layer, str) and layer.isalnum():
+            return template.warm_root / layer / WARM_DISK
+        return template.disk
+
+    async def verify_warm(self, template: Template, job: dict[str, Any]) -> None:
+        """Refuse a warm layer whose disk or state does not match its manifest."""
+        base = self.overlay_base(template, job)
+        if base != template.disk:
+            await self._verifier.verify(base.parent, [WARM_DISK, WARM_STATE])
+
+    @staticmethod
+    def cold(job: dict[str, Any], settings: Settings) -> dict[str, Any]:
+        """The job without the restore of a saved state: what every start but a warm VM's first runs."""
+        return render.cold_job(job, render.JobSettings.from_settings(settings))

@@ -47,6 +47,7 @@ from gateway.faults import crash_point
 from gateway.keys import catalog_key, db_key, driver_key, redis_key, settings_key
 from gateway.metrics import metrics_key
 from gateway.workqueue import Job, WorkQueue
+from jobspecs import is_warm
 
 log = logging.getLogger("vmgate.lifecycle")
 
@@ -333,12 +334,15 @@ class Engine:
         try:
             template = self.catalog.get(row["template"])
             await self.catalog.verify(template)
-            if not row.get("jobspec"):
+            job = row.get("jobspec")
+            if not job:
                 vm = {**row, "id": vm_id}
                 job = self.catalog.render(template, vm, owner=str(row["user_id"]), settings=self.settings)
                 async with db.cursor(self.pool) as cur:
                     await db.set_jobspec(cur, vm_id, job)
-            await storage.create_overlay(template.disk, Path(row["overlay_path"]), row["disk_gb"])
+            # A warm job's overlay sits on the template's warm disk layer, a cold one's on the base disk.
+            await storage.create_overlay(self.catalog.overlay_base(template, job), Path(row["overlay_path"]),
+                                         row["disk_gb"])
         except (ApiError, storage.StorageError, OSError) as exc:
             await self._fail_create(row, exc)
             return False
@@ -372,8 +376,17 @@ class Engine:
         try:
             if not row.get("jobspec") or not row["overlay_path"] or not Path(row["overlay_path"]).exists():
                 raise DriverError("the VM's disk is missing")
-            await self.catalog.verify(self.catalog.get(row["template"]))
-            status = await self.driver.start(vm_id, row["jobspec"])
+            template = self.catalog.get(row["template"])
+            await self.catalog.verify(template)
+            job = row["jobspec"]
+            if is_warm(job):
+                # Only this first start may restore the saved memory state: once the VM ran, its disk
+                # moved on. The cold job is stored before QEMU starts, so a retry or any later start
+                # boots from the VM's own disk (docs/LIFECYCLE.md, "Warm starts").
+                await self.catalog.verify_warm(template, job)
+                async with db.cursor(self.pool) as cur:
+                    await db.set_jobspec(cur, vm_id, self.catalog.cold(job, self.settings))
+            status = await self.driver.start(vm_id, job)
             if status.state != "running":
                 raise DriverError(f"the VM stopped as soon as it started: {status.reason or 'no reason given'}")
             if status.vnc is None:

@@ -141,7 +141,10 @@ mkdir -p "$ROOTFS"/{dev,proc,sys,tmp,run,root,mnt,home,etc,var/log,var/lib/vmgat
 install_busybox "$ROOTFS"
 cp -R "$HERE/tiny/rootfs/." "$ROOTFS/"
 chmod 0755 "$ROOTFS/etc/init.d/rcS" "$ROOTFS/etc/init.d/rcK" "$ROOTFS/etc/acpi/PWRF/00000080" \
-	"$ROOTFS/sbin/vmgate-growfs" "$ROOTFS/sbin/vmgate-userdata" "$ROOTFS/usr/share/udhcpc/default.script"
+	"$ROOTFS/sbin/vmgate-growfs" "$ROOTFS/sbin/vmgate-userdata" "$ROOTFS/usr/share/udhcpc/default.script" \
+	"$ROOTFS/sbin/vmgate-set-identity" "$ROOTFS/sbin/vmgate-clone-watch" "$ROOTFS/sbin/vmgate-clone"
+# RNDRESEEDCRNG for clones of a warm template (no busybox applet issues ioctls; reseed.py says how).
+"$PY" "$HERE/reseed.py" "$ROOTFS/sbin/vmgate-reseed"
 chmod 0640 "$ROOTFS/etc/shadow"
 chmod 0700 "$ROOTFS/root"
 chmod 1777 "$ROOTFS/tmp"
@@ -149,9 +152,11 @@ ln -s /proc/self/mounts "$ROOTFS/etc/mtab"
 ln -s /run "$ROOTFS/var/run"
 echo "$NAME" >"$ROOTFS/etc/hostname"
 # Everything the root needs: the disk modules again (so lsmod/modprobe know them), the ACPI power
-# button and its input events (acpid), fw_cfg in sysfs (user data), virtio-net (the NIC Nomad's port_map
-# adds). The cloud kernel has no driver for QEMU's default e1000 NIC, so that one stays unused.
-"$PY" "$HERE/kmods.py" "$MODROOT" "$ROOTFS" virtio_pci virtio_blk button evdev qemu_fw_cfg virtio_net >/dev/null
+# button and its input events (acpid), fw_cfg in sysfs (user data, the VM's name), virtio-net (the NIC
+# Nomad's port_map adds), virtio-rng (the host's entropy, which clones of a warm template reseed from).
+# The cloud kernel has no driver for QEMU's default e1000 NIC, so that one stays unused.
+"$PY" "$HERE/kmods.py" "$MODROOT" "$ROOTFS" virtio_pci virtio_blk button evdev qemu_fw_cfg virtio_net \
+	virtio_rng >/dev/null
 "$PY" "$HERE/elfdeps.py" "$STAGE/userland" "$ROOTFS" sbin/resize2fs >/dev/null
 find "$ROOTFS" -exec touch -h -d "@$EPOCH" {} +
 

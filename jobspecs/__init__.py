@@ -8,7 +8,7 @@
 ``python -m jobspecs`` renders every template of the catalog (CI's check) or prints one job.
 """
 
-from jobspecs.catalog import DEFAULT_CATALOG, CatalogError, Limits, Sizes, Template, load_catalog
+from jobspecs.catalog import DEFAULT_CATALOG, CatalogError, Limits, Sizes, Template, WarmImage, load_catalog
 from jobspecs.hcl import hcl_duration, hcl_string, to_hcl
 from jobspecs.render import (
     CPU_MHZ_PER_VCPU,
@@ -17,10 +17,13 @@ from jobspecs.render import (
     JobSettings,
     JobSpecError,
     VMSpec,
+    cold_job,
+    is_warm,
     job_name,
     render_job,
     variables,
     vm_id_of,
+    warm_fits,
 )
 
 __all__ = [
@@ -35,12 +38,16 @@ __all__ = [
     "Sizes",
     "Template",
     "VMSpec",
+    "WarmImage",
+    "cold_job",
     "hcl_duration",
     "hcl_string",
+    "is_warm",
     "job_name",
     "load_catalog",
     "render_job",
     "to_hcl",
     "variables",
     "vm_id_of",
+    "warm_fits",
 ]

@@ -5,11 +5,17 @@ with a ``manifest.json``), the kernel, initrd and disk files in it, the kernel c
 the sizes a VM may ask for. Loading the catalog never needs the images to be built, so the
 gateway can start (and list templates) before ``make images`` finished; ``Template.is_built()``
 says whether a template can boot.
+
+A template with ``"warm": true`` also has warm layers (``images/warm.py``, docs/IMAGES.md "Warm
+templates"): ``IMAGES_DIR/warm/<template>/<id>/`` holds a disk layer on the base disk and the memory
+state saved from the same moment, ``IMAGES_DIR/warm/<template>/current`` names the newest one, and
+``Template.warm_image()`` reads it.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +58,54 @@ class Limits:
         return value
 
 
+WARM_DIR = "warm"  # IMAGES_DIR/warm/<template>/<id>/: the warm layers of each template
+WARM_CURRENT = "current"  # IMAGES_DIR/warm/<template>/current -> <id>: the one new VMs use
+WARM_DISK = "disk.qcow2"
+WARM_STATE = "state"
+# The state file's path ends up in `-incoming "exec:cat PATH"`, which QEMU runs with /bin/sh.
+_SAFE_PATH_RE = re.compile(r"^/[A-Za-z0-9/._-]+$")
+
+
+@dataclass(frozen=True)
+class WarmImage:
+    """A warm layer: a disk layer on the template's base disk plus the memory state saved at the same
+    moment, and the machine the state fits (a state restores only into the same vCPUs, memory and disk
+    size under the same accelerator)."""
+
+    template: str
+    id: str
+    directory: Path
+    disk: Path
+    state: Path
+    sizes: Sizes
+    accelerator: str
+
+    def fits(self, cpu: int, memory_mb: int, disk_gb: int, accelerator: str) -> bool:
+        """True when a VM of this size, under this accelerator, can start from this state."""
+        return (Sizes(cpu, memory_mb, disk_gb) == self.sizes) and accelerator == self.accelerator
+
+    @property
+    def manifest(self) -> Path:
+        return self.directory / "manifest.json"
+
+
+def read_warm_image(directory: Path) -> WarmImage | None:
+    """The warm layer in ``directory`` (``IMAGES_DIR/warm/<template>/<id>`` or its ``current`` link,
+    resolved), or None when there is none or its manifest is unreadable. Files are not hashed here."""
+    try:
+        real = Path(os.path.realpath(directory))
+        manifest = json.loads((real / "manifest.json").read_text())
+        sizes = Sizes(**{size: int(manifest["sizes"][size]) for size in SIZE_NAMES})
+        image = WarmImage(template=str(manifest["template"]), id=str(manifest["id"]), directory=real,
+                          disk=real / WARM_DISK, state=real / WARM_STATE, sizes=sizes,
+                          accelerator=str(manifest["accelerator"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not _SAFE_PATH_RE.match(str(image.state)):
+        return None
+    return image
+
+
 @dataclass(frozen=True)
 class Template:
     """One bootable template: files of a built base image plus how to boot it and how big it may be."""
@@ -66,10 +120,23 @@ class Template:
     cmdline: str
     limits: Limits
     defaults: Sizes
+    warm: bool = False  # catalog "warm": new VMs of the default size start from a saved memory state
 
     @property
     def manifest(self) -> Path:
         return self.image_dir / "manifest.json"
+
+    @property
+    def warm_root(self) -> Path:
+        """``IMAGES_DIR/warm/<template>``: this template's warm layers and the ``current`` link."""
+        return self.image_dir.parent / WARM_DIR / self.name
+
+    def warm_image(self) -> WarmImage | None:
+        """The current warm layer, if the template is warm and one was built; None otherwise."""
+        if not self.warm:
+            return None
+        image = read_warm_image(self.warm_root / WARM_CURRENT)
+        return image if image is not None and image.template == self.name else None
 
     def is_built(self) -> bool:
         """True when the image's manifest and the kernel, initrd and disk it boots from exist."""
@@ -83,6 +150,7 @@ class Template:
             "description": self.description,
             "limits": {size: list(self.limits.bounds(size)) for size in SIZE_NAMES},
             "defaults": {size: getattr(self.defaults, size) for size in SIZE_NAMES},
+            "warm": self.warm,
         }
 
 
@@ -136,6 +204,9 @@ def _template(name: str, entry: Any, images_dir: Path, where: str) -> Template:
         if not _int(default) or not pair[0] <= default <= pair[1]:
             raise CatalogError(f"{where}: defaults.{size} must be an integer within limits.{size} {pair}")
         defaults[size] = default
+    warm = entry.get("warm", False)
+    if not isinstance(warm, bool):
+        raise CatalogError(f"{where}: warm must be true or false")
     low, high = bounds["memory_mb"]
     if low < NOMAD_MEMORY_MB[0] or high > NOMAD_MEMORY_MB[1]:
         raise CatalogError(f"{where}: limits.memory_mb must stay within Nomad's {NOMAD_MEMORY_MB[0]}.."
@@ -152,6 +223,7 @@ def _template(name: str, entry: Any, images_dir: Path, where: str) -> Template:
         cmdline=cmdline,
         limits=Limits(**bounds),
         defaults=Sizes(**defaults),
+        warm=warm,
     )
 
 

@@ -17,7 +17,18 @@ The job (``vm-<id>``, type service):
                 -vnc unix:${NOMAD_TASK_DIR}/vnc.sock
                 -qmp unix:${NOMAD_TASK_DIR}/qmp.sock,server=on,wait=off
                 -sandbox on -nic none
+                -device virtio-rng-pci -fw_cfg name=opt/vmgate/hostname,string=<hostname>
+                [-set drive.image0.file.auto-read-only=off
+                 -incoming "exec:cat <warm state>"]             (a warm job: the VM's first start only)
         resources: cpu = 1000 MHz per vCPU, memory = memory_mb
+
+Warm jobs (``render_job(..., warm=WarmImage)``): the VM's overlay sits on the template's warm disk
+layer and its first start restores the memory state saved with it (``-incoming``) instead of booting.
+Only that first start may restore it: once the VM has run, its disk has moved on from the moment the
+state was saved, and the state restored over it would corrupt it. ``cold_job`` is the same job without
+``-incoming``; the lifecycle engine stores it before the first start, so every later start (and any
+retry of the first) boots from the VM's own disk. A warm job's restart and reschedule blocks allow no
+attempt, for the same reason: a scheduler that restarts the task itself (Nomad) would restore again.
 
 Two targets (``JobSettings.target``), one template:
 
@@ -33,18 +44,20 @@ Two targets (``JobSettings.target``), one template:
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from jobspecs.catalog import NOMAD_MEMORY_MB, SIZE_NAMES, Template
+from jobspecs.catalog import NOMAD_MEMORY_MB, SIZE_NAMES, Template, WarmImage
 from jobspecs.hcl import to_hcl
 
 SECOND = 1_000_000_000  # Nomad's API takes durations in nanoseconds
 
-__all__ = ["VNC_PORT_LABEL", "VNC_SERVICE", "JobSettings", "JobSpecError", "VMSpec", "job_name", "qemu_args",
-           "render_job", "to_hcl", "variables", "vm_id_of", "vnc_arg"]
+__all__ = ["FW_CFG_HOSTNAME", "VNC_PORT_LABEL", "VNC_SERVICE", "JobSettings", "JobSpecError", "VMSpec", "cold_job",
+           "is_warm", "job_name", "qemu_args", "render_job", "to_hcl", "variables", "vm_id_of", "vnc_arg",
+           "warm_fits"]
 MINUTE = 60 * SECOND
 HOUR = 60 * MINUTE
 
@@ -61,6 +74,16 @@ VNC_ENV_FILE = "local/vnc.env"
 # displays 14100-26100, all within QEMU's 5900 + display <= 65535.
 VNC_DISPLAY_TEMPLATE = 'VMGATE_VNC_DISPLAY={{ env "NOMAD_PORT_vnc" | parseInt | subtract 5900 }}\n'
 VNC_CHECK = {"Interval": 10 * SECOND, "Timeout": 2 * SECOND}
+
+# The guest (images/tiny/rootfs/lib/vmgate/identity.sh) takes its name from this fw_cfg entry; a clone
+# restored from a warm template finds its own name there (its kernel command line is the template's).
+FW_CFG_HOSTNAME = "opt/vmgate/hostname"
+INCOMING = "-incoming"
+# With -incoming QEMU opens the disk inactive and, with -drive's default auto-read-only, read-only; when
+# the restore is done it reopens it read-write by path, which fails once QEMU dropped to nobody (the
+# overlay's directory is root's alone). Nomad's qemu driver writes `-drive ...,id=image0` before the
+# args, so -set can reach that drive's file node: opened read-write from the start, nothing to reopen.
+WARM_ARGS = ("-set", "drive.image0.file.auto-read-only=off")
 
 GROUP_NAME = "vm"
 TASK_NAME = "qemu"
@@ -247,7 +270,50 @@ def qemu_args(vm: VMSpec, template: Template, target: str = "local") -> list[str
         # loopback (10.0.2.2 is the host's 127.0.0.1: Postgres, Redis, the gateway). No NIC until
         # networking is designed; Nomad's port_map adds its own -netdev/-device when used.
         "-nic", "none",
+        # The host's entropy for the guest; a clone of a warm template reseeds its RNG from it.
+        "-device", "virtio-rng-pci",
+        "-fw_cfg", f"name={FW_CFG_HOSTNAME},string={vm.hostname}",
     ]
+
+
+def warm_fits(vm: VMSpec, warm: WarmImage, settings: JobSettings) -> bool:
+    """True when ``vm`` can start from ``warm``'s memory state (same template, sizes and accelerator)."""
+    return vm.template == warm.template and warm.fits(vm.cpu, vm.memory_mb, vm.disk_gb, settings.accelerator)
+
+
+def is_warm(job: dict[str, Any]) -> bool:
+    """True when the job's start restores a saved memory state (``-incoming`` in its args)."""
+    try:
+        return INCOMING in job["TaskGroups"][0]["Tasks"][0]["Config"]["args"]
+    except (KeyError, IndexError, TypeError):
+        return False
+
+
+def _policies(settings: JobSettings, warm: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+    restart = {"Attempts": 0 if warm else settings.restart_attempts, "Interval": settings.restart_interval * SECOND,
+               "Delay": settings.restart_delay * SECOND, "Mode": "fail" if warm else settings.restart_mode}
+    reschedule = dict(RESCHEDULE_POLICY)
+    if warm:
+        reschedule["Attempts"] = 0
+    return restart, reschedule
+
+
+def cold_job(job: dict[str, Any], settings: JobSettings) -> dict[str, Any]:
+    """A copy of ``job`` that boots from the VM's disk: no ``-incoming``, the installation's restart
+    and reschedule blocks. Any other job is returned as a copy, unchanged."""
+    copy: dict[str, Any] = json.loads(json.dumps(job))
+    if not is_warm(copy):
+        return copy
+    group = copy["TaskGroups"][0]
+    config = group["Tasks"][0]["Config"]
+    args = config["args"]
+    at = args.index(INCOMING)
+    args = args[:at] + args[at + 2:]
+    with_set = [i for i in range(len(args) - 1) if tuple(args[i:i + 2]) == WARM_ARGS]
+    config["args"] = args[:with_set[0]] + args[with_set[0] + 2:] if with_set else args
+    group["RestartPolicy"], group["ReschedulePolicy"] = _policies(settings, warm=False)
+    copy.get("Meta", {}).pop("start", None)
+    return copy
 
 
 def _fleet_parts(vm: VMSpec, name: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -268,11 +334,24 @@ def _fleet_parts(vm: VMSpec, name: str) -> tuple[dict[str, Any], dict[str, Any]]
     return group, task
 
 
-def render_job(vm: VMSpec, template: Template, settings: JobSettings) -> dict[str, Any]:
-    """The Nomad API Job object for ``vm``; raises ``JobSpecError`` naming the first bad variable."""
+def render_job(vm: VMSpec, template: Template, settings: JobSettings,
+               warm: WarmImage | None = None) -> dict[str, Any]:
+    """The Nomad API Job object for ``vm``; raises ``JobSpecError`` naming the first bad variable.
+
+    With ``warm`` (which must fit: ``warm_fits``) the job's start restores the warm layer's memory
+    state; the VM's overlay must then be created on ``warm.disk``, not on the template's base disk."""
     _check(vm, template, settings)
+    if warm is not None and not warm_fits(vm, warm, settings):
+        raise JobSpecError("warm", f"the warm layer {warm.id} of template {warm.template!r} was saved for "
+                                   f"{warm.sizes} under {warm.accelerator}, not this VM's sizes")
     name = job_name(vm.id)
     job = _job(vm, template, settings, name)
+    if warm is not None:
+        task = job["TaskGroups"][0]["Tasks"][0]
+        task["Config"]["args"] += [*WARM_ARGS, INCOMING, f"exec:cat {warm.state}"]
+        job["TaskGroups"][0]["RestartPolicy"], job["TaskGroups"][0]["ReschedulePolicy"] = _policies(settings, True)
+        job["Meta"]["start"] = "warm"
+        job["Meta"]["warm_layer"] = warm.id
     if settings.target == "nomad":
         group_extra, task_extra = _fleet_parts(vm, name)
         group = job["TaskGroups"][0]
@@ -293,10 +372,8 @@ def _job(vm: VMSpec, template: Template, settings: JobSettings, name: str) -> di
             {
                 "Name": GROUP_NAME,
                 "Count": 1,
-                "RestartPolicy": {"Attempts": settings.restart_attempts,
-                                  "Interval": settings.restart_interval * SECOND,
-                                  "Delay": settings.restart_delay * SECOND, "Mode": settings.restart_mode},
-                "ReschedulePolicy": dict(RESCHEDULE_POLICY),
+                "RestartPolicy": _policies(settings, warm=False)[0],
+                "ReschedulePolicy": _policies(settings, warm=False)[1],
                 "Tasks": [
                     {
                         "Name": TASK_NAME,

@@ -40,12 +40,18 @@ consul {
 
 plugin "qemu" {
   config {
-    # image_path of a VM job is its overlay under VMS_ROOT; the base images (its backing files) and
-    # the kernels in -kernel/-initrd are under IMAGES_DIR.
+    # image_path of a VM job is its overlay under VMS_ROOT; the base images and warm layers (its
+    # backing files), the kernels in -kernel/-initrd and the saved states in -incoming are under IMAGES_DIR.
     image_paths = ["/srv/vmgate/images", "/srv/vmgate/vms"]
 
     # Exactly the flags jobspecs.render puts in a VM job's args (tests/test_fleet.py checks it):
-    # kernel boot, vCPUs, VNC, QMP, QEMU's seccomp sandbox, no NIC.
+    # kernel boot, vCPUs, VNC, QMP, QEMU's seccomp sandbox, no NIC, virtio-rng (-device), the VM's
+    # name for the guest (-fw_cfg), and the restore of a warm template's saved state on a warm VM's
+    # first start (-incoming "exec:cat IMAGES_DIR/warm/<template>/<id>/state", with
+    # -set drive.image0.file.auto-read-only=off: docs/IMAGES.md "Warm templates").
+    # The allowlist is per flag: -device, -fw_cfg, -set and -incoming "exec:" accept anything QEMU
+    # does (a device, a host file copied into the guest, any option, a shell command), so only the
+    # gateway may submit VM jobs (the Nomad ACL policy, docs/SECURITY.md).
     args_allowlist = [
       "-smp",
       "-kernel",
@@ -55,6 +61,10 @@ plugin "qemu" {
       "-qmp",
       "-sandbox",
       "-nic",
+      "-device",
+      "-fw_cfg",
+      "-set",
+      "-incoming",
     ]
 
     emulators_allowlist = ["x86_64"]

@@ -31,7 +31,7 @@ from drivers.nomad import (
 )
 from gateway.config import Settings
 from gateway.jobspec_cli import CLIENT_HCL, client_allowlist, flags_of
-from jobspecs import DEFAULT_CATALOG, JobSettings, Template, load_catalog, render_job, to_hcl
+from jobspecs import DEFAULT_CATALOG, JobSettings, Template, WarmImage, load_catalog, render_job, to_hcl
 from tests.conftest import VM
 from tests.test_jobspecs import _check_hcl_matches_json, go_duration, parse_hcl, sizes_of, spec
 
@@ -139,9 +139,17 @@ def test_the_client_allowlist_is_exactly_the_renderers_flags(templates: dict[str
             for target in ("local", "nomad"):
                 job = render_job(spec(template, **sizes), template, dataclasses.replace(NOMAD, target=target))
                 emitted |= set(flags_of(job))
+        # A warm job (a VM's first start from the template's saved state) adds -set and -incoming.
+        warm = WarmImage(template=template.name, id="0123456789abcdef", directory=Path("/srv/w"),
+                         disk=Path("/srv/w/disk.qcow2"), state=Path("/srv/w/state"), sizes=template.defaults,
+                         accelerator=NOMAD.accelerator)
+        for target in ("local", "nomad"):
+            job = render_job(spec(template), template, dataclasses.replace(NOMAD, target=target), warm=warm)
+            emitted |= set(flags_of(job))
     assert emitted <= allowed, f"flags missing from {CLIENT_HCL}: {sorted(emitted - allowed)}"
     assert allowed == emitted, f"{CLIENT_HCL} allows flags no job uses: {sorted(allowed - emitted)}"
-    assert allowed == {"-smp", "-kernel", "-initrd", "-append", "-vnc", "-qmp", "-sandbox", "-nic"}
+    assert allowed == {"-smp", "-kernel", "-initrd", "-append", "-vnc", "-qmp", "-sandbox", "-nic", "-device",
+                       "-fw_cfg", "-set", "-incoming"}
 
 
 # ---------------------------------------------------------------- Nomad's errors, one mapping

@@ -252,7 +252,9 @@ async def test_a_vm_on_nomad(fleet_gateway: Any, sessions: Any, nomad_agent: Age
         status, job = await _get(http, f"{nomad_agent.http}/v1/job/{job_id}")
         assert status == 200 and job["Status"] == "running", job
         assert job["TaskGroups"][0]["Tasks"][0]["Driver"] == "qemu"
-        assert job["Meta"] == {"vm_id": vm_id, "owner": s.user["id"], "template": "tiny"}  # type: ignore[index]
+        meta = {"vm_id": vm_id, "owner": s.user["id"], "template": "tiny"}  # type: ignore[index]
+        assert {k: job["Meta"].get(k) for k in meta} == meta
+        assert job["Meta"].get("start") == "warm"  # a default-size tiny VM starts from the warm layer (docs/IMAGES.md)
         first = await nomad_running()
         status, detail = await _get(http, f"{nomad_agent.http}/v1/allocation/{first['ID']}")
         [port] = [p for p in detail["AllocatedResources"]["Shared"]["Ports"] if p["Label"] == "vnc"]

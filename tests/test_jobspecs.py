@@ -248,6 +248,8 @@ def test_every_template_renders_at_every_size(templates: dict[str, Template]) ->
             "-qmp", "unix:${NOMAD_TASK_DIR}/qmp.sock,server=on,wait=off",
             "-sandbox", "on",
             "-nic", "none",
+            "-device", "virtio-rng-pci",
+            "-fw_cfg", "name=opt/vmgate/hostname,string=box-1",
         ]
 
 

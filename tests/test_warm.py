@@ -1,0 +1,201 @@
+"""Warm templates on the embedded default (docs/IMAGES.md "Warm templates"): a VM created from the
+`tiny` template's warm layer restores the saved memory state instead of booting, becomes a machine of
+its own (name, machine id, RNG, clock: checked in the guest), and boots cold from its own disk on
+every later start; a template with warm disabled, or a size the state was not saved for, boots cold.
+
+Needs the real tiny image and its warm layer (`make images`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import re
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.catalog import Catalog
+from gateway.config import Settings
+from gateway.keys import catalog_key, driver_key
+from jobspecs import DEFAULT_CATALOG, is_warm, load_catalog
+from tests.conftest import Session
+from tests.fixtures.qemu import type_text
+from tests.test_e2e import READY, VM, local_gateway, wait_for_serial
+from tests.test_jobspecs import _check_hcl_matches_json
+
+pytestmark = pytest.mark.qemu
+__all__ = ["local_gateway"]  # the fixture, imported for the tests below
+
+CLONED = "vmgate-tiny: clone of a warm template is now "
+# What only a boot prints on the serial console: the firmware, then the kernel's first lines.
+BOOT_MARKERS = ("SeaBIOS", "iPXE", "Booting from ROM", "Linux version")
+ID_RE = re.compile(r"ID (\S+) ([0-9a-f]{32}) ([0-9a-f]{32}) (\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)")
+
+
+@pytest.fixture(autouse=True)
+def _warm_layer(tiny_images_dir: Path) -> None:
+    template = load_catalog(DEFAULT_CATALOG, tiny_images_dir)["tiny"]
+    if template.warm_image() is None:
+        pytest.fail(f"the tiny template has no warm layer in {template.warm_root}; run `make images`")
+
+
+async def create(s: Session, name: str, **sizes: Any) -> tuple[str, float]:
+    began = time.monotonic()
+    status, vm = await s.request("POST", "/api/vms?wait=90", json={**VM, "name": name, **sizes})
+    assert status == 201 and vm["state"] == "running", vm
+    return vm["vm_id"], time.monotonic() - began
+
+
+async def task_job(server: Any, vm_id: str) -> dict[str, Any]:
+    job: dict[str, Any] = json.loads((server.app[driver_key].task_dir(vm_id) / "job.json").read_text())
+    return job
+
+
+async def stored_job(s: Session, vm_id: str) -> dict[str, Any]:
+    status, body = await s.request("GET", f"/api/vms/{vm_id}/jobspec")
+    assert status == 200, body
+    job: dict[str, Any] = body["Job"]
+    return job
+
+
+def backing_of(overlay: Path) -> str:
+    info = json.loads(subprocess.run(["qemu-img", "info", "-U", "--output=json", str(overlay)],
+                                     capture_output=True, text=True, check=True).stdout)
+    return str(info.get("backing-filename"))
+
+
+async def identity(server: Any, s: Session, vm_id: str) -> tuple[str, str, str, dt.datetime, dt.datetime]:
+    """Ask the guest (typed on tty1, answered on ttyS0): hostname, machine id, 16 random bytes, clock."""
+    qmp_socket = server.app[driver_key].task_dir(vm_id) / "qmp.sock"
+    await type_text(qmp_socket, 'echo ID $(hostname) $(cat /etc/machine-id) '
+                                '$(head -c 16 /dev/urandom | od -An -tx1 | tr -d " \\n") $(date -u -Iseconds)'
+                                ' >/dev/ttyS0\n')
+    host_now = dt.datetime.now(dt.UTC)
+    serial = await wait_for_serial(s, vm_id, "ID ", timeout=60)
+    match = ID_RE.search(serial)
+    assert match, serial[-1500:]
+    guest_now = dt.datetime.fromisoformat(match[4]).replace(tzinfo=dt.UTC)
+    return match[1], match[2], match[3], guest_now, host_now
+
+
+def overlay_of(settings: Settings, s: Session, vm_id: str) -> Path:
+    return settings.vms_root / "users" / str(s.user["id"] if s.user else "") / f"{vm_id}.qcow2"
+
+
+async def test_two_warm_clones_are_distinct_machines(local_gateway: Any, sessions: Any,
+                                                     app_settings: Settings) -> None:
+    s: Session = sessions(local_gateway)
+    await s.signup_and_login()
+    template = local_gateway.app[catalog_key].get("tiny")
+    warm = template.warm_image()
+    first, first_s = await create(s, "clone-a")
+    second, second_s = await create(s, "clone-b")
+    results = {}
+    for vm_id, name, took in ((first, "clone-a", first_s), (second, "clone-b", second_s)):
+        ready = await wait_for_serial(s, vm_id, READY, timeout=30)
+        print(f"warm create of {name}: running {took:.2f} s after POST")
+        # Restored, not booted: the serial log starts with the clone's own lines, no firmware or kernel.
+        assert f"{CLONED}{name}" in ready
+        assert not [marker for marker in BOOT_MARKERS if marker in ready], ready[-1500:]
+        # The overlay sits on the warm layer; the job QEMU ran restored its state; the stored job no longer does.
+        assert backing_of(overlay_of(app_settings, s, vm_id)) == str(warm.disk)
+        assert is_warm(await task_job(local_gateway, vm_id))
+        assert not is_warm(await stored_job(s, vm_id))
+        await wait_for_serial(s, vm_id, "~ # ", timeout=30)  # a fresh shell prompt on ttyS0 after the ready line
+        results[name] = await identity(local_gateway, s, vm_id)
+    a, b = results["clone-a"], results["clone-b"]
+    assert (a[0], b[0]) == ("clone-a", "clone-b")
+    assert a[1] != b[1], "both clones kept one machine id"
+    assert a[2] != b[2], "both clones read the same random bytes"
+    for name, (_, _, _, guest_now, host_now) in results.items():
+        # The guest's clock was set from the RTC after the restore (the state is minutes or days old).
+        assert abs((guest_now - host_now).total_seconds()) < 10, (name, guest_now, host_now)
+    for vm_id in (first, second):
+        assert (await s.request("DELETE", f"/api/vms/{vm_id}?wait=60"))[0] == 200
+
+
+async def test_a_warm_vm_boots_cold_from_its_own_disk_after_a_stop(local_gateway: Any, sessions: Any) -> None:
+    s: Session = sessions(local_gateway)
+    await s.signup_and_login()
+    vm_id, took = await create(s, "warm-restart")
+    print(f"warm create: running {took:.2f} s after POST")
+    await wait_for_serial(s, vm_id, f"{CLONED}warm-restart")
+    await wait_for_serial(s, vm_id, READY)
+    qmp_socket = local_gateway.app[driver_key].task_dir(vm_id) / "qmp.sock"
+    await type_text(qmp_socket, "echo kept-across-restart > /root/marker; sync; echo marker-written >/dev/ttyS0\n")
+    await wait_for_serial(s, vm_id, "marker-written", timeout=60)
+    _, machine_id, _, _, _ = await identity(local_gateway, s, vm_id)
+
+    status, stopped = await s.request("POST", f"/api/vms/{vm_id}/stop?wait=60")
+    assert status == 200 and stopped["state"] == "stopped", stopped
+    before = len((await s.request("GET", f"/api/vms/{vm_id}/logs"))[1]["serial"])
+    began = time.monotonic()
+    status, running = await s.request("POST", f"/api/vms/{vm_id}/start?wait=60")
+    assert status == 200 and running["state"] == "running", running
+    # No -incoming: a cold boot (firmware, kernel, rcS) of the VM's own overlay.
+    assert not is_warm(await task_job(local_gateway, vm_id))
+    serial = await wait_for_serial(s, vm_id, READY, count=2)
+    print(f"cold start after the stop: ready {time.monotonic() - began:.2f} s after POST")
+    assert "SeaBIOS" in serial[before:] and CLONED not in serial[before:]
+    await type_text(qmp_socket, "echo found-$(cat /root/marker) >/dev/ttyS0\n")
+    await wait_for_serial(s, vm_id, "found-kept-across-restart", timeout=60)
+    name, machine_id_after, _, _, _ = await identity(local_gateway, s, vm_id)
+    # The name from the VM's job and the machine id the clone wrote to its disk, both kept.
+    assert name == "warm-restart" and machine_id_after == machine_id
+    assert (await s.request("DELETE", f"/api/vms/{vm_id}?wait=60"))[0] == 200
+
+
+async def test_a_template_with_warm_disabled_boots_cold(local_gateway: Any, sessions: Any,
+                                                        app_settings: Settings) -> None:
+    catalog: Catalog = local_gateway.app[catalog_key]
+    tiny = catalog.templates["tiny"]
+    catalog.templates["tiny"] = dataclasses.replace(tiny, warm=False)
+    try:
+        s: Session = sessions(local_gateway)
+        await s.signup_and_login()
+        vm_id, took = await create(s, "cold-one")
+        serial = await wait_for_serial(s, vm_id, READY)
+        print(f"cold create: running {took:.2f} s after POST")
+        assert "SeaBIOS" in serial and CLONED not in serial
+        assert not is_warm(await task_job(local_gateway, vm_id))
+        assert backing_of(overlay_of(app_settings, s, vm_id)) == str(tiny.disk)
+        name, machine_id, _, guest_now, host_now = await identity(local_gateway, s, vm_id)
+        assert name == "cold-one" and len(machine_id) == 32
+        assert abs((guest_now - host_now).total_seconds()) < 10
+        assert (await s.request("DELETE", f"/api/vms/{vm_id}?wait=60"))[0] == 200
+    finally:
+        catalog.templates["tiny"] = tiny
+
+
+def test_only_the_saved_sizes_start_warm(tiny_images_dir: Path, app_settings: Settings) -> None:
+    """Memory, vCPUs and disk size are part of the saved state: any other size renders a cold job."""
+    catalog = Catalog(tiny_images_dir)
+    template = catalog.get("tiny")
+    settings = dataclasses.replace(app_settings, images_dir=tiny_images_dir)
+    vm = {"id": "f0f0f0f0-0000-4000-8000-000000000000", "name": "sized", "overlay_path": "/srv/x.qcow2",
+          "cpu": 1, "memory_mb": 256, "disk_gb": 1}
+    warm_job = catalog.render(template, vm, owner="1", settings=settings)
+    assert is_warm(warm_job) and catalog.overlay_base(template, warm_job) != template.disk
+    for change in ({"memory_mb": 512}, {"cpu": 2}, {"disk_gb": 2}):
+        job = catalog.render(template, {**vm, **change}, owner="1", settings=settings)
+        assert not is_warm(job), change
+        assert catalog.overlay_base(template, job) == template.disk
+    args = warm_job["TaskGroups"][0]["Tasks"][0]["Config"]["args"]
+    assert args[-4:] == ["-set", "drive.image0.file.auto-read-only=off",
+                         "-incoming", f"exec:cat {template.warm_image().state}"]
+    assert warm_job["Meta"]["start"] == "warm"
+    assert warm_job["TaskGroups"][0]["RestartPolicy"]["Attempts"] == 0
+    assert warm_job["TaskGroups"][0]["ReschedulePolicy"]["Attempts"] == 0
+    _check_hcl_matches_json(warm_job)
+    cold = catalog.cold(warm_job, settings)
+    assert not is_warm(cold) and catalog.overlay_base(template, cold) == catalog.overlay_base(template, warm_job)
+    cold_args = cold["TaskGroups"][0]["Tasks"][0]["Config"]["args"]
+    assert cold_args == args[:-4] and "start" not in cold["Meta"]
+    assert cold["TaskGroups"][0]["RestartPolicy"]["Attempts"] == settings.restart_attempts
+    _check_hcl_matches_json(cold)
+
+
