@@ -64,6 +64,7 @@ MONITOR_SOCKET = "qm.sock"  # Nomad's names for its monitor and guest agent sock
 GUEST_AGENT_SOCKET = "qa.sock"
 RUNTIME_FILES = ("qemu.pid",)
 LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
+POWERED_OFF = b"reboot: Power down"  # what Linux prints on the console as it powers the machine off
 
 _INTERP_RE = re.compile(r"\$\{([^}]*)\}")
 # -incoming "exec:cat PATH": QEMU runs it with /bin/sh, so PATH may hold nothing the shell interprets.
@@ -446,6 +447,39 @@ class LocalDriver(Driver):
         return ((exe.startswith("qemu-system-") or exe == os.path.basename(self.qemu_binary))
                 and b"-name" in argv and any(marker in arg for arg in argv))
 
+    def _find_qemu(self, task_dir: Path) -> int | None:
+        """A live QEMU of this task dir that no pid file names: one whose starter died between spawning it
+        and writing ``qemu.pid`` (a gateway killed at that instant). Found by its command line in /proc."""
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit() and self._alive(int(entry.name), task_dir):
+                return int(entry.name)
+        return None
+
+    def _adopt(self, vm_id: str, task_dir: Path, pid: int) -> None:
+        log.warning("VM %s: adopting QEMU pid %d, which no pid file named (its starter died)", vm_id, pid)
+        _write_atomic(task_dir / "qemu.pid", f"{pid}\n")
+        (task_dir / "exit.json").unlink(missing_ok=True)
+        self._watch(vm_id, pid)
+
+    def _record_gone(self, task_dir: Path, pid: int | None) -> dict[str, Any]:
+        """Record a QEMU that ended while no driver watched it (its exit status is lost)."""
+        if pid is None:
+            return self._record_exit(task_dir, None, "gone", "QEMU did not start: what was starting it stopped first")
+        tail = _stderr_tail(task_dir, 1)
+        message = f"QEMU (pid {pid}) stopped while vmgate was not watching" + (f": {tail}" if tail else "")
+        info = self._record_exit(task_dir, pid, "gone", message)
+        self._powered_off_by_serial(task_dir, info)
+        return info
+
+    @staticmethod
+    def _powered_off_by_serial(task_dir: Path, info: dict[str, Any]) -> None:
+        """For a QEMU whose exit status is lost: if the guest's console ends with Linux powering the machine
+        off, record status 0 (a power-off, not a crash) in ``info`` and exit.json."""
+        if POWERED_OFF in _tail(task_dir / "serial.log", 512):
+            info.update(returncode=0, message=f"QEMU (pid {info.get('pid')}) exited after the guest powered off "
+                                              "(its serial console says so)")
+            _write_atomic(task_dir / "exit.json", json.dumps(info) + "\n")
+
     def _load_task(self, vm_id: str, task_dir: Path) -> QemuTask | None:
         try:
             job = json.loads((task_dir / "job.json").read_text())
@@ -514,7 +548,10 @@ class LocalDriver(Driver):
         task_dir = self.tasks_root / vm_id
         if self._read_pid(task_dir) != pid:
             return
-        info = self._record_exit(task_dir, pid, "exited", _exit_message(self._exit_codes.get(pid)))
+        code = self._exit_codes.get(pid)
+        info = self._record_exit(task_dir, pid, "exited", _exit_message(code))
+        if code is None:  # an adopted QEMU: not our child, its status is lost
+            self._powered_off_by_serial(task_dir, info)
         self._remove_runtime(task_dir, self._load_task(vm_id, task_dir))
         log.info("VM %s: %s", vm_id, info["message"])
 
@@ -631,10 +668,14 @@ class LocalDriver(Driver):
         if not (task_dir / "job.json").is_file():
             return VMStatus("missing")
         info = self._read_exit(task_dir)
-        if pid is not None and not info:
-            tail = _stderr_tail(task_dir, 1)
-            message = f"QEMU (pid {pid}) stopped while vmgate was not watching"
-            info = {"how": "gone", "pid": pid, "message": message + (f": {tail}" if tail else "")}
+        if not info and vm_id not in self._busy:
+            # Started (job.json) and no record of how it ended: a QEMU may run that no pid file names.
+            orphan = self._find_qemu(task_dir)
+            if orphan is not None:
+                self._adopt(vm_id, task_dir, orphan)
+                return self._status(vm_id)
+            # Recorded, so the next look does not search /proc again.
+            info = self._record_gone(task_dir, pid)
         info.setdefault("task_dir", str(task_dir))
         return VMStatus("stopped", reason=info.get("message"), details=info)
 
@@ -661,14 +702,20 @@ class LocalDriver(Driver):
                 self.tasks_root.mkdir(parents=True, exist_ok=True, mode=0o700)
                 task_dir.mkdir(exist_ok=True, mode=0o700)
                 os.chmod(task_dir, 0o700)
+                orphan = self._find_qemu(task_dir) if not created else None
+                if orphan is not None:  # a QEMU whose starter died before writing its pid file
+                    self._adopt(vm_id, task_dir, orphan)
+                    return self._status(vm_id)
                 self._remove_runtime(task_dir, task)
                 _cap_log(task_dir / "serial.log", SERIAL_LOG_KEEP)
+                # job.json first: a gateway that dies from here on leaves a QEMU the next one can
+                # re-adopt with its VNC endpoint, and no record of an earlier exit.
+                _write_atomic(task_dir / "job.json", json.dumps(job, indent=2) + "\n")
+                (task_dir / "exit.json").unlink(missing_ok=True)
                 pid = self._spawn(argv, task, task_dir)
                 self._children[pid] = task_dir
                 _write_atomic(task_dir / "qemu.pid", f"{pid}\n")
                 await self._wait_ready(pid, task, task_dir)
-                _write_atomic(task_dir / "job.json", json.dumps(job, indent=2) + "\n")
-                (task_dir / "exit.json").unlink(missing_ok=True)
             except BaseException as exc:
                 self._abort_start(pid, task, task_dir, created, exc)
                 if isinstance(exc, OSError):

@@ -2,7 +2,7 @@
 SIGKILL itself when a worker reaches that point, exactly like a worker that dies there.
 
 Unset (always, outside the tests), ``crash_point`` does nothing. The points are listed in
-docs/LIFECYCLE.md; the tests in tests/test_lifecycle_kill.py use every one of them.
+docs/LIFECYCLE.md; the tests in tests/test_lifecycle_faults.py use every one of them.
 """
 
 from __future__ import annotations

@@ -588,6 +588,11 @@ class Engine:
         # Overlays: <VMS_ROOT>/users/<user>/<vm>.qcow2 (and .part leftovers of an interrupted create).
         users_dir = self.settings.vms_root / "users"
         candidates = sorted(users_dir.glob("*/*.qcow2")) + sorted(users_dir.glob("*/*.qcow2.part"))
+        for folder in users_dir.glob("*"):
+            # Empty user folders (overlays are removed, folders are not: see storage.remove_overlay).
+            if folder.is_dir() and _age_of(folder) >= grace:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()  # only succeeds when empty; a create that races re-makes it
         for path in candidates:
             vm_id = path.name.split(".", 1)[0]
             if owned(vm_id) or _age_of(path) < grace:

@@ -91,10 +91,14 @@ async def create_overlay(base: Path, path: Path, size_gb: int) -> None:
         if backing == str(base):
             return
         raise StorageError(f"{path.name} exists and is not an overlay of {base.name}")
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     tmp = path.with_suffix(".qcow2.part")
-    code, out = await _run("qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2",
-                           str(tmp), f"{size_gb}G")
+    for _attempt in range(3):
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        code, out = await _run("qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2",
+                               str(tmp), f"{size_gb}G")
+        if code == 0 or path.parent.is_dir():
+            break
+        # The collector removed the (empty, old) user folder between the mkdir and qemu-img: again.
     if code != 0:
         tmp.unlink(missing_ok=True)
         raise StorageError(f"qemu-img create failed: {out[-500:]}")
@@ -103,10 +107,7 @@ async def create_overlay(base: Path, path: Path, size_gb: int) -> None:
 
 
 def remove_overlay(path: Path) -> None:
-    """Remove an overlay (and its user folder once empty). Idempotent."""
+    """Remove an overlay. Idempotent. The user's folder stays: removing it once empty would race with a
+    create for the same user between its mkdir and its qemu-img (the collector removes old empty ones)."""
     path.unlink(missing_ok=True)
     path.with_suffix(".qcow2.part").unlink(missing_ok=True)
-    try:
-        path.parent.rmdir()
-    except OSError:
-        pass

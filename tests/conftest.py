@@ -33,7 +33,8 @@ from gateway.config import Settings
 from gateway.keys import settings_key
 from gateway.mail import OUTBOX_DIR
 
-pytest_plugins: list[str] = ["tests.fixtures.websockify", "tests.fixtures.qemu"]
+pytest_plugins: list[str] = ["tests.fixtures.websockify", "tests.fixtures.qemu", "tests.fixtures.redis_server",
+                             "tests.fixtures.gateway_process"]
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -15,7 +15,7 @@ import json
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -391,16 +391,6 @@ async def test_collector_removes_orphans_and_leaves_live_vms(aiohttp_server: Any
 
 
 # ---- Redis away ------------------------------------------------------------------------------------
-
-@pytest.fixture
-async def private_redis(tmp_path: Path) -> AsyncIterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
 
 async def test_with_redis_down_reads_work_and_writes_say_503(aiohttp_server: Any, app_settings: Settings,
                                                              database_url: str, sessions: Any,
