@@ -23,9 +23,11 @@ $(VENV_STAMP): requirements.txt requirements-dev.txt | deps
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements-dev.txt
 	@touch $@
 
-novnc: $(NOVNC_STAMP) ## install noVNC 1.7.0 and Tailwind CSS from npm into node_modules (npm ci, pinned by package-lock.json)
+novnc: $(NOVNC_STAMP) ## install noVNC 1.7.0 and Tailwind CSS from npm into node_modules (pinned by package-lock.json)
+# npm install, not npm ci: the lock cannot list Tailwind's native builds for other platforms that the
+# registry here does not serve, and npm ci refuses such a lock. npm install installs what the lock pins.
 $(NOVNC_STAMP): package.json package-lock.json | deps
-	npm ci --no-audit --no-fund
+	npm install --no-audit --no-fund
 	@touch $@
 
 css: $(CSS_OUT) ## build the web console's stylesheet with Tailwind (generated, not committed)
