@@ -15,11 +15,13 @@ import json
 import os
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
+import psycopg2
 import pytest
 import redis
 from yarl import URL
@@ -459,3 +461,56 @@ async def test_a_driver_change_is_reconciled_at_once(aiohttp_server: Any, restar
 
     await eventually(restarted, 10, "a restart started by the driver's change notification")
     assert engine_of(srv.app).watch_wakeups >= 1
+
+
+# ---- Postgres away ---------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def database_away(database_url: str) -> Iterator[None]:
+    """Take the test database away from everyone: refuse new connections, end the open ones (done from
+    the cluster's `postgres` database, since a database cannot refuse the connection doing it)."""
+    name = urlsplit(database_url).path.lstrip("/")
+    conn = psycopg2.connect(urlunsplit(urlsplit(database_url)._replace(path="/postgres")))
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+            cur.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
+        try:
+            yield
+        finally:
+            with conn.cursor() as cur:
+                cur.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+    finally:
+        conn.close()
+
+
+async def test_with_postgres_down_no_vm_is_touched_blindly(restart_server: Any, sessions: Any,
+                                                          database_url: str) -> None:
+    alice = await user(restart_server, sessions)
+    driver: FakeDriver = restart_server.driver
+    status, running = await alice.request("POST", "/api/vms?wait=20", json=VM)
+    assert status == 201
+    status, stopped = await alice.request("POST", "/api/vms?wait=20", json=VM)
+    assert status == 201
+    assert (await alice.request("POST", f"/api/vms/{stopped['vm_id']}/stop?wait=20"))[0] == 200
+    pid = driver.vms[running["vm_id"]].pid
+    with database_away(database_url):
+        calls = len(driver.calls)
+        assert_envelope(*await alice.request("GET", "/api/me/vms"), 503, "postgres_unavailable")
+        assert_envelope(*await alice.request("POST", f"/api/vms/{stopped['vm_id']}/start"), 503,
+                        "postgres_unavailable")
+        assert_envelope(*await alice.request("POST", "/api/vms", json=VM), 503, "postgres_unavailable")
+        driver.crash(running["vm_id"], returncode=1)  # QEMU dies while the database is away
+        await asyncio.sleep(3)  # six reconciler passes would have come and gone
+        # Nothing was started, stopped or destroyed without the rows: the engine only read the driver.
+        assert [call for call in driver.calls[calls:] if call[0] != "status"] == []
+    # Postgres back: the crash is handled by the restart policy, the stopped VM stays stopped.
+
+    async def restarted() -> bool:
+        current = driver.vms[running["vm_id"]].pid
+        return current not in (None, pid) and (await vm_state(alice, running["vm_id"]))["state"] == "running"
+
+    await eventually(restarted, 30, "the restart once Postgres is back")
+    assert (await vm_state(alice, stopped["vm_id"]))["state"] == "stopped"
+    assert driver.vms[stopped["vm_id"]].pid is None
