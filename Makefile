@@ -9,7 +9,7 @@ NOVNC_STAMP := node_modules/.package-lock.json
 CSS_OUT := gateway/static/build/app.css
 export PYTEST_ARGS
 
-.PHONY: help deps venv novnc css env images services status migrate admin run down test lint typecheck clean
+.PHONY: help deps venv novnc css env images services status migrate admin run down test bench lint typecheck clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z][a-z-]*:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -61,6 +61,9 @@ down: ## stop what make run started, the servers and every VM
 
 test: deps venv novnc css env images services ## ruff, mypy and pytest (PYTEST_ARGS='-k foo' passes arguments)
 	@deploy/test.sh
+
+bench: deps venv env images services ## measure console start, throughput, density, API and relay (BENCH_QUICK=1: short)
+	@deploy/bench.sh
 
 lint: venv ## ruff check
 	$(PY) -m ruff check .

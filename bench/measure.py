@@ -1,0 +1,480 @@
+"""The measurements of issue 7's `make bench`, each a coroutine that returns its JSON and its table rows.
+
+Times are ``time.perf_counter`` in the bench process, taken around real HTTP, WebSocket and unix-socket
+traffic; nothing is read back from the gateway's own metrics. docs/BENCHMARKS.md says what each figure
+means and where its limits are.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import sys
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.client import Api, BenchError, BenchRFB, Load, connect_unix, connect_ws, hammer
+from bench.stack import Stack, mem_available
+from bench.stats import Row, percentile, summary
+
+READY = "vmgate-tiny: ready"
+DEFAULT_SIZE = {"cpu": 1, "memory_mb": 256, "disk_gb": 1}  # the tiny template's warm size
+COLD_SIZE = {"cpu": 1, "memory_mb": 320, "disk_gb": 1}  # any other size renders a cold job
+
+# Targets from issue 7, judged on the p95 of latencies and on the median of the API ratio.
+WARM_TARGET_S = 0.5
+RESUME_TARGET_S = 0.5
+COLD_TARGET_S = 6.0
+API_RATIO_TARGET = 0.5
+DENSITY_P99_LIMIT_S = 0.1
+
+
+@dataclass
+class Config:
+    """How much of each measurement to do; ``quick`` is for debugging the bench, not for figures."""
+
+    quick: bool = False
+    console_runs: int = 5
+    throughput_vms: int = 16
+    throughput_clients: int = 8
+    throughput_rounds: int = 3
+    density_batch: int = 4
+    density_cap: int = 48
+    density_time_limit: float = 900.0
+    density_requests: int = 200
+    density_concurrency: int = 8
+    density_settle: float = 5.0
+    density_min_available: int = 2 * 2**30  # stop before the host runs short of memory
+    api_concurrency: int = 64
+    api_seconds: float = 5.0
+    api_runs: int = 3
+    api_listed_vms: int = 3
+    relay_seconds: float = 5.0
+    relay_pings: int = 50
+    relay_runs: int = 3
+
+    @classmethod
+    def make(cls, quick: bool) -> Config:
+        if not quick:
+            return cls()
+        return cls(quick=True, console_runs=2, throughput_vms=8, throughput_rounds=1, density_cap=8,
+                   density_time_limit=180.0, density_settle=2.0, api_seconds=2.0, api_runs=1, relay_seconds=2.0,
+                   relay_pings=20, relay_runs=1)
+
+
+@dataclass
+class Context:
+    stack: Stack
+    config: Config
+    api: Api  # the logged-in user most measurements act as
+    apis: list[Api] = field(default_factory=list)  # every session opened, closed at the end
+
+    def say(self, text: str) -> None:
+        print(f"bench: {text}", file=sys.stderr, flush=True)
+
+    async def new_user(self) -> Api:
+        api = Api(self.stack.gateway_url, self.stack.outbox)
+        self.apis.append(api)
+        await api.signup_and_login()
+        return api
+
+
+@dataclass
+class Phase:
+    """One measurement's outcome: JSON for the results file and rows for the table."""
+
+    data: dict[str, Any]
+    rows: list[Row]
+    notes: list[str] = field(default_factory=list)
+
+
+@contextlib.asynccontextmanager
+async def vms_destroyed_after(api: Api, vm_ids: list[str]) -> AsyncIterator[None]:
+    """Destroy (through the API) every VM id in ``vm_ids`` on the way out, also after a failure."""
+    try:
+        yield
+    finally:
+        if vm_ids:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(api.destroy_all(list(vm_ids)), 180)
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.0f} ms"
+
+
+# ---------------------------------------------------------------------------------------------- 1. console
+
+
+def driver_start_seconds(stack: Stack, vm_id: str) -> float | None:
+    """The local driver's own "QEMU pid N running after X s" for this VM, from the gateway's log: the part
+    of the time to console spent starting QEMU (and, for a warm VM, restoring its memory state)."""
+    pattern = re.compile(rf"VM {re.escape(vm_id)}: QEMU pid \d+ running after ([0-9.]+) s")
+    try:
+        match = pattern.search(stack.gateway_log.read_text(errors="replace"))
+    except OSError:
+        return None
+    return float(match.group(1)) if match else None
+
+
+async def _console_once(ctx: Context, sizes: dict[str, int], cold: bool, frames: Path | None) -> dict[str, Any]:
+    """POST a VM, poll it until running, get a console URL, connect through websockify, and ask for frames
+    until one is the guest's and not blank. Times are seconds since just before the POST."""
+    api = ctx.api
+    created: list[str] = []
+    t0 = time.perf_counter()
+
+    def since() -> float:
+        return time.perf_counter() - t0
+
+    async with vms_destroyed_after(api, created):
+        vm_id = await api.create_vm(**sizes)
+        created.append(vm_id)
+        run: dict[str, Any] = {"vm_id": vm_id, "accepted_s": since()}
+        await api.wait_state(vm_id, "running", poll=0.02, timeout=180)
+        run["running_s"] = since()
+        url = await api.console_url(vm_id)
+        run["console_url_s"] = since()
+        rfb = await connect_ws(url, origin=ctx.stack.origin)
+        run["rfb_connected_s"] = since()
+        try:
+            await rfb.request_update(incremental=False)
+            deadline = time.perf_counter() + 120
+            while True:
+                with contextlib.suppress(TimeoutError):
+                    await rfb.wait_for_update(timeout=1.0)
+                if "first_nonblank_s" not in run and not rfb.is_blank():
+                    run["first_nonblank_s"] = since()
+                    run["first_nonblank_size"] = [rfb.width, rfb.height]
+                    if frames is not None and not rfb.is_guest_frame():
+                        rfb.save_png(frames.with_name(frames.stem + "-first-nonblank.png"))
+                if rfb.is_guest_frame():
+                    run["console_s"] = since()
+                    run["console_size"] = [rfb.width, rfb.height]
+                    if frames is not None:
+                        rfb.save_png(frames)
+                    break
+                if time.perf_counter() > deadline:
+                    raise BenchError(f"VM {vm_id}: no guest frame within 120 s of connecting")
+                await rfb.request_update(incremental=True)
+        finally:
+            await rfb.close()
+        if cold:
+            # The first guest frame of a cold boot is the firmware's; the shell comes seconds later.
+            while READY not in await api.serial(vm_id):
+                if since() > 180:
+                    raise BenchError(f"VM {vm_id}: {READY!r} not on the serial console within 180 s")
+                await asyncio.sleep(0.1)
+            run["serial_ready_s"] = since()
+    run["driver_start_s"] = driver_start_seconds(ctx.stack, vm_id)
+    await asyncio.sleep(1.0)  # let the destroyed VM's exit settle before the next run
+    return run
+
+
+async def time_to_console(ctx: Context) -> Phase:
+    runs: dict[str, list[dict[str, Any]]] = {"warm": [], "cold": []}
+    for i in range(ctx.config.console_runs):
+        # Interleaved, so a drift in the host's load hits both alike.
+        for kind, sizes in (("warm", DEFAULT_SIZE), ("cold", COLD_SIZE)):
+            # The first run of each kind keeps the frame it counted as the console, to look at.
+            frames = ctx.stack.run_dir / f"console-{kind}.png" if i == 0 else None
+            run = await _console_once(ctx, sizes, cold=kind == "cold", frames=frames)
+            runs[kind].append(run)
+            extra = f", shell ready {run['serial_ready_s']:.2f} s" if "serial_ready_s" in run else ""
+            ctx.say(f"time to console {kind} {i + 1}/{ctx.config.console_runs}: {run['console_s']:.3f} s "
+                    f"(running at {run['running_s']:.3f} s{extra})")
+    warm = summary([r["console_s"] for r in runs["warm"]])
+    cold = summary([r["console_s"] for r in runs["cold"]])
+    phases = ("accepted_s", "driver_start_s", "running_s", "console_url_s", "rfb_connected_s", "first_nonblank_s",
+              "console_s")
+    breakdown = {kind: {p: percentile([r[p] for r in rs if r.get(p) is not None], 50) for p in phases}
+                 for kind, rs in runs.items()}
+    ready = summary([r["serial_ready_s"] for r in runs["cold"]])
+    data = {"warm": warm, "cold": cold, "cold_serial_ready": ready, "median_breakdown_s": breakdown,
+            "runs": runs, "warm_size": DEFAULT_SIZE, "cold_size": COLD_SIZE}
+    rows = [
+        Row("time to console, warm", "ms", warm, f"p95 <= {WARM_TARGET_S * 1000:.0f} ms",
+            warm["p95"] <= WARM_TARGET_S),
+        Row("time to console, cold", "s", cold, f"p95 <= {COLD_TARGET_S:g} s", cold["p95"] <= COLD_TARGET_S),
+        Row("  cold, to shell ready (serial)", "s", ready),
+    ]
+    notes = [f"{kind}, medians since the POST: "
+             + ", ".join(f"{p.removesuffix('_s')} {_ms(v)}" for p, v in b.items() if p != "driver_start_s")
+             + f"; of which QEMU start{' and restore' if kind == 'warm' else ''} (driver's log) "
+             + _ms(b["driver_start_s"])
+             for kind, b in breakdown.items()]
+    return Phase(data, rows, notes)
+
+
+# ---------------------------------------------------------------------------------------------- 2. resume
+
+
+async def resume(ctx: Context) -> Phase:
+    """Idle suspend is not built (issue 7): there is nothing to resume, so there is no figure."""
+    data = {"status": "not built", "reason": "idle suspend (IDLE_SUSPEND_AFTER, state suspended) is not "
+                                             "implemented yet; there is no suspended VM to resume"}
+    return Phase(data, [Row("resume from idle suspend", "ms", None, f"<= {RESUME_TARGET_S * 1000:.0f} ms",
+                            None, note="not built")])
+
+
+# ---------------------------------------------------------------------------------------------- 3. throughput
+
+
+async def _throughput_round(ctx: Context, clients: list[Api]) -> dict[str, Any]:
+    total = ctx.config.throughput_vms
+    issued = 0
+    created: list[tuple[Api, str]] = []
+    latencies: list[float] = []
+    started = time.perf_counter()
+    last = started
+
+    async def client(api: Api) -> None:
+        nonlocal issued, last
+        while issued < total:
+            issued += 1
+            t0 = time.perf_counter()
+            vm_id = await api.create_vm(**DEFAULT_SIZE)
+            created.append((api, vm_id))
+            await api.wait_state(vm_id, "running", poll=0.1, timeout=300)
+            now = time.perf_counter()
+            latencies.append(now - t0)
+            last = max(last, now)
+
+    try:
+        await asyncio.gather(*(client(api) for api in clients))
+    finally:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(asyncio.gather(*(api.destroy(v) for api, v in created)), 300)
+    elapsed = last - started
+    return {"vms": total, "clients": len(clients), "elapsed_s": elapsed, "vms_per_s": total / elapsed,
+            "create_to_running": summary(latencies)}
+
+
+async def throughput(ctx: Context) -> Phase:
+    clients = [await ctx.new_user() for _ in range(ctx.config.throughput_clients)]
+    rounds = []
+    for i in range(ctx.config.throughput_rounds):
+        result = await _throughput_round(ctx, clients)
+        rounds.append(result)
+        ctx.say(f"throughput {i + 1}/{ctx.config.throughput_rounds}: {result['vms']} VMs in "
+                f"{result['elapsed_s']:.2f} s = {result['vms_per_s']:.2f} VMs/s "
+                f"(create to running median {result['create_to_running']['median']:.2f} s)")
+        await asyncio.sleep(2.0)
+    rate = summary([r["vms_per_s"] for r in rounds])
+    per_vm = summary([x for r in rounds for x in r["create_to_running"]["samples"]])
+    data = {"vms_per_s": rate, "create_to_running_under_load": per_vm, "rounds": rounds}
+    rows = [Row(f"create throughput ({ctx.config.throughput_clients} clients)", "VMs/s", rate),
+            Row("  create to running, under that load", "s", per_vm)]
+    return Phase(data, rows)
+
+
+# ---------------------------------------------------------------------------------------------- 4. density
+
+
+async def _density_step(ctx: Context, api: Api, count: int, baseline_available: int) -> dict[str, Any]:
+    load = await hammer(f"{ctx.stack.gateway_url}/api/me/vms", cookie=api.session_cookie,
+                        concurrency=ctx.config.density_concurrency, requests=ctx.config.density_requests)
+    qemu = ctx.stack.qemu()
+    available = mem_available()
+    rss = [q.rss for q in qemu]
+    pss = [q.pss for q in qemu if q.pss is not None]
+    return {"vms": count, "qemu_processes": len(qemu), "api": load.to_json(), "p99_s": load.p99,
+            "load_avg": list(os.getloadavg()), "mem_available": available,
+            "host_memory_per_vm": (baseline_available - available) / count if count else None,
+            "rss": summary(rss), "pss": summary(pss)}
+
+
+async def density(ctx: Context) -> Phase:
+    cfg = ctx.config
+    api = await ctx.new_user()
+    vm_ids: list[str] = []
+    steps: list[dict[str, Any]] = []
+    started = time.monotonic()
+    baseline_available = mem_available()
+    reason = ""
+    async with vms_destroyed_after(api, vm_ids):
+        steps.append(await _density_step(ctx, api, 0, baseline_available))
+        ctx.say(f"density: 0 VMs, API p99 {_ms(steps[-1]['p99_s'])}")
+        while not reason:
+            batch = [await api.create_vm(**DEFAULT_SIZE) for _ in range(cfg.density_batch)]
+            vm_ids.extend(batch)
+            await asyncio.gather(*(api.wait_state(v, "running", poll=0.2, timeout=300) for v in batch))
+            await asyncio.sleep(cfg.density_settle)  # restored guests finish their clone step, then idle
+            step = await _density_step(ctx, api, len(vm_ids), baseline_available)
+            steps.append(step)
+            ctx.say(f"density: {len(vm_ids)} VMs, API p99 {_ms(step['p99_s'])}, QEMU RSS median "
+                    f"{step['rss']['median'] / 2**20:.0f} MiB, load {step['load_avg'][0]:.1f}")
+            if step["p99_s"] > DENSITY_P99_LIMIT_S:
+                reason = f"API p99 passed {_ms(DENSITY_P99_LIMIT_S)}"
+            elif len(vm_ids) >= cfg.density_cap:
+                reason = f"cap of {cfg.density_cap} VMs reached (p99 still under {_ms(DENSITY_P99_LIMIT_S)})"
+            elif time.monotonic() - started > cfg.density_time_limit:
+                reason = f"time limit of {cfg.density_time_limit:g} s reached"
+            elif step["mem_available"] < cfg.density_min_available + 2 * step["rss"]["max"] * cfg.density_batch:
+                reason = "the host would run short of memory with another batch"
+    under = [s for s in steps if s["p99_s"] <= DENSITY_P99_LIMIT_S]
+    # The count is the last step before the first one over the limit.
+    count = 0
+    for s in steps:
+        if s["p99_s"] > DENSITY_P99_LIMIT_S:
+            break
+        count = s["vms"]
+    last = steps[-1]
+    at_count = next((s for s in steps if s["vms"] == count), last)
+    rss = last["rss"] if last["vms"] else at_count["rss"]
+    pss = last["pss"] if last["vms"] else at_count["pss"]
+    data = {"vms_under_limit": count, "stopped_because": reason, "p99_limit_s": DENSITY_P99_LIMIT_S,
+            "batch": cfg.density_batch, "requests_per_step": cfg.density_requests,
+            "concurrency": cfg.density_concurrency, "steps": steps, "qemu_rss_at_last_step": rss,
+            "qemu_pss_at_last_step": pss, "host_memory_per_vm_at_last_step": last["host_memory_per_vm"],
+            "steps_under_limit": len(under)}
+    rows = [Row("density: idle warm VMs, API p99 <= 100 ms", "VMs", summary([count])),
+            Row("  QEMU RSS per VM (last step)", "MiB", rss),
+            Row("  QEMU PSS per VM (last step)", "MiB", pss)]
+    notes = [f"density stopped: {reason}",
+             "density steps (VMs: API p99): " + ", ".join(f"{s['vms']}: {_ms(s['p99_s'])}" for s in steps)]
+    if last["host_memory_per_vm"]:
+        notes.append(f"host MemAvailable drop per VM at {last['vms']} VMs: "
+                     f"{last['host_memory_per_vm'] / 2**20:.0f} MiB")
+    return Phase(data, rows, notes)
+
+
+# ---------------------------------------------------------------------------------------------- 5. API
+
+
+async def api_throughput(ctx: Context) -> Phase:
+    cfg = ctx.config
+    api = ctx.api
+    vm_ids: list[str] = []
+    async with vms_destroyed_after(api, vm_ids):
+        # The list the gateway answers holds a few VMs, stopped so no QEMU competes for the CPU.
+        for _ in range(cfg.api_listed_vms):
+            vm_ids.append(await api.create_vm(**DEFAULT_SIZE))
+        for vm_id in vm_ids:
+            await api.wait_state(vm_id, "running", poll=0.1)
+            await api.stop(vm_id)
+        gateway_url = f"{ctx.stack.gateway_url}/api/me/vms"
+        bare_url = f"{ctx.stack.bare_url}/api/me/vms"
+        cookie = api.session_cookie
+        for url in (gateway_url, bare_url):  # warm-up: connections, caches, the JIT-less interpreter's first calls
+            await hammer(url, cookie=cookie, concurrency=cfg.api_concurrency, duration=1.0)
+        runs: list[dict[str, Any]] = []
+        for i in range(cfg.api_runs):
+            order = [("gateway", gateway_url), ("bare", bare_url)]
+            if i % 2:
+                order.reverse()
+            loads: dict[str, Load] = {}
+            for name, url in order:
+                loads[name] = await hammer(url, cookie=cookie, concurrency=cfg.api_concurrency,
+                                           duration=cfg.api_seconds)
+            gw, bare = loads["gateway"], loads["bare"]
+            run_ratio = gw.rps / bare.rps if bare.rps else 0.0
+            runs.append({"gateway": gw.to_json(), "bare": bare.to_json(), "ratio": run_ratio})
+            ctx.say(f"API {i + 1}/{cfg.api_runs}: gateway {gw.rps:.0f} req/s p99 {_ms(gw.p99)} "
+                    f"({gw.errors} errors), bare {bare.rps:.0f} req/s p99 {_ms(bare.p99)}, ratio {run_ratio:.3f}")
+    ratio = summary([r["ratio"] for r in runs])
+    gw_rps = summary([r["gateway"]["rps"] for r in runs])
+    gw_p99 = summary([r["gateway"]["p99_s"] for r in runs])
+    bare_rps = summary([r["bare"]["rps"] for r in runs])
+    bare_p99 = summary([r["bare"]["p99_s"] for r in runs])
+    data = {"concurrency": cfg.api_concurrency, "seconds_per_run": cfg.api_seconds, "listed_vms": cfg.api_listed_vms,
+            "gateway_rps": gw_rps, "gateway_p99": gw_p99, "bare_rps": bare_rps, "bare_p99": bare_p99,
+            "ratio": ratio, "runs": runs}
+    c = cfg.api_concurrency
+    rows = [Row(f"API GET /api/me/vms, {c} conns", "req/s", gw_rps),
+            Row("  its p99", "ms", gw_p99),
+            Row(f"bare aiohttp handler, {c} conns", "req/s", bare_rps),
+            Row("  its p99", "ms", bare_p99),
+            Row("API ratio (gateway / bare req/s)", "x", ratio, f">= {API_RATIO_TARGET}",
+                ratio["median"] >= API_RATIO_TARGET)]
+    errors = sum(r["gateway"]["errors"] + r["bare"]["errors"] for r in runs)
+    return Phase(data, rows, [f"API: {errors} failed requests"] if errors else [])
+
+
+# ---------------------------------------------------------------------------------------------- 6. relay
+
+
+async def _relay_path(ctx: Context, rfb: BenchRFB) -> dict[str, Any]:
+    cfg = ctx.config
+    await rfb.request_update(incremental=False)
+    await rfb.wait_for_update(timeout=15)
+    pings = []
+    for _ in range(cfg.relay_pings):
+        t0 = time.perf_counter()
+        await rfb.request_rect(0, 0, 1, 1, incremental=False)
+        await rfb.wait_for_update(timeout=15)
+        pings.append(time.perf_counter() - t0)
+    fulls = []
+    received = 0
+    started = time.perf_counter()
+    while time.perf_counter() - started < cfg.relay_seconds:
+        t0 = time.perf_counter()
+        await rfb.request_update(incremental=False)
+        await rfb.wait_for_update(timeout=15)
+        fulls.append(time.perf_counter() - t0)
+        received += rfb.frame_bytes
+    elapsed = time.perf_counter() - started
+    return {"pixel_rtt": summary(pings), "full_rtt": summary(fulls), "frames": len(fulls),
+            "frame_bytes": rfb.frame_bytes, "bytes_per_s": received / elapsed, "elapsed_s": elapsed}
+
+
+async def console_relay(ctx: Context) -> Phase:
+    api = ctx.api
+    vm_ids: list[str] = []
+    runs: list[dict[str, Any]] = []
+    async with vms_destroyed_after(api, vm_ids):
+        vm_ids.append(await api.create_vm(**DEFAULT_SIZE))
+        vm_id = vm_ids[0]
+        await api.wait_state(vm_id, "running", poll=0.1)
+        await asyncio.sleep(2.0)  # the restored guest settles at its prompt
+        socket_path = str(ctx.stack.vnc_socket(vm_id))
+        for i in range(ctx.config.relay_runs):
+            paths = ["direct", "websockify"] if i % 2 == 0 else ["websockify", "direct"]
+            run: dict[str, Any] = {}
+            for path in paths:
+                if path == "direct":
+                    rfb = await connect_unix(socket_path)
+                else:
+                    rfb = await connect_ws(await api.console_url(vm_id), origin=ctx.stack.origin)
+                try:
+                    run[path] = await _relay_path(ctx, rfb)
+                finally:
+                    await rfb.close()
+            d, w = run["direct"], run["websockify"]
+            run["added_pixel_rtt_s"] = w["pixel_rtt"]["median"] - d["pixel_rtt"]["median"]
+            run["added_full_rtt_s"] = w["full_rtt"]["median"] - d["full_rtt"]["median"]
+            run["bytes_ratio"] = w["bytes_per_s"] / d["bytes_per_s"]
+            runs.append(run)
+            ctx.say(f"relay {i + 1}/{ctx.config.relay_runs}: direct {d['bytes_per_s'] / 1e6:.1f} MB/s, "
+                    f"websockify {w['bytes_per_s'] / 1e6:.1f} MB/s; 1x1 round trip direct "
+                    f"{d['pixel_rtt']['median'] * 1000:.2f} ms, websockify {w['pixel_rtt']['median'] * 1000:.2f} ms")
+
+    def over_runs(path: str, key: str) -> dict[str, Any]:
+        return summary([r[path][key] if key == "bytes_per_s" else r[path][key]["median"] for r in runs])
+
+    data: dict[str, Any] = {
+        "seconds_per_path": ctx.config.relay_seconds, "pixel_requests_per_path": ctx.config.relay_pings,
+        "direct_bytes_per_s": over_runs("direct", "bytes_per_s"),
+        "websockify_bytes_per_s": over_runs("websockify", "bytes_per_s"),
+        "direct_pixel_rtt": over_runs("direct", "pixel_rtt"),
+        "websockify_pixel_rtt": over_runs("websockify", "pixel_rtt"),
+        "added_pixel_rtt": summary([r["added_pixel_rtt_s"] for r in runs]),
+        "direct_full_rtt": over_runs("direct", "full_rtt"),
+        "websockify_full_rtt": over_runs("websockify", "full_rtt"),
+        "added_full_rtt": summary([r["added_full_rtt_s"] for r in runs]),
+        "bytes_ratio": summary([r["bytes_ratio"] for r in runs]),
+        "runs": runs,
+    }
+    rows = [Row("console relay, direct VNC socket", "MB/s", data["direct_bytes_per_s"]),
+            Row("console relay, through websockify", "MB/s", data["websockify_bytes_per_s"]),
+            Row("  websockify / direct bytes/s", "x", data["bytes_ratio"]),
+            Row("  1x1 update round trip, direct", "ms", data["direct_pixel_rtt"]),
+            Row("  1x1 update round trip, websockify", "ms", data["websockify_pixel_rtt"]),
+            Row("  added latency, 1x1 (websockify - direct)", "ms", data["added_pixel_rtt"]),
+            Row("  added latency, full frame", "ms", data["added_full_rtt"])]
+    return Phase(data, rows)
