@@ -23,6 +23,12 @@ Row = dict[str, Any]
 # A VM holds a share of its owner's quota unless it is destroyed or its creation failed (`error` with
 # desired state `destroyed`: nothing of it is left). A VM in `error` after crashes keeps its disk: it counts.
 HOLDS_QUOTA_SQL = "NOT (state = 'destroyed' OR (state = 'error' AND desired_state = 'destroyed'))"
+
+
+def holds_quota(row: Row | None) -> bool:
+    """``HOLDS_QUOTA_SQL`` for a row in hand: the VM exists and still owns its disk and quota share."""
+    return row is not None and not (row["state"] == "destroyed"
+                                    or (row["state"] == "error" and row["desired_state"] == "destroyed"))
 TRANSITIONAL_STATES = ("requested", "provisioning", "starting", "stopping", "destroying")
 
 VM_COLUMNS = ("id, user_id, name, template, cpu, memory_mb, disk_gb, state, desired_state, error_reason,"
@@ -222,9 +228,9 @@ async def transition(cur: Any, vm_id: str, to_state: str, *, only_from: tuple[st
 
 
 async def require_transition(cur: Any, vm: Row, to_state: str, only_from: tuple[str, ...], action: str,
-                             desired: str | None = None) -> Row:
+                             desired: str | None = None, extra: dict[str, Any] | None = None) -> Row:
     """Like ``transition`` but a VM in another state is a 409 naming its current state."""
-    row = await transition(cur, str(vm["id"]), to_state, only_from=only_from, desired=desired)
+    row = await transition(cur, str(vm["id"]), to_state, only_from=only_from, desired=desired, extra=extra)
     if row is None:
         current = await vm_by_id(cur, str(vm["id"]))
         state = current["state"] if current else "destroyed"
@@ -255,12 +261,6 @@ async def live_vms(cur: Any) -> list[Row]:
     """Every VM not destroyed, for the reconciler and the collector."""
     await cur.execute(f"SELECT {VM_COLUMNS} FROM vms WHERE state <> 'destroyed'")
     return [dict(r) for r in await cur.fetchall()]
-
-
-async def vm_states(cur: Any, vm_ids: list[str]) -> dict[str, Row]:
-    """``{vm_id: row}`` for the VMs among ``vm_ids`` that exist."""
-    await cur.execute(f"SELECT {VM_COLUMNS} FROM vms WHERE id = ANY(%s::uuid[])", (vm_ids,))
-    return {str(r["id"]): dict(r) for r in await cur.fetchall()}
 
 
 # ---- audit -----------------------------------------------------------------------------------------

@@ -13,8 +13,6 @@ import signal
 
 log = logging.getLogger("vmgate.faults")
 
-POINTS = frozenset({"create.admitted", "create.overlay", "create.started", "stop.requested"})
-
 
 def crash_point(name: str) -> None:
     """SIGKILL this process if ``VMGATE_CRASH_AT`` names ``name`` (a comma-separated list)."""

@@ -154,7 +154,6 @@ class Engine:
         self.queue = WorkQueue(self.redis, claim_idle=self.settings.claim_idle)
         self.tasks: list[asyncio.Task[None]] = []
         self.name = f"{socket.gethostname()}-{os.getpid()}"
-        self.passes = 0
         self.running_seen = 0  # VMs recorded running whose QEMU runs, at the last reconciler pass
         self.watch_wakeups = 0  # reconciler passes the driver's change notifications started
         self.stopping = asyncio.Event()
@@ -525,7 +524,6 @@ class Engine:
                 queued = await self._needing_work(rows, actual)
                 for vm_id in queued:
                     await self.queue.put(vm_id, "reconcile", once=True)
-        self.passes += 1
         await self.update_metrics(rows)
         return queued
 
@@ -582,8 +580,7 @@ class Engine:
             rows = {str(r["id"]): r for r in await db.live_vms(cur)}
 
         def owned(vm_id: str) -> bool:
-            row = rows.get(vm_id)
-            return row is not None and not (row["state"] == "error" and row["desired_state"] == "destroyed")
+            return db.holds_quota(rows.get(vm_id))
 
         # Overlays: <VMS_ROOT>/users/<user>/<vm>.qcow2 (and .part leftovers of an interrupted create).
         users_dir = self.settings.vms_root / "users"
@@ -626,9 +623,7 @@ class Engine:
         if not db.is_uuid(vm_id):
             return True
         async with db.cursor(self.pool) as cur:
-            row = await db.vm_by_id(cur, vm_id)
-        return row is None or row["state"] == "destroyed" or (
-            row["state"] == "error" and row["desired_state"] == "destroyed")
+            return not db.holds_quota(await db.vm_by_id(cur, vm_id))
 
     async def _collect_console_records(self, rows: dict[str, dict[str, Any]]) -> list[str]:
         removed: list[str] = []

@@ -142,12 +142,7 @@ async def request_action(app: web.Application, user: dict[str, Any], vm_id: str,
             raise Conflict("This VM's creation failed and nothing of it is left; destroy it and create another.",
                            code="invalid_state", details={"state": "error", "allowed_from": ["stopped", "error"]})
         extra: dict[str, Any] | None = {"crash_times": [], "restart_after": None} if action == "start" else None
-        row = await db.transition(cur, vm_id, to_state, only_from=only_from, desired=desired, extra=extra)
-        if row is None:
-            current = await db.vm_by_id(cur, vm_id)
-            state = current["state"] if current else "destroyed"
-            raise Conflict(f"Cannot {action} a VM that is {state}.", code="invalid_state",
-                           details={"state": state, "allowed_from": list(only_from)})
+        row = await db.require_transition(cur, vm, to_state, only_from, action, desired=desired, extra=extra)
         await db.audit(cur, action=f"vm.{action}", outcome="accepted", user_id=str(user["id"]), ip=ip, vm_id=vm_id)
     await lifecycle.publish(app[redis_key], row)
     if action != "start":

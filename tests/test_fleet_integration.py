@@ -137,13 +137,18 @@ async def consul_agent(agent_dir: Path) -> AsyncIterator[Agent]:
         _stop(agent)
 
 
-def _nomad_hcl(data_dir: Path, consul: Agent, vms_root: Path, images: Path, *, extra: str = "",
-               client_extra: str = "") -> tuple[str, str]:
-    """An agent's configuration (HCL) and its HTTP address: on loopback, free ports, the qemu plugin like
-    nomad/client.hcl with image_paths = the images and the test's VMS_ROOT."""
+@dataclass
+class AgentHead:
+    """The start of an agent's configuration: its data dir, loopback and free ports."""
+
+    hcl: str
+    http: str  # its HTTP address
+    rpc: int  # its RPC port (clients join a server there)
+
+
+def _agent_head(data_dir: Path) -> AgentHead:
     http, rpc, serf = free_port(), free_port(), free_port()
-    allowlist = ", ".join(json.dumps(flag) for flag in sorted(client_allowlist()))
-    return f"""
+    hcl = f"""
 data_dir  = "{data_dir}"
 bind_addr = "127.0.0.1"
 ports {{
@@ -151,7 +156,17 @@ ports {{
   rpc  = {rpc}
   serf = {serf}
 }}
-client {{
+"""
+    return AgentHead(hcl, f"http://127.0.0.1:{http}", rpc)
+
+
+def _nomad_hcl(data_dir: Path, consul: Agent, vms_root: Path, images: Path, *, extra: str = "",
+               client_extra: str = "") -> tuple[str, str]:
+    """An agent's configuration (HCL) and its HTTP address: on loopback, free ports, the qemu plugin like
+    nomad/client.hcl with image_paths = the images and the test's VMS_ROOT."""
+    head = _agent_head(data_dir)
+    allowlist = ", ".join(json.dumps(flag) for flag in sorted(client_allowlist()))
+    return head.hcl + f"""client {{
   enabled           = true
   network_interface = "lo"
   options = {{
@@ -170,7 +185,7 @@ plugin "qemu" {{
   }}
 }}
 {extra}
-""", f"http://127.0.0.1:{http}"
+""", head.http
 
 
 async def _ready_qemu_nodes(agent: Agent, count: int) -> list[dict[str, Any]]:
@@ -332,17 +347,9 @@ async def test_the_nomad_driver_speaks_verified_tls(agent_dir: Path, app_setting
     from drivers.nomad import NomadDriver
 
     tls = _tls_files(agent_dir)
-    http, rpc, serf = free_port(), free_port(), free_port()
+    head = _agent_head(agent_dir / "nomad-tls")
     config = agent_dir / "nomad-tls.hcl"
-    config.write_text(f"""
-data_dir  = "{agent_dir / 'nomad-tls'}"
-bind_addr = "127.0.0.1"
-ports {{
-  http = {http}
-  rpc  = {rpc}
-  serf = {serf}
-}}
-client {{
+    config.write_text(head.hcl + f"""client {{
   enabled = true
   options = {{
     "fingerprint.denylist" = "env_aws,env_gce,env_azure,env_digitalocean"
@@ -359,7 +366,7 @@ tls {{
 }}
 """)
     agent = _start("nomad", ["nomad", "agent", "-dev", f"-config={config}"],
-                   agent_dir / "nomad-tls.log", f"https://127.0.0.1:{http}")
+                   agent_dir / "nomad-tls.log", head.http.replace("http://", "https://"))
     try:
         base = dataclasses.replace(app_settings, driver="nomad", nomad_addr=agent.http)
         verified = NomadDriver(dataclasses.replace(base, nomad_cacert=tls["ca"], nomad_client_cert=tls["client_cert"],
@@ -406,18 +413,10 @@ async def test_a_vm_moves_when_its_node_dies(aiohttp_server: Any, app_settings: 
     """One Nomad server and two clients (one host, separate agents and data dirs, shared storage): kill the
     client running a VM — agent, executor and QEMU, like a node losing power — and the VM comes back on the
     other client; vmgate shows it running again and its console opens there, found through Consul."""
-    rpc = free_port()
-    server_http = f"http://127.0.0.1:{free_port()}"
+    head = _agent_head(agent_dir / "server")
+    rpc, server_http = head.rpc, head.http
     server_config = agent_dir / "server.hcl"
-    server_config.write_text(f"""
-data_dir  = "{agent_dir / 'server'}"
-bind_addr = "127.0.0.1"
-ports {{
-  http = {server_http.rsplit(':', 1)[1]}
-  rpc  = {rpc}
-  serf = {free_port()}
-}}
-{LOOPBACK_ADVERTISE}
+    server_config.write_text(head.hcl + f"""{LOOPBACK_ADVERTISE}
 server {{
   enabled           = true
   bootstrap_expect  = 1

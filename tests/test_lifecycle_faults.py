@@ -151,6 +151,13 @@ def transitions_to(database_url: str, vm_id: str, state: str) -> int:
     return int(rows[0]["n"])
 
 
+def assert_each_ran_once(database_url: str, vms_root: Path, vm_ids: list[str]) -> None:
+    """Every one of ``vm_ids`` has exactly one QEMU on the host and reached `running` exactly once."""
+    assert sorted(qemu_by_vm(vms_root)) == sorted(vm_ids)
+    for vm_id in vm_ids:
+        assert transitions_to(database_url, vm_id, "running") == 1
+
+
 def queue_idle(client: redis.Redis) -> bool:
     """Nothing queued and nothing taken but unfinished (finished jobs are deleted from the stream)."""
     return int(client.xlen(STREAM)) == 0
@@ -364,9 +371,7 @@ async def test_two_gateways_share_the_work_and_survive_one_dying(gateway_process
         assert sorted(rows) == vm_ids
         assert {vm_id: (r["state"], r["error_reason"]) for vm_id, r in rows.items()} == \
             dict.fromkeys(vm_ids, ("running", None))
-        assert sorted(qemu_by_vm(vms_root)) == vm_ids
-        for vm_id in vm_ids:
-            assert transitions_to(database_url, vm_id, "running") == 1
+        assert_each_ran_once(database_url, vms_root, vm_ids)
     finally:
         for session in sessions:
             await session.close()
@@ -540,10 +545,8 @@ async def test_redis_restart_during_create_burst(create_limit: bool, gateway_pro
         assert {r["name"] for r in rows.values()} == set(accepted)
         assert not set(refused) & {r["name"] for r in rows.values()}, "a refused create left a row"
         assert {vm_id: r["state"] for vm_id, r in rows.items()} == {vm_id: "running" for vm_id in rows}
-        assert sorted(qemu_by_vm(vms_root)) == sorted(rows)
         assert sorted(overlays(vms_root)) == sorted(rows)
-        for vm_id in rows:
-            assert transitions_to(database_url, vm_id, "running") == 1
+        assert_each_ran_once(database_url, vms_root, list(rows))
     finally:
         for session in sessions:
             await session.close()
