@@ -114,6 +114,9 @@ class Api:
         body = await self.request("GET", f"/api/vms/{vm_id}/logs")
         return str(body["serial"])
 
+    async def suspend(self, vm_id: str) -> None:
+        await self.request("POST", f"/api/vms/{vm_id}/suspend?wait=60", expect=(200,))
+
     async def stop(self, vm_id: str) -> None:
         await self.request("POST", f"/api/vms/{vm_id}/stop?wait=60", expect=(200,))
 

@@ -71,3 +71,17 @@ def user_end_channel(user_id: str) -> str:
 def mask(token: str) -> str:
     """Return a token safe to log: its first four characters only."""
     return token[:4] + "…" if token else ""
+
+
+# Idle suspend (gateway/activity.py): when a VM was last used, and whether a console is open on it.
+CONSOLE_LIVE_TTL = 40  # seconds; a live session refreshes its VM's key at least every 15 s (STATE_POLL)
+
+
+def activity_key(vm_id: str) -> str:
+    """Redis key: the epoch seconds of the last API request on the VM or console heartbeat."""
+    return f"{PREFIX}activity:{vm_id}"
+
+
+def console_live_key(vm_id: str) -> str:
+    """Redis key, with a short TTL: present while a console session on the VM is open."""
+    return f"{PREFIX}console:live:{vm_id}"

@@ -21,7 +21,8 @@ is destroyed and when the user logs out, and every session has a maximum duratio
 record's ``max_session``). The thread then makes the process's main thread, which relays the
 bytes, close the WebSocket with a close frame (code 4001 revoked, 4002 time limit). Redis going
 away does not end a live session; the thread reconnects and, once back, checks whether it missed
-a revocation. See docs/CONSOLE.md, "Console sessions".
+a revocation. See docs/CONSOLE.md, "Console sessions". The same thread keeps the VM's
+``console_live_key`` alive while the session lasts, so an open console keeps the VM from idle suspend.
 """
 
 from __future__ import annotations
@@ -317,6 +318,14 @@ class SessionWatcher:
             return "logged out"
         return None
 
+    def _heartbeat(self, client: redis.Redis) -> None:
+        """Tell the gateway's idle suspend that this VM's console is open (gateway/activity.py)."""
+        vm_id = self.session.vm_id
+        with client.pipeline(transaction=False) as pipe:
+            pipe.set(keys.console_live_key(vm_id), str(os.getpid()), ex=keys.CONSOLE_LIVE_TTL)
+            pipe.set(keys.activity_key(vm_id), f"{time.time():.3f}", ex=31 * 86400)
+            pipe.execute()
+
     def _watch(self) -> tuple[int, str]:
         """Subscribe, then wait for an end message, a change of state or the deadline."""
         client = redis.Redis.from_url(self.url, socket_connect_timeout=REDIS_TIMEOUT, socket_timeout=REDIS_TIMEOUT,
@@ -336,6 +345,7 @@ class SessionWatcher:
             while True:
                 if reason := self._revoked(client):
                     return keys.CLOSE_REVOKED, reason
+                self._heartbeat(client)
                 next_check = time.monotonic() + STATE_POLL
                 while (now := time.monotonic()) < next_check:
                     if now >= self.deadline:

@@ -19,6 +19,10 @@ class DriverError(Exception):
     """A driver could not do what was asked; the message is safe to show a user."""
 
 
+class NotSupported(DriverError):
+    """This driver cannot do that (Nomad cannot save a running VM's memory); the message says why."""
+
+
 class JobInvalid(DriverError):
     """The job cannot be run by this driver (wrong task driver, unknown interpolation...)."""
 
@@ -76,6 +80,10 @@ class Driver(abc.ABC):
     # reconciler then only reports what the driver did. False: the reconciler applies the job's
     # restart block (drivers/local).
     manages_restarts: ClassVar[bool] = False
+    # True when the driver can save and load a running VM's memory (suspend, memory snapshots) through
+    # ``save_state``/``load_state``/``delete_state``. Starting from a saved state needs no support: it is
+    # the job's ``-loadvm`` argument.
+    saves_memory: ClassVar[bool] = False
 
     @abc.abstractmethod
     async def start(self, vm_id: str, job: dict[str, Any]) -> VMStatus:
@@ -116,6 +124,20 @@ class Driver(abc.ABC):
     @abc.abstractmethod
     async def health(self) -> dict[str, Any]:
         """Return ``{"ok": bool, ...details}`` about the driver's ability to run VMs."""
+
+    async def save_state(self, vm_id: str, tag: str, *, then_stop: bool) -> int:
+        """Save the running VM's disk and memory as the internal snapshot ``tag`` of its overlay (one of
+        that tag is replaced); with ``then_stop`` pause it first and end QEMU after (suspend), else it
+        runs on. Returns the bytes of memory saved. Raises ``NotSupported`` unless ``saves_memory``."""
+        raise NotSupported(f"the {self.name} driver cannot save a running VM's memory")
+
+    async def load_state(self, vm_id: str, tag: str) -> None:
+        """Put the running VM back to its internal snapshot ``tag``: disk and memory, in place."""
+        raise NotSupported(f"the {self.name} driver cannot load a saved state into a running VM")
+
+    async def delete_state(self, vm_id: str, tag: str) -> None:
+        """Delete the internal snapshot ``tag`` of a running VM's overlay (no-op if there is none)."""
+        raise NotSupported(f"the {self.name} driver cannot change a running VM's snapshots")
 
     async def wait_for_change(self, index: int, wait: float) -> int | None:
         """Block until what the driver runs may have changed since ``index`` (0: answer at once), or

@@ -53,6 +53,7 @@ QUIT_TIMEOUT = 5.0  # after QMP quit or SIGTERM, before SIGKILL
 KILL_TIMEOUT = 10.0  # after SIGKILL, before giving up
 LOCK_TIMEOUT = 120.0  # waiting for another process working on the same VM
 POLL = 0.05
+SAVE_TIMEOUT = 120.0  # savevm / loadvm / delvm of one VM (a few hundred ms for the tiny image under TCG)
 
 VM_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 MEMORY_MB = (128, 4_000_000)  # Nomad's bounds
@@ -70,6 +71,8 @@ _INTERP_RE = re.compile(r"\$\{([^}]*)\}")
 # -incoming "exec:cat PATH": QEMU runs it with /bin/sh, so PATH may hold nothing the shell interprets.
 _INCOMING_RE = re.compile(r"^exec:cat (/[A-Za-z0-9/._-]+)$")
 # -fw_cfg may only hand the guest a string (file= would copy any file QEMU can read into the guest).
+# -loadvm TAG: an internal snapshot of the VM's own disk (vmgate-suspend, s-<uuid>).
+_SNAPSHOT_TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _FW_CFG_RE = re.compile(r"^name=opt/[A-Za-z0-9/._-]+,string=[^,]*$")
 _OPTION_VALUE_RE = re.compile(r"^[A-Za-z0-9_.:+-]+$")
 _VERSION_RE = re.compile(r"version (\d+)\.(\d+)(?:\.(\d+))?")
@@ -261,6 +264,8 @@ def build_task(vm_id: str, job: dict[str, Any], task_dir: Path, qemu_path: str =
                 raise JobInvalid(f"-incoming {value!r}: the local driver restores only a saved state file, "
                                  "once: exec:cat /ABSOLUTE/PATH")
             incoming = os.path.normpath(match[1])
+        elif flag == "-loadvm" and (not _SNAPSHOT_TAG_RE.match(value) or extra.count("-loadvm") > 1):
+            raise JobInvalid(f"-loadvm {value!r}: one snapshot tag, 1-64 of A-Z a-z 0-9 _ . -")
         elif flag == "-fw_cfg" and not _FW_CFG_RE.match(value):
             raise JobInvalid(f"-fw_cfg {value!r}: only name=opt/...,string=VALUE is allowed")
         elif flag == "-set" and value != "drive.image0.file.auto-read-only=off":
@@ -368,6 +373,7 @@ class LocalDriver(Driver):
     """Runs each VM's job as a QEMU process on this host; see the module docstring."""
 
     name = "local"
+    saves_memory = True
 
     def __init__(self, vms_root: Path, qemu_binary: str = "qemu-system-x86_64", *,
                  image_paths: Iterable[str | Path] | None = None, args_allowlist: Iterable[str] | None = None,
@@ -872,6 +878,100 @@ class LocalDriver(Driver):
                 await asyncio.to_thread(_remove_tree, task_dir)
             finally:
                 self._busy.discard(vm_id)
+
+    # ------------------------------------------------------------------ saved states (qcow2 internal snapshots)
+
+    async def _running_task(self, vm_id: str, tag: str) -> tuple[int, Path, QemuTask]:
+        """The live QEMU of ``vm_id`` and its task; the caller holds the VM's lock."""
+        check_vm_id(vm_id)
+        if not _SNAPSHOT_TAG_RE.match(tag):
+            raise DriverError(f"bad snapshot tag {tag!r}")
+        task_dir = self.tasks_root / vm_id
+        pid = self._read_pid(task_dir)
+        task = self._load_task(vm_id, task_dir)
+        if pid is None or task is None or not self._alive(pid, task_dir):
+            raise DriverError("the VM is not running")
+        return pid, task_dir, task
+
+    async def _hmp(self, task: QemuTask, command: str) -> None:
+        """One HMP command through QMP (human-monitor-command). savevm, loadvm and delvm answer nothing
+        when they worked and their error text when not. (QMP's own snapshot-save/-load jobs need the
+        block node names and a job to poll; in QEMU 7.2 the HMP commands do the same, synchronously.)"""
+        try:
+            out = await self._qmp(task.qmp_socket, "human-monitor-command", {"command-line": command},
+                                  timeout=SAVE_TIMEOUT)
+        except QMP_ERRORS as exc:
+            raise DriverError(f"{command.split()[0]} failed: {type(exc).__name__}: {exc}") from exc
+        text = str(out or "").strip()
+        if text:
+            raise DriverError(f"{command.split()[0]} failed: {text[:500]}")
+
+    async def _snapshot_sizes(self, task: QemuTask) -> dict[str, int]:
+        """The tags of the internal snapshots of the VM's disk (image0), with their saved memory in bytes."""
+        try:
+            devices = await self._qmp(task.qmp_socket, "query-block")
+        except QMP_ERRORS as exc:
+            raise DriverError(f"query-block failed: {exc}") from exc
+        for device in devices or []:
+            inserted = device.get("inserted") or {}
+            if device.get("device") == "image0" or inserted.get("file") == task.image_path:
+                return {str(s["name"]): int(s.get("vm-state-size") or 0)
+                        for s in (inserted.get("image") or {}).get("snapshots") or []}
+        raise DriverError("the VM's disk image0 is not in query-block")
+
+    async def save_state(self, vm_id: str, tag: str, *, then_stop: bool) -> int:
+        async with self._locked(vm_id):
+            pid, task_dir, task = await self._running_task(vm_id, tag)
+            self._busy.add(vm_id)
+            began = time.monotonic()
+            try:
+                if then_stop:
+                    # Paused first: nothing the guest does after the save can reach the disk.
+                    try:
+                        await self._qmp(task.qmp_socket, "stop")
+                    except QMP_ERRORS as exc:
+                        raise DriverError(f"pausing the VM failed: {exc}") from exc
+                try:
+                    await self._hmp(task, f"savevm {tag}")
+                    size = (await self._snapshot_sizes(task)).get(tag)
+                    if size is None:
+                        raise DriverError(f"savevm {tag} left no snapshot of that name")
+                except BaseException:
+                    if then_stop:
+                        with contextlib.suppress(*QMP_ERRORS):
+                            await self._qmp(task.qmp_socket, "cont")
+                    raise
+                if then_stop:
+                    with contextlib.suppress(*QMP_ERRORS):
+                        await self._qmp(task.qmp_socket, "quit")
+                    if not await self._wait_gone(pid, task_dir, QUIT_TIMEOUT):
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(pid, signal.SIGKILL)
+                        if not await self._wait_gone(pid, task_dir, KILL_TIMEOUT):
+                            raise DriverError(f"QEMU (pid {pid}) did not exit after SIGKILL")
+                    seconds = time.monotonic() - began
+                    self._record_exit(task_dir, pid, "suspend", f"suspended: memory saved as {tag} in "
+                                                                f"{seconds:.1f} s", seconds)
+                    self._remove_runtime(task_dir, task)
+                    self._unwatch(pid)
+                log.info("VM %s: state saved as %s (%d MiB of memory) in %.2f s%s", vm_id, tag, size >> 20,
+                         time.monotonic() - began, ", QEMU ended" if then_stop else "")
+                return size
+            finally:
+                self._busy.discard(vm_id)
+
+    async def load_state(self, vm_id: str, tag: str) -> None:
+        async with self._locked(vm_id):
+            _pid, _task_dir, task = await self._running_task(vm_id, tag)
+            if tag not in await self._snapshot_sizes(task):
+                raise DriverError(f"the VM's disk has no snapshot {tag}")
+            await self._hmp(task, f"loadvm {tag}")
+
+    async def delete_state(self, vm_id: str, tag: str) -> None:
+        async with self._locked(vm_id):
+            _pid, _task_dir, task = await self._running_task(vm_id, tag)
+            if tag in await self._snapshot_sizes(task):
+                await self._hmp(task, f"delvm {tag}")
 
     async def status(self, vm_id: str) -> VMStatus:
         try:

@@ -27,8 +27,7 @@ QUOTA_BOUNDS = {"vms": 10000, "vcpus": 100000, "memory_mb": 10**8, "disk_gb": 10
 # VMs of a disabled user stopped at once: each stop may wait STOP_TIMEOUT for the guest.
 STOP_CONCURRENCY = 4
 STOP_WAIT_MARGIN = 30  # seconds beyond STOP_TIMEOUT to wait for a disabled user's VM to stop
-VM_STATES = ("requested", "provisioning", "starting", "running", "stopping", "stopped", "destroying",
-             "destroyed", "error")
+VM_STATES = db.VM_STATES
 
 
 def _json(data: Any, status: int = 200) -> web.Response:

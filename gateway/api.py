@@ -10,7 +10,7 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway import auth, consoles, db, mail, paging, ratelimit, validation, vms
+from gateway import activity, auth, consoles, db, mail, paging, ratelimit, validation, vms
 from gateway.errors import BadRequest, Conflict, Forbidden, Unauthorized, ValidationFailed
 from gateway.keys import catalog_key, db_key, driver_key, mailer_key, redis_key, settings_key
 from jobspecs.render import to_hcl
@@ -19,6 +19,7 @@ log = logging.getLogger("vmgate.api")
 routes = web.RouteTableDef()
 
 MAX_LOG_BYTES = 1024 * 1024
+CONSOLE_RESUME_WAIT = 30  # seconds a console request waits for its suspended VM to resume
 
 
 def client_ip(request: web.Request) -> str | None:
@@ -193,9 +194,12 @@ def _wait(request: web.Request) -> float:
 
 
 async def _owned_vm(request: web.Request) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The signed-in user and their VM of the path; a request on a VM counts as its use (idle suspend)."""
     user = await auth.current_user(request)
     async with db.cursor(request.app[db_key]) as cur:
         vm = await db.vm_for_owner(cur, request.match_info["vm_id"], str(user["id"]))
+    if not activity.is_background(request):
+        await activity.touch(request.app[redis_key], str(vm["id"]))
     return user, vm
 
 
@@ -228,6 +232,11 @@ async def start_vm(request: web.Request) -> web.Response:
     return await _vm_action(request, "start")
 
 
+@routes.post("/api/vms/{vm_id}/suspend")
+async def suspend_vm(request: web.Request) -> web.Response:
+    return await _vm_action(request, "suspend")
+
+
 @routes.delete("/api/vms/{vm_id}")
 async def destroy_vm(request: web.Request) -> web.Response:
     return await _vm_action(request, "destroy")
@@ -238,6 +247,11 @@ async def console(request: web.Request) -> web.Response:
     user, vm = await _owned_vm(request)
     vm_id = str(vm["id"])
     redis = request.app[redis_key]
+    if vm["state"] in vms.WAKEABLE:
+        # Opening a suspended VM's console resumes it; the token comes once it runs.
+        woken = await vms.wake(request.app, vm_id)
+        if woken is not None:
+            vm = await vms.settle(request.app, vm_id, CONSOLE_RESUME_WAIT, poll=0.02)
     if vm["state"] != "running" or not await consoles.has_target(redis, vm_id):
         raise Conflict(f"The VM is {vm['state']}; start it to open its console.", code="vm_not_running",
                        details={"state": vm["state"]})

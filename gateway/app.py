@@ -14,7 +14,7 @@ from aiohttp import web
 
 from drivers import load_driver
 from drivers.base import Driver
-from gateway import accounts, admin, api, api_tokens, events, lifecycle, pages
+from gateway import accounts, admin, api, api_tokens, events, lifecycle, pages, snapshots
 from gateway.catalog import Catalog
 from gateway.config import REPO_ROOT, Settings
 from gateway.errors import error_middleware
@@ -74,6 +74,7 @@ def create_app(settings: Settings, *, driver: Driver | None = None) -> web.Appli
 
     app.router.add_routes(api.routes)
     app.router.add_routes(api_tokens.routes)
+    app.router.add_routes(snapshots.routes)
     app.router.add_routes(admin.routes)
     app.router.add_routes(events.routes)
     accounts.setup(app)  # routes, and the mailer (after the Postgres context: see its docstring)

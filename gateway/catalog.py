@@ -71,6 +71,19 @@ class Catalog:
             await self._verifier.verify(base.parent, [WARM_DISK, WARM_STATE])
 
     @staticmethod
+    def loadvm(job: dict[str, Any], tag: str, settings: Settings) -> dict[str, Any]:
+        """The job started from the internal snapshot ``tag`` of the VM's disk (resume, restore)."""
+        return render.loadvm_job(job, tag, render.JobSettings.from_settings(settings))
+
+    def idle_suspend_after(self, template_name: str, settings: Settings) -> int:
+        """Seconds idle before a VM of this template is suspended (0: never): the template's setting, else
+        IDLE_SUSPEND_AFTER."""
+        template = self.templates.get(template_name)
+        if template is not None and template.idle_suspend_after is not None:
+            return template.idle_suspend_after
+        return settings.idle_suspend_after
+
+    @staticmethod
     def cold(job: dict[str, Any], settings: Settings) -> dict[str, Any]:
         """The job without the restore of a saved state: what every start but a warm VM's first runs."""
         return render.cold_job(job, render.JobSettings.from_settings(settings))

@@ -260,6 +260,15 @@ class Settings:
                                        " settled by the collector (stopping gets STOP_TIMEOUT more)")
     orphan_grace: int = _setting("ORPHAN_GRACE", _int(0, 86400), "120",
                                  "Minimum age, seconds, of a file or process before the collector removes it")
+    idle_suspend_after: int = _setting("IDLE_SUSPEND_AFTER", _int(0, 30 * 86400), "900",
+                                       "Seconds without a console connection or API request on a running VM before"
+                                       " it is suspended (memory saved to its disk); 0 never. A template's"
+                                       " idle_suspend_after in images/catalog.json wins")
+    snapshot_quota: int = _setting("SNAPSHOT_QUOTA", _int(0, 10000), "10", "Default per-user snapshot count")
+    snapshot_keep: int = _setting("SNAPSHOT_KEEP", _int(0, 10000), "5",
+                                  "Snapshots kept per VM: the collector deletes the oldest beyond these; 0 keeps all")
+    snapshot_max_age: int = _setting("SNAPSHOT_MAX_AGE", _int(0, 10 * 365 * 86400), "2592000",
+                                     "Seconds after which the collector deletes a snapshot; 0 keeps them")
     quota_max_vms: int = _setting("QUOTA_MAX_VMS", _int(0, 10000), "3", "Default per-user VM count")
     quota_vcpus: int = _setting("QUOTA_VCPUS", _int(0, 100000), "4", "Default per-user vCPUs")
     quota_memory_mb: int = _setting("QUOTA_MEMORY_MB", _int(0, 10**8), "2048", "Default per-user memory, MB")

@@ -29,11 +29,15 @@ def holds_quota(row: Row | None) -> bool:
     """``HOLDS_QUOTA_SQL`` for a row in hand: the VM exists and still owns its disk and quota share."""
     return row is not None and not (row["state"] == "destroyed"
                                     or (row["state"] == "error" and row["desired_state"] == "destroyed"))
-TRANSITIONAL_STATES = ("requested", "provisioning", "starting", "stopping", "destroying")
+# Every state a VM row can be in (the CHECK constraint of migration 006).
+VM_STATES = ("requested", "provisioning", "starting", "running", "stopping", "stopped", "destroying", "destroyed",
+             "error", "suspending", "suspended", "resuming", "restoring")
+TRANSITIONAL_STATES = ("requested", "provisioning", "starting", "stopping", "destroying", "suspending", "resuming",
+                       "restoring")
 
 VM_COLUMNS = ("id, user_id, name, template, cpu, memory_mb, disk_gb, state, desired_state, error_reason,"
               " overlay_path, created_at, updated_at, started_at, stopped_at, destroyed_at, crash_times,"
-              " restart_after")
+              " restart_after, suspended_at, restore_snapshot")
 
 
 @contextlib.asynccontextmanager
@@ -184,7 +188,7 @@ _STAMPS = {"running": "started_at", "stopped": "stopped_at", "destroyed": "destr
 
 
 # Columns ``transition`` may set besides the state (the lifecycle engine's restart bookkeeping).
-_EXTRA_COLUMNS = frozenset({"crash_times", "restart_after"})
+_EXTRA_COLUMNS = frozenset({"crash_times", "restart_after", "suspended_at", "restore_snapshot"})
 
 
 async def transition(cur: Any, vm_id: str, to_state: str, *, only_from: tuple[str, ...] | None = None,
@@ -239,6 +243,15 @@ async def require_transition(cur: Any, vm: Row, to_state: str, only_from: tuple[
     return row
 
 
+async def set_desired(cur: Any, vm_id: str, desired: str, only_from: tuple[str, ...]) -> Row | None:
+    """Change only what the user wants of a VM in one of ``only_from`` (a VM being suspended that is
+    wanted back: the engine finishes the suspend, then resumes it). None when it was in another state."""
+    await cur.execute(f"UPDATE vms SET desired_state = %s, updated_at = now() WHERE id = %s AND state = ANY(%s)"
+                      f" RETURNING {VM_COLUMNS}", (desired, vm_id, list(only_from)))
+    row = await cur.fetchone()
+    return {**dict(row), "event_id": None, "reason": None} if row else None
+
+
 async def vm_events(cur: Any, vm_id: str) -> list[Row]:
     await cur.execute("SELECT from_state, to_state, reason, created_at FROM vm_events WHERE vm_id = %s ORDER BY id",
                       (vm_id,))
@@ -258,8 +271,120 @@ async def events_after(cur: Any, after_id: int, *, vm_id: str | None = None, use
 
 
 async def live_vms(cur: Any) -> list[Row]:
-    """Every VM not destroyed, for the reconciler and the collector."""
-    await cur.execute(f"SELECT {VM_COLUMNS} FROM vms WHERE state <> 'destroyed'")
+    """Every VM not destroyed, for the reconciler and the collector; ``snapshot_work``: a snapshot of it
+    waits to be made or deleted."""
+    await cur.execute(f"SELECT {VM_COLUMNS}, EXISTS (SELECT 1 FROM snapshots s WHERE s.vm_id = vms.id"
+                      f" AND s.state IN ('creating', 'deleting')) AS snapshot_work FROM vms WHERE state <> 'destroyed'")
+    return [dict(r) for r in await cur.fetchall()]
+
+
+# ---- snapshots -------------------------------------------------------------------------------------
+
+SNAPSHOT_COLUMNS = ("id, vm_id, user_id, name, state, has_memory, memory_bytes, error_reason, deleted_by, created_at,"
+                    " ready_at, deleted_at")
+# A snapshot uses its owner's snapshot quota from its request until it is being deleted (or failed).
+SNAPSHOT_COUNTS_SQL = "state IN ('creating', 'ready')"
+
+
+def snapshot_tag(snapshot_id: str) -> str:
+    """The qcow2 internal snapshot's tag of a user's snapshot."""
+    return f"s-{snapshot_id}"
+
+
+async def snapshot_usage(cur: Any, user_id: str) -> int:
+    await cur.execute(f"SELECT count(*) AS n FROM snapshots WHERE user_id = %s AND {SNAPSHOT_COUNTS_SQL}", (user_id,))
+    return int((await cur.fetchone())["n"])
+
+
+async def request_snapshot(cur: Any, user_id: str, vm_id: str, name: str, quota: int) -> Row:
+    """Record a snapshot to be made (state ``creating``) if it fits the owner's snapshot quota and its name
+    is free on the VM; under the owner's row lock, like VM admission."""
+    async with cur.begin():
+        await cur.execute("SELECT id FROM users WHERE id = %s FOR UPDATE", (user_id,))
+        used = await snapshot_usage(cur, user_id)
+        if used + 1 > quota:
+            raise QuotaExceeded(f"You have {used} of your {quota} snapshots; delete one first.",
+                                details={"exceeded": {"snapshots": {"quota": quota, "used": used, "requested": 1}}})
+        try:
+            await cur.execute(
+                "INSERT INTO snapshots (id, vm_id, user_id, name, state) VALUES (%s, %s, %s, %s, 'creating')"
+                f" RETURNING {SNAPSHOT_COLUMNS}", (str(uuid.uuid4()), vm_id, user_id, name))
+        except psycopg2.errors.UniqueViolation:
+            raise Conflict("This VM already has a snapshot of that name.", code="name_taken",
+                           details={"field": "name"}) from None
+        return dict(await cur.fetchone())
+
+
+async def snapshots_of(cur: Any, vm_id: str, include_gone: bool = False) -> list[Row]:
+    """A VM's snapshots, oldest first; ``include_gone`` adds deleted and failed ones."""
+    where = "" if include_gone else " AND state IN ('creating', 'ready', 'deleting')"
+    await cur.execute(f"SELECT {SNAPSHOT_COLUMNS} FROM snapshots WHERE vm_id = %s{where} ORDER BY created_at, id",
+                      (vm_id,))
+    return [dict(r) for r in await cur.fetchall()]
+
+
+async def snapshot_of_vm(cur: Any, vm_id: str, snapshot_id: str) -> Row:
+    """One snapshot of the VM that is not gone; NotFound otherwise (the VM's ownership is checked already)."""
+    if not is_uuid(snapshot_id):
+        raise NotFound("No such snapshot.")
+    await cur.execute(f"SELECT {SNAPSHOT_COLUMNS} FROM snapshots WHERE id = %s AND vm_id = %s"
+                      " AND state IN ('creating', 'ready', 'deleting')", (snapshot_id, vm_id))
+    row = await cur.fetchone()
+    if row is None:
+        raise NotFound("No such snapshot.")
+    return dict(row)
+
+
+async def snapshot_by_id(cur: Any, snapshot_id: str) -> Row | None:
+    await cur.execute(f"SELECT {SNAPSHOT_COLUMNS} FROM snapshots WHERE id = %s", (snapshot_id,))
+    row = await cur.fetchone()
+    return dict(row) if row else None
+
+
+async def set_snapshot(cur: Any, snapshot_id: str, state: str, *, only_from: tuple[str, ...],
+                       **columns: Any) -> Row | None:
+    """Move a snapshot to ``state`` from one of ``only_from``, setting ``columns`` (has_memory, memory_bytes,
+    error_reason, deleted_by); None when it was in another state."""
+    allowed = {"has_memory", "memory_bytes", "error_reason", "deleted_by"}
+    if set(columns) - allowed:
+        raise ValueError(f"set_snapshot cannot set {sorted(set(columns) - allowed)}")
+    stamp = {"ready": ", ready_at = now()", "deleted": ", deleted_at = now()"}.get(state, "")
+    sets = "".join(f", {name} = %s" for name in columns)
+    await cur.execute(f"UPDATE snapshots SET state = %s{stamp}{sets} WHERE id = %s AND state = ANY(%s)"
+                      f" RETURNING {SNAPSHOT_COLUMNS}", (state, *columns.values(), snapshot_id, list(only_from)))
+    row = await cur.fetchone()
+    return dict(row) if row else None
+
+
+async def snapshot_work(cur: Any, vm_id: str) -> list[Row]:
+    """The VM's snapshots waiting to be made or deleted, oldest request first."""
+    await cur.execute(f"SELECT {SNAPSHOT_COLUMNS} FROM snapshots WHERE vm_id = %s AND state IN ('creating', 'deleting')"
+                      " ORDER BY created_at, id", (vm_id,))
+    return [dict(r) for r in await cur.fetchall()]
+
+
+async def forget_snapshots(cur: Any, vm_id: str, why: str) -> None:
+    """Every snapshot of a VM whose disk is gone is gone with it."""
+    await cur.execute("UPDATE snapshots SET state = CASE WHEN state = 'creating' THEN 'error' ELSE 'deleted' END,"
+                      " deleted_at = now(), deleted_by = %s"
+                      " WHERE vm_id = %s AND state IN ('creating', 'ready', 'deleting')",
+                      (why, vm_id))
+
+
+async def expire_snapshots(cur: Any, keep: int, max_age: int) -> list[Row]:
+    """Mark for deletion the ready snapshots retention no longer keeps: beyond the newest ``keep`` of their VM
+    (0: no limit) or older than ``max_age`` seconds (0: no limit). Returns them (their VMs need work)."""
+    await cur.execute(
+        "WITH ranked AS (SELECT id, created_at,"
+        " row_number() OVER (PARTITION BY vm_id ORDER BY created_at DESC, id DESC) AS newest"
+        " FROM snapshots WHERE state = 'ready')"
+        " UPDATE snapshots s SET state = 'deleting', deleted_by = CASE WHEN %(keep)s > 0 AND r.newest > %(keep)s"
+        " THEN 'retention: keep ' || %(keep)s ELSE 'retention: older than ' || %(age)s || ' s' END"
+        " FROM ranked r WHERE s.id = r.id AND s.state = 'ready'"
+        " AND ((%(keep)s > 0 AND r.newest > %(keep)s)"
+        " OR (%(age)s > 0 AND r.created_at < now() - make_interval(secs => %(age)s)))"
+        f" RETURNING {', '.join('s.' + c.strip() for c in SNAPSHOT_COLUMNS.split(','))}",
+        {"keep": keep, "age": max_age})
     return [dict(r) for r in await cur.fetchall()]
 
 

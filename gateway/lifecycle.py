@@ -38,8 +38,8 @@ from aiohttp import web
 from psycopg2.extras import RealDictCursor
 
 from console import keys as console_keys
-from drivers.base import Driver, DriverError, VMStatus
-from gateway import consoles, db, storage
+from drivers.base import Driver, DriverError, NotSupported, VMStatus
+from gateway import activity, consoles, db, storage
 from gateway.catalog import Catalog
 from gateway.config import Settings
 from gateway.errors import ApiError
@@ -51,7 +51,8 @@ from jobspecs import is_warm
 
 log = logging.getLogger("vmgate.lifecycle")
 
-SETTLED_STATES = ("running", "stopped", "destroyed", "error")
+SETTLED_STATES = ("running", "stopped", "destroyed", "error", "suspended")
+SUSPEND_TAG = "vmgate-suspend"  # the internal snapshot of a suspended VM's overlay that holds its memory
 MAX_STEPS = 12  # steps of one converge; each moves the VM on, so a handful always suffices
 MAX_DELIVERIES = 10  # a job delivered this often without finishing is dropped (the collector settles its VM)
 LOCK_WAIT = 60  # seconds a worker waits for another worker's lock on the same VM
@@ -302,21 +303,34 @@ class Engine:
             return await self._destroy(row)
         if state in ("requested", "provisioning"):  # requested: a row no step would ever move on otherwise
             return await self._provision(row)
+        if state == "restoring":
+            return await self._restore(row)
+        if state == "suspending":
+            return await self._suspend(row)  # finished whatever is wanted now; the next step follows that
+        if state == "stopping" or (desired == "stopped" and state in ("running", "starting")):
+            return await self._stop(row)
+        if desired == "suspended":
+            if state == "running":
+                return await self._suspend(row)
+            if state == "suspended":
+                await self._ensure_not_running(row, hard=True)
+                return await self._snapshot_work(row)
+            return False
         if desired == "running":
             if state == "starting":
                 return await self._start(row)
             if state == "running":
-                return await self._check_running(row)
-            if state == "stopping":
-                return await self._stop(row)
+                return await self._check_running(row) or await self._snapshot_work(row)
             if state == "stopped":
                 return await self._cas(row, "starting") is not None
+            if state == "suspended":
+                return await self._cas(row, "resuming") is not None
+            if state == "resuming":
+                return await self._resume(row)
             return False  # error (crashed and given up) waits for the user
-        # desired stopped
-        if state in ("running", "starting", "stopping"):
-            return await self._stop(row)
+        # desired stopped: stopped, or error
         await self._ensure_not_running(row)
-        return False
+        return await self._snapshot_work(row)
 
     async def _cas(self, row: dict[str, Any], to_state: str, **kwargs: Any) -> dict[str, Any] | None:
         return await set_state(self.app, str(row["id"]), to_state, only_from=(row["state"],), **kwargs)
@@ -469,6 +483,8 @@ class Engine:
             row = {**row, **moved}
         crash_point("stop.requested")
         await self._revoke(vm_id)
+        if row["suspended_at"] is not None:
+            row = await self._wake_to_stop(row)
         try:
             await self.driver.stop(vm_id, timeout=self.settings.stop_timeout)
         except DriverError as exc:
@@ -476,19 +492,37 @@ class Engine:
             if await self._cas(row, "error", reason=reason) is not None:
                 await self._audit(row, "vm.stop", reason)
             return False
-        moved = await self._cas(row, "stopped", extra={"restart_after": None})
+        moved = await self._cas(row, "stopped", extra={"restart_after": None, "suspended_at": None})
         if moved is not None:
             self.app[metrics_key].vm_ops.labels("stop", "ok").inc()
         return True
 
-    async def _ensure_not_running(self, row: dict[str, Any]) -> None:
-        """A VM that should not run but does (the user stopped it while the gateway was away...)."""
+    async def _wake_to_stop(self, row: dict[str, Any]) -> dict[str, Any]:
+        """A suspended VM that is to stop: load its memory and let the guest power off as any other VM
+        does, rather than throw its memory away (its file systems' unwritten data is in there). If the saved
+        state cannot be loaded, the VM stops as it is: its disk is as it was when it was suspended."""
+        vm_id = str(row["id"])
+        try:
+            job = self.catalog.loadvm(row["jobspec"], SUSPEND_TAG, self.settings)
+            await self.driver.start(vm_id, job)
+            await self._drop_suspend_state(row, running=True)
+        except (ApiError, DriverError, storage.StorageError, OSError) as exc:
+            log.warning("VM %s: its saved memory could not be loaded to shut it down: %s", vm_id, _reason(exc))
+            with contextlib.suppress(DriverError):
+                await self.driver.stop(vm_id, timeout=0)
+        async with db.cursor(self.pool) as cur:
+            await cur.execute("UPDATE vms SET suspended_at = NULL WHERE id = %s", (vm_id,))
+        return {**row, "suspended_at": None}
+
+    async def _ensure_not_running(self, row: dict[str, Any], hard: bool = False) -> None:
+        """A VM that should not run but does (the user stopped it while the gateway was away...).
+        ``hard``: a suspended VM's QEMU is ended without a shutdown (its memory is saved already)."""
         vm_id = str(row["id"])
         status = await self.driver.status(vm_id)
         if status.state == "running":
             log.info("VM %s is %s but QEMU runs; stopping it", vm_id, row["state"])
             await self._revoke(vm_id)
-            await self.driver.stop(vm_id, timeout=self.settings.stop_timeout)
+            await self.driver.stop(vm_id, timeout=0 if hard else self.settings.stop_timeout)
 
     async def _destroy(self, row: dict[str, Any]) -> bool:
         if row["state"] not in ("destroying", "error"):
@@ -501,6 +535,8 @@ class Engine:
             await self.driver.destroy(str(row["id"]))
             if row["overlay_path"]:
                 storage.remove_overlay(Path(row["overlay_path"]))
+            async with db.cursor(self.pool) as cur:
+                await db.forget_snapshots(cur, str(row["id"]), "vm destroyed")
         except (DriverError, OSError) as exc:
             reason = f"destroy failed: {_reason(exc)}"
             if row["state"] != "error" and await self._cas(row, "error", reason=reason) is not None:
@@ -509,6 +545,235 @@ class Engine:
         if row["state"] == "destroying" and await self._cas(row, "destroyed") is not None:
             self.app[metrics_key].vm_ops.labels("destroy", "ok").inc()
         return False
+
+    # ---- suspend and resume (docs/LIFECYCLE.md, "Suspend and resume")
+
+    async def _suspend(self, row: dict[str, Any]) -> bool:
+        """Save the VM's memory into its overlay (internal snapshot SUSPEND_TAG) and end QEMU."""
+        vm_id = str(row["id"])
+        if row["state"] != "suspending":
+            moved = await self._cas(row, "suspending")
+            if moved is None:
+                return True
+            row = {**row, **moved}
+        await self._revoke(vm_id, "vm suspended")
+        status = await self.driver.status(vm_id)
+        if status.state == "running":
+            try:
+                size = await self.driver.save_state(vm_id, SUSPEND_TAG, then_stop=True)
+            except DriverError as exc:
+                # QEMU goes on (save_state resumes it on failure): the VM is running, as before.
+                reason = f"suspend failed: {_reason(exc)}"
+                log.warning("VM %s: %s", vm_id, reason)
+                if await self._cas(row, "running", reason=reason, desired="running") is not None:
+                    await self._audit(row, "vm.suspend", reason)
+                return True
+            reason = f"memory saved ({size >> 20} MiB)"
+            crash_point("suspend.saved")
+        elif await self._suspend_state_saved(row):
+            reason = "memory saved"  # saved, and the worker that saved it died before recording it
+        else:
+            return await self._cas(row, "stopped", reason="QEMU ended before its memory was saved",
+                                   desired="stopped") is not None
+        moved = await self._cas(row, "suspended", reason=reason, extra={"suspended_at": now()})
+        if moved is not None:
+            self.app[metrics_key].vm_ops.labels("suspend", "ok").inc()
+        return True
+
+    async def _suspend_state_saved(self, row: dict[str, Any]) -> bool:
+        """True when the overlay holds a suspend state saved since the VM began suspending."""
+        try:
+            found = await storage.list_snapshots(Path(row["overlay_path"]))
+        except (storage.StorageError, OSError, TypeError):
+            return False
+        saved = found.get(SUSPEND_TAG)
+        return bool(saved and saved["vm_state_size"] > 0 and saved["date"] >= row["updated_at"].timestamp() - 1)
+
+    async def _resume(self, row: dict[str, Any]) -> bool:
+        """Start QEMU from the suspend state (``-loadvm``): the VM runs on where it was."""
+        vm_id = str(row["id"])
+        try:
+            if not row.get("jobspec") or not row["overlay_path"] or not Path(row["overlay_path"]).exists():
+                raise DriverError("the VM's disk is missing")
+            status = await self.driver.start(vm_id, self.catalog.loadvm(row["jobspec"], SUSPEND_TAG, self.settings))
+            if status.state != "running" or status.vnc is None:
+                raise DriverError(f"the VM did not come back: {status.reason or 'no VNC endpoint'}")
+            crash_point("resume.started")
+        except (ApiError, DriverError, storage.StorageError, OSError) as exc:
+            with contextlib.suppress(DriverError):
+                await self.driver.stop(vm_id, timeout=0)
+            reason = f"resume failed: {_reason(exc)}"
+            log.warning("VM %s: %s", vm_id, reason)
+            # Still suspended: its saved memory and disk are untouched. Stopping it (or destroying it) works.
+            if await self._cas(row, "suspended", reason=reason, desired="suspended") is not None:
+                await self._audit(row, "vm.resume", reason)
+            return False
+        await consoles.publish_target(self.redis, vm_id, status.vnc)
+        moved = await self._cas(row, "running", extra={"suspended_at": None, "restart_after": None})
+        if moved is not None:
+            self.app[metrics_key].vm_ops.labels("resume", "ok").inc()
+            await self._drop_suspend_state(row, running=True)
+        return True
+
+    async def _drop_suspend_state(self, row: dict[str, Any], running: bool) -> None:
+        """Delete the suspend state once the VM runs on from it (or its disk went back to a snapshot).
+        Best effort: one left behind is never loaded again (only a VM in ``resuming`` is started from it)
+        and the next suspend replaces it."""
+        try:
+            if running:
+                await self.driver.delete_state(str(row["id"]), SUSPEND_TAG)
+            else:
+                await storage.delete_snapshot(Path(row["overlay_path"]), SUSPEND_TAG)
+        except (DriverError, storage.StorageError, OSError) as exc:
+            log.warning("VM %s: could not delete its old suspend state: %s", row["id"], exc)
+
+    async def suspend_idle(self, rows: list[dict[str, Any]]) -> list[str]:
+        """Queue for suspend every running VM unused for its IDLE_SUSPEND_AFTER; returns their ids."""
+        if not self.driver.saves_memory:
+            return []
+        candidates = {str(r["id"]): r for r in rows if r["state"] == "running" and r["desired_state"] == "running"
+                      and self.catalog.idle_suspend_after(r["template"], self.settings) > 0}
+        if not candidates:
+            return []
+        used = await activity.usage(self.redis, list(candidates))
+        at = time.time()
+        suspended = []
+        for vm_id, row in candidates.items():
+            last, console_open = used.get(vm_id, (0.0, False))
+            idle_after = self.catalog.idle_suspend_after(row["template"], self.settings)
+            idle_for = at - max(last, row["updated_at"].timestamp())
+            if console_open or idle_for < idle_after:
+                continue
+            moved = await set_state(self.app, vm_id, "suspending", only_from=("running",), desired="suspended",
+                                    reason=f"idle for {idle_for:.0f} s (suspends after {idle_after} s)")
+            if moved is not None:
+                suspended.append(vm_id)
+                await self.queue.put(vm_id, "idle", once=True)
+        return suspended
+
+    # ---- snapshots (docs/SNAPSHOTS.md)
+
+    async def _snapshot_work(self, row: dict[str, Any]) -> bool:
+        """Make or delete the VM's next pending snapshot. True: one was done (look again)."""
+        vm_id = str(row["id"])
+        async with db.cursor(self.pool) as cur:
+            work = await db.snapshot_work(cur, vm_id)
+        for snap in work:
+            if snap["state"] == "creating":
+                if row["state"] == "suspended":  # its memory is in the suspend state: resume, then snapshot
+                    return await self._cas(row, "resuming", desired="running") is not None
+                return await self._make_snapshot(row, snap)
+            if row["state"] != "running" or self.driver.saves_memory:
+                return await self._delete_snapshot(row, snap)
+            # A running VM's disk cannot be changed without its QEMU: deleted once the VM stops.
+        return False
+
+    async def _make_snapshot(self, row: dict[str, Any], snap: dict[str, Any]) -> bool:
+        vm_id, tag = str(row["id"]), db.snapshot_tag(str(snap["id"]))
+        try:
+            if row["state"] == "running":
+                memory = await self.driver.save_state(vm_id, tag, then_stop=False)
+            else:
+                if (await self.driver.status(vm_id)).state == "running":
+                    raise DriverError("QEMU runs although the VM is not running; try again")
+                await storage.create_snapshot(Path(row["overlay_path"]), tag)
+                memory = 0
+        except (DriverError, storage.StorageError, OSError) as exc:
+            reason = _reason(exc)
+            if isinstance(exc, NotSupported):
+                reason += "; stop the VM and take the snapshot then"
+            log.warning("VM %s: snapshot %s failed: %s", vm_id, snap["id"], reason)
+            await self._drop_snapshot_tag(row, tag)
+            async with db.cursor(self.pool) as cur:
+                await db.set_snapshot(cur, str(snap["id"]), "error", only_from=("creating",), error_reason=reason)
+            await self._audit(row, "vm.snapshot", reason)
+            return True
+        async with db.cursor(self.pool) as cur:
+            done = await db.set_snapshot(cur, str(snap["id"]), "ready", only_from=("creating",),
+                                         has_memory=memory > 0, memory_bytes=memory)
+        if done is None:  # deleted (with its VM) while it was being made
+            await self._drop_snapshot_tag(row, tag)
+        self.app[metrics_key].vm_ops.labels("snapshot", "ok").inc()
+        await self.apply_retention()
+        return True
+
+    async def _drop_snapshot_tag(self, row: dict[str, Any], tag: str) -> None:
+        with contextlib.suppress(DriverError, storage.StorageError, OSError):
+            if (await self.driver.status(str(row["id"]))).state == "running":
+                await self.driver.delete_state(str(row["id"]), tag)
+            else:
+                await storage.delete_snapshot(Path(row["overlay_path"]), tag)
+
+    async def _delete_snapshot(self, row: dict[str, Any], snap: dict[str, Any]) -> bool:
+        vm_id, tag = str(row["id"]), db.snapshot_tag(str(snap["id"]))
+        try:
+            if (await self.driver.status(vm_id)).state == "running":
+                await self.driver.delete_state(vm_id, tag)
+            else:
+                await storage.delete_snapshot(Path(row["overlay_path"]), tag)
+        except (DriverError, storage.StorageError, OSError) as exc:
+            log.warning("VM %s: deleting snapshot %s failed: %s; tried again later", vm_id, snap["id"], _reason(exc))
+            return False
+        async with db.cursor(self.pool) as cur:
+            await db.set_snapshot(cur, str(snap["id"]), "deleted", only_from=("deleting",))
+        return True
+
+    async def _restore(self, row: dict[str, Any]) -> bool:
+        """Put the VM back to the snapshot ``restore_snapshot``: with its memory, the VM runs on from that
+        moment; disk only, the disk goes back and the VM boots from it (or stays stopped)."""
+        vm_id = str(row["id"])
+        async with db.cursor(self.pool) as cur:
+            snap = await db.snapshot_by_id(cur, str(row["restore_snapshot"])) if row["restore_snapshot"] else None
+        running = (await self.driver.status(vm_id)).state == "running"
+        settled = "running" if running else "stopped"
+        clear = {"restore_snapshot": None}
+        if snap is None or snap["state"] != "ready":
+            return await self._cas(row, settled, reason="restore: the snapshot is gone", desired=settled,
+                                   extra=clear) is not None
+        tag = db.snapshot_tag(str(snap["id"]))
+        try:
+            if snap["has_memory"]:
+                if running:
+                    await self.driver.load_state(vm_id, tag)
+                    status = await self.driver.status(vm_id)
+                else:
+                    status = await self.driver.start(vm_id, self.catalog.loadvm(row["jobspec"], tag, self.settings))
+                if status.state != "running" or status.vnc is None:
+                    raise DriverError(f"the VM did not come back: {status.reason or 'no VNC endpoint'}")
+                if row["suspended_at"] is not None:
+                    await self._drop_suspend_state(row, running=True)
+                await consoles.publish_target(self.redis, vm_id, status.vnc)
+                to_state, desired = "running", "running"
+            else:
+                if running:
+                    await self._revoke(vm_id, "vm restored")
+                    await self.driver.stop(vm_id, timeout=0)  # what runs is being thrown away
+                await storage.apply_snapshot(Path(row["overlay_path"]), tag)
+                if row["suspended_at"] is not None:
+                    await self._drop_suspend_state(row, running=False)
+                to_state = "starting" if row["desired_state"] == "running" else "stopped"
+                desired = "running" if to_state == "starting" else "stopped"
+        except (ApiError, DriverError, storage.StorageError, OSError) as exc:
+            reason = f"restore failed: {_reason(exc)}"
+            log.warning("VM %s: %s", vm_id, reason)
+            running = (await self.driver.status(vm_id)).state == "running"
+            settled = "running" if running else ("suspended" if row["suspended_at"] is not None else "stopped")
+            if await self._cas(row, settled, reason=reason, desired=settled, extra=clear) is not None:
+                await self._audit(row, "vm.restore", reason)
+            return False
+        moved = await self._cas(row, to_state, reason=f"restored snapshot {snap['name']!r}", desired=desired,
+                                extra={**clear, "suspended_at": None})
+        if moved is not None:
+            self.app[metrics_key].vm_ops.labels("restore", "ok").inc()
+        return True
+
+    async def apply_retention(self) -> list[str]:
+        """Mark for deletion the snapshots SNAPSHOT_KEEP and SNAPSHOT_MAX_AGE no longer keep, and queue their VMs."""
+        async with db.cursor(self.pool) as cur:
+            expired = await db.expire_snapshots(cur, self.settings.snapshot_keep, self.settings.snapshot_max_age)
+        for vm_id in sorted({str(snap["vm_id"]) for snap in expired}):
+            await self.enqueue(vm_id, "retention")
+        return [str(snap["id"]) for snap in expired]
 
     # ---- the reconciler
 
@@ -524,6 +789,7 @@ class Engine:
                 queued = await self._needing_work(rows, actual)
                 for vm_id in queued:
                     await self.queue.put(vm_id, "reconcile", once=True)
+                queued += await self.suspend_idle([r for r in rows if str(r["id"]) not in queued])
         await self.update_metrics(rows)
         return queued
 
@@ -547,10 +813,11 @@ class Engine:
                 need = row["restart_after"] is None or row["restart_after"] <= at
             elif state == "running":
                 need = desired != "running" or not runs or not has_target.get(vm_id)
-            elif state == "stopped":
-                need = desired != "stopped" or runs
+            elif state in ("stopped", "suspended"):
+                need = desired != state or runs
             else:  # error
                 need = runs
+            need = need or bool(row.get("snapshot_work"))
             if need:
                 needing.append(vm_id)
         return needing
@@ -574,7 +841,8 @@ class Engine:
 
     async def collect_once(self) -> dict[str, list[str]]:
         """Remove what no VM owns and settle VMs stuck past their deadline. Returns what it did."""
-        report: dict[str, list[str]] = {"overlays": [], "processes": [], "console_records": [], "stuck": []}
+        report: dict[str, list[str]] = {"overlays": [], "processes": [], "console_records": [], "stuck": [],
+                                        "snapshots": []}
         grace = self.settings.orphan_grace
         async with db.cursor(self.pool) as cur:
             rows = {str(r["id"]): r for r in await db.live_vms(cur)}
@@ -613,6 +881,7 @@ class Engine:
         async with db.cursor(self.pool) as cur:
             await cur.execute("DELETE FROM revoked_sessions WHERE expires_at < now()")
         report["stuck"] = await self._settle_stuck(list(rows.values()))
+        report["snapshots"] = await self.apply_retention()
         for kind, items in report.items():
             if items:
                 log.info("collector: %s: %s", kind, ", ".join(items))
@@ -631,7 +900,7 @@ class Engine:
             name = key.decode() if isinstance(key, bytes) else key
             vm_id = name.rsplit(":", 1)[-1]
             row = rows.get(vm_id)
-            if row is None or row["state"] not in ("running", "starting"):
+            if row is None or row["state"] not in ("running", "starting", "resuming", "restoring"):
                 await self.redis.delete(name)
                 removed.append(name)
         for pattern in (console_keys.vm_tokens_key("*"), console_keys.user_tokens_key("*")):
@@ -675,12 +944,12 @@ class Engine:
         reason = f"{state} for more than {limit:g} s"
         if state in ("provisioning", "starting") and row["started_at"] is None:
             await self._fail_create(row, DriverError(reason))
-        elif state in ("starting", "stopping"):
+        elif state in ("starting", "stopping") and row["suspended_at"] is None:
             with contextlib.suppress(DriverError):
                 await self.driver.stop(vm_id, timeout=0)
             await self._revoke(vm_id)
             await self._cas(row, "stopped", reason=f"{reason}: stopped", desired="stopped")
-        else:  # destroying: what the user wants is still to destroy it
+        else:  # destroying, suspending, resuming, restoring: each step finishes or undoes itself
             await self.converge(vm_id)
 
 

@@ -17,13 +17,14 @@ import aiohttp_jinja2
 from aiohttp import web
 
 from gateway import admin, api, api_tokens, auth, db, paging, vms
-from gateway.keys import catalog_key, db_key, settings_key
+from gateway.keys import catalog_key, db_key, driver_key, settings_key
+from gateway.snapshots import public_snapshot
 from jobspecs.render import to_hcl
 
 routes = web.RouteTableDef()
 
 # States a VM passes through on its way somewhere; pages show them with a spinner.
-TRANSITIONAL = ("requested", "provisioning", "starting", "stopping", "destroying")
+TRANSITIONAL = db.TRANSITIONAL_STATES
 AUDIT_PAGE = 25
 ADMIN_PAGE = 50
 _NO_STORE = {"Cache-Control": "no-store"}
@@ -112,8 +113,18 @@ async def _vm_context(request: web.Request, user: dict[str, Any]) -> dict[str, A
     history = [{"from": e["from_state"], "to": e["to_state"], "reason": e["reason"],
                 "at": e["created_at"].isoformat()} for e in events]
     jobspec = row.get("jobspec")
+    settings = request.app[settings_key]
+    async with db.cursor(request.app[db_key]) as cur:
+        snapshots = [public_snapshot(s) for s in await db.snapshots_of(cur, str(row["id"]))]
+        used = await db.snapshot_usage(cur, str(user["id"]))
     return {"user": auth.public_user(user), "vm": vm, "history": history,
-            "jobspec_hcl": to_hcl(jobspec) if jobspec else None}
+            "jobspec_hcl": to_hcl(jobspec) if jobspec else None,
+            "saves_memory": request.app[driver_key].saves_memory,
+            "idle_suspend_after": request.app[catalog_key].idle_suspend_after(row["template"], settings)
+            if request.app[driver_key].saves_memory else 0,
+            "snapshots": snapshots, "snapshots_busy": any(s["state"] in ("creating", "deleting") for s in snapshots),
+            "snapshot_quota": {"snapshots": settings.snapshot_quota, "used": used},
+            "retention": {"keep": settings.snapshot_keep, "max_age_seconds": settings.snapshot_max_age}}
 
 
 @routes.get("/vms/{vm_id}")

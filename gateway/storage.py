@@ -111,3 +111,43 @@ def remove_overlay(path: Path) -> None:
     create for the same user between its mkdir and its qemu-img (the collector removes old empty ones)."""
     path.unlink(missing_ok=True)
     path.with_suffix(".qcow2.part").unlink(missing_ok=True)
+
+
+# ---- internal snapshots (a VM's suspend state and its user's snapshots; docs/SNAPSHOTS.md) ----------
+# Only for an overlay no QEMU has open: a running VM's snapshots go through its QEMU (the driver).
+
+async def list_snapshots(path: Path) -> dict[str, dict[str, Any]]:
+    """The overlay's internal snapshots by tag: ``{"vm_state_size": bytes of saved memory, "date": epoch}``."""
+    code, out = await _run("qemu-img", "info", "--output=json", "-U", str(path))
+    if code != 0:
+        raise StorageError(f"qemu-img info failed: {out[-500:]}")
+    try:
+        entries = json.loads(out).get("snapshots") or []
+        return {str(e["name"]): {"vm_state_size": int(e.get("vm-state-size") or 0),
+                                 "date": int(e.get("date-sec") or 0)} for e in entries}
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise StorageError(f"qemu-img info gave an unreadable answer: {exc}") from None
+
+
+async def _snapshot(path: Path, flag: str, tag: str) -> None:
+    code, out = await _run("qemu-img", "snapshot", flag, tag, str(path))
+    if code != 0:
+        raise StorageError(f"qemu-img snapshot {flag} {tag} failed: {out.strip()[-500:]}")
+
+
+async def create_snapshot(path: Path, tag: str) -> None:
+    """Take a disk-only snapshot ``tag`` of a stopped VM's overlay (replacing one of that tag)."""
+    if tag in await list_snapshots(path):
+        await _snapshot(path, "-d", tag)
+    await _snapshot(path, "-c", tag)
+
+
+async def apply_snapshot(path: Path, tag: str) -> None:
+    """Put the overlay's disk back to snapshot ``tag`` (the snapshot stays)."""
+    await _snapshot(path, "-a", tag)
+
+
+async def delete_snapshot(path: Path, tag: str) -> None:
+    """Delete snapshot ``tag`` from the overlay. Idempotent."""
+    if tag in await list_snapshots(path):
+        await _snapshot(path, "-d", tag)

@@ -18,10 +18,10 @@ from typing import Any
 import redis.exceptions
 from aiohttp import web
 
-from gateway import consoles, db, lifecycle, storage
+from gateway import activity, consoles, db, lifecycle, storage
 from gateway.catalog import Catalog
 from gateway.errors import ApiError, Conflict, NotFound, ServiceUnavailable
-from gateway.keys import catalog_key, db_key, redis_key, settings_key
+from gateway.keys import catalog_key, db_key, driver_key, redis_key, settings_key
 
 log = logging.getLogger("vmgate.vms")
 
@@ -55,6 +55,7 @@ def public_vm(row: dict[str, Any], public_url: str) -> dict[str, Any]:
         "updated_at": iso(row["updated_at"]),
         "started_at": iso(row["started_at"]),
         "stopped_at": iso(row["stopped_at"]),
+        "suspended_at": iso(row.get("suspended_at")),
     }
 
 
@@ -65,17 +66,24 @@ async def _audit(app: web.Application, action: str, outcome: str, user: dict[str
                        details=details)
 
 
-async def settle(app: web.Application, vm_id: str, wait: float) -> dict[str, Any]:
-    """The VM's row once it is in a settled state (running, stopped, destroyed, error) or ``wait`` s passed."""
+def is_settled(row: dict[str, Any]) -> bool:
+    """In a state the engine leaves alone (running, stopped, suspended, destroyed, error); a VM suspended
+    on its way back (woken while it was being suspended) is not settled yet."""
+    return row["state"] in lifecycle.SETTLED_STATES and not (
+        row["state"] == "suspended" and row["desired_state"] == "running")
+
+
+async def settle(app: web.Application, vm_id: str, wait: float, poll: float = SETTLE_POLL) -> dict[str, Any]:
+    """The VM's row once it is settled (``is_settled``) or ``wait`` s passed."""
     deadline = time.monotonic() + wait
     while True:
         async with db.cursor(app[db_key]) as cur:
             row = await db.vm_by_id(cur, vm_id)
         if row is None:
             raise NotFound("No such VM.")
-        if row["state"] in lifecycle.SETTLED_STATES or time.monotonic() >= deadline:
+        if is_settled(row) or time.monotonic() >= deadline:
             return row
-        await asyncio.sleep(SETTLE_POLL)
+        await asyncio.sleep(poll)
 
 
 async def create(app: web.Application, user: dict[str, Any], request: dict[str, Any],
@@ -121,11 +129,29 @@ async def create(app: web.Application, user: dict[str, Any], request: dict[str, 
 # What each action asks for: the state it puts the VM in, the states it may come from, the desired
 # state, the state that means done, and the past tense for messages.
 ACTIONS: dict[str, tuple[str, tuple[str, ...], str, str, str]] = {
-    "stop": ("stopping", ("running", "starting"), "stopped", "stopped", "stopped"),
+    "stop": ("stopping", ("running", "starting", "suspended"), "stopped", "stopped", "stopped"),
     "start": ("starting", ("stopped", "error"), "running", "running", "started"),
-    "destroy": ("destroying", ("provisioning", "starting", "running", "stopping", "stopped", "error"),
+    "suspend": ("suspending", ("running",), "suspended", "suspended", "suspended"),
+    "destroy": ("destroying", ("provisioning", "starting", "running", "stopping", "stopped", "error", "suspending",
+                               "suspended", "resuming", "restoring"),
                 "destroyed", "destroyed", "destroyed"),
 }
+# A start of a VM in these states resumes it (suspending: once its memory is saved).
+WAKEABLE = ("suspended", "suspending", "resuming")
+
+
+async def wake(app: web.Application, vm_id: str) -> dict[str, Any] | None:
+    """Ask for a suspended (or suspending) VM back; the engine resumes it. None: it is in no such state."""
+    async with db.cursor(app[db_key]) as cur:
+        row = await db.transition(cur, vm_id, "resuming", only_from=("suspended",), desired="running")
+        if row is None:
+            row = await db.set_desired(cur, vm_id, "running", only_from=("suspending", "resuming"))
+    if row is None:
+        return None
+    if row.get("event_id") is not None:
+        await lifecycle.publish(app[redis_key], row)
+    await lifecycle.engine_of(app).enqueue(vm_id, "resume")
+    return row
 
 
 async def request_action(app: web.Application, user: dict[str, Any], vm_id: str, action: str, ip: str | None,
@@ -138,6 +164,18 @@ async def request_action(app: web.Application, user: dict[str, Any], vm_id: str,
     to_state, only_from, desired, done_state, past = ACTIONS[action]
     async with db.cursor(app[db_key]) as cur:
         vm = await db.vm_for_owner(cur, vm_id, str(user["id"]))
+    await activity.touch(app[redis_key], vm_id)
+    if action == "suspend" and not app[driver_key].saves_memory:
+        raise Conflict(f"The {app[driver_key].name} driver cannot save a running VM's memory; stop it instead.",
+                       code="not_supported")
+    if action == "start" and vm["state"] in WAKEABLE:
+        woken = await wake(app, vm_id)
+        if woken is not None:
+            async with db.cursor(app[db_key]) as cur:
+                await db.audit(cur, action="vm.resume", outcome="accepted", user_id=str(user["id"]), ip=ip,
+                               vm_id=vm_id)
+            return await _settled(app, vm_id, woken, wait, action, done_state, past)
+    async with db.cursor(app[db_key]) as cur:
         if action == "start" and vm["state"] == "error" and vm["desired_state"] == "destroyed":
             raise Conflict("This VM's creation failed and nothing of it is left; destroy it and create another.",
                            code="invalid_state", details={"state": "error", "allowed_from": ["stopped", "error"]})
@@ -153,10 +191,15 @@ async def request_action(app: web.Application, user: dict[str, Any], vm_id: str,
         except (redis.exceptions.RedisError, OSError) as exc:
             log.warning("could not revoke the consoles of VM %s yet: %s", vm_id, exc)
     await lifecycle.engine_of(app).enqueue(vm_id, action)
+    return await _settled(app, vm_id, row, wait, action, done_state, past)
+
+
+async def _settled(app: web.Application, vm_id: str, row: dict[str, Any], wait: float, action: str,
+                   done_state: str, past: str) -> tuple[dict[str, Any], bool]:
     if wait <= 0:
         return row, False
     row = await settle(app, vm_id, wait)
-    if row["state"] in lifecycle.SETTLED_STATES and row["state"] != done_state:
+    if is_settled(row) and row["state"] != done_state:
         reason = row["error_reason"] or f"the VM is {row['state']}"
         raise ServiceUnavailable(f"The VM could not be {past}: {reason}", code=f"{action}_failed",
                                  details={"vm_id": vm_id, "reason": reason, "state": row["state"]})

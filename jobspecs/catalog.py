@@ -121,6 +121,9 @@ class Template:
     limits: Limits
     defaults: Sizes
     warm: bool = False  # catalog "warm": new VMs of the default size start from a saved memory state
+    # catalog "idle_suspend_after": seconds idle before a VM of this template is suspended (0 never);
+    # None: the installation's IDLE_SUSPEND_AFTER.
+    idle_suspend_after: int | None = None
 
     @property
     def manifest(self) -> Path:
@@ -151,6 +154,7 @@ class Template:
             "limits": {size: list(self.limits.bounds(size)) for size in SIZE_NAMES},
             "defaults": {size: getattr(self.defaults, size) for size in SIZE_NAMES},
             "warm": self.warm,
+            "idle_suspend_after": self.idle_suspend_after,
         }
 
 
@@ -207,6 +211,9 @@ def _template(name: str, entry: Any, images_dir: Path, where: str) -> Template:
     warm = entry.get("warm", False)
     if not isinstance(warm, bool):
         raise CatalogError(f"{where}: warm must be true or false")
+    idle = entry.get("idle_suspend_after")
+    if idle is not None and not (_int(idle) and 0 <= idle <= 30 * 86400):
+        raise CatalogError(f"{where}: idle_suspend_after must be whole seconds from 0 (never) to 2592000")
     low, high = bounds["memory_mb"]
     if low < NOMAD_MEMORY_MB[0] or high > NOMAD_MEMORY_MB[1]:
         raise CatalogError(f"{where}: limits.memory_mb must stay within Nomad's {NOMAD_MEMORY_MB[0]}.."
@@ -224,6 +231,7 @@ def _template(name: str, entry: Any, images_dir: Path, where: str) -> Template:
         limits=Limits(**bounds),
         defaults=Sizes(**defaults),
         warm=warm,
+        idle_suspend_after=idle,
     )
 
 

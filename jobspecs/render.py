@@ -56,7 +56,7 @@ from jobspecs.hcl import to_hcl
 SECOND = 1_000_000_000  # Nomad's API takes durations in nanoseconds
 
 __all__ = ["FW_CFG_HOSTNAME", "VNC_PORT_LABEL", "VNC_SERVICE", "JobSettings", "JobSpecError", "VMSpec", "cold_job",
-           "is_warm", "job_name", "qemu_args", "render_job", "to_hcl", "variables", "vm_id_of", "vnc_arg",
+           "is_warm", "job_name", "loadvm_job", "qemu_args", "render_job", "to_hcl", "variables", "vm_id_of", "vnc_arg",
            "warm_fits"]
 MINUTE = 60 * SECOND
 HOUR = 60 * MINUTE
@@ -79,6 +79,9 @@ VNC_CHECK = {"Interval": 10 * SECOND, "Timeout": 2 * SECOND}
 # restored from a warm template finds its own name there (its kernel command line is the template's).
 FW_CFG_HOSTNAME = "opt/vmgate/hostname"
 INCOMING = "-incoming"
+LOADVM = "-loadvm"
+# A qcow2 internal snapshot's tag as vmgate names them: vmgate-suspend, s-<uuid>.
+SNAPSHOT_TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 # With -incoming QEMU opens the disk inactive and, with -drive's default auto-read-only, read-only; when
 # the restore is done it reopens it read-write by path, which fails once QEMU dropped to nobody (the
 # overlay's directory is root's alone). Nomad's qemu driver writes `-drive ...,id=image0` before the
@@ -313,6 +316,25 @@ def cold_job(job: dict[str, Any], settings: JobSettings) -> dict[str, Any]:
     config["args"] = args[:with_set[0]] + args[with_set[0] + 2:] if with_set else args
     group["RestartPolicy"], group["ReschedulePolicy"] = _policies(settings, warm=False)
     copy.get("Meta", {}).pop("start", None)
+    return copy
+
+
+def loadvm_job(job: dict[str, Any], tag: str, settings: JobSettings) -> dict[str, Any]:
+    """The cold form of ``job`` started from the qcow2 internal snapshot ``tag`` of its own disk: QEMU
+    loads that snapshot's disk and memory (``-loadvm``) and runs on from the moment it was taken. How a
+    suspended VM resumes and a memory snapshot is restored; the snapshot lives in the VM's overlay, so
+    the job needs nothing else (docs/SNAPSHOTS.md)."""
+    if not isinstance(tag, str) or not SNAPSHOT_TAG_RE.match(tag):
+        raise JobSpecError("snapshot", f"must be 1-64 of A-Z a-z 0-9 _ . - starting with a letter or digit, "
+                                       f"got {tag!r}")
+    copy = cold_job(job, settings)
+    config = copy["TaskGroups"][0]["Tasks"][0]["Config"]
+    config["args"] = [*config["args"], LOADVM, tag]
+    # As for a warm start: a scheduler restarting the task itself would load the snapshot again over a
+    # disk that has moved on since.
+    group = copy["TaskGroups"][0]
+    group["RestartPolicy"], group["ReschedulePolicy"] = _policies(settings, warm=True)
+    copy.setdefault("Meta", {})["start"] = "loadvm"
     return copy
 
 

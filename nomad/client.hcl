@@ -51,7 +51,8 @@ plugin "qemu" {
     # -set drive.image0.file.auto-read-only=off: docs/IMAGES.md "Warm templates").
     # The allowlist is per flag: -device, -fw_cfg, -set and -incoming "exec:" accept anything QEMU
     # does (a device, a host file copied into the guest, any option, a shell command), so only the
-    # gateway may submit VM jobs (the Nomad ACL policy, docs/SECURITY.md).
+    # gateway may submit VM jobs (the Nomad ACL policy, docs/SECURITY.md). -loadvm TAG starts a VM from an
+    # internal snapshot of its own disk (a resume or a restore: docs/SNAPSHOTS.md).
     args_allowlist = [
       "-smp",
       "-kernel",
@@ -65,6 +66,7 @@ plugin "qemu" {
       "-fw_cfg",
       "-set",
       "-incoming",
+      "-loadvm",
     ]
 
     emulators_allowlist = ["x86_64"]

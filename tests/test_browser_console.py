@@ -27,6 +27,7 @@ from tests.fixtures.browser import (
     api_session_of,
     base_url,
     chromium,
+    log_in,
     new_page,
     require_assets,
     sign_up_and_confirm,
@@ -162,3 +163,44 @@ async def test_web_console_end_to_end(browser_gateway: Any, sessions: Any) -> No
         await page.get_by_role("button", name="Log out").click()
         await expect(page.locator("#login-form")).to_be_visible()
         assert (await api.request("GET", "/api/me"))[0] == 401  # the shared session ended with it
+
+
+async def test_suspend_resume_and_snapshots_in_the_browser(browser_gateway: Any, sessions: Any) -> None:
+    """The VM page suspends a VM and shows it suspended; its console resumes it with the screen as it was;
+    the page takes a snapshot (memory included) and deletes it."""
+    from playwright.async_api import expect
+
+    server, base = browser_gateway, base_url(browser_gateway)
+    email, password = "sleeper@example.test", "a long enough password"
+    async with chromium() as browser, new_page(browser, "suspend") as page:
+        await sign_up_and_confirm(page, server, email, password)
+        await log_in(page, server, email, password)
+        api = await api_session_of(page, server, sessions)
+        status, vm = await api.request("POST", "/api/vms?wait=90", json={"template": "tiny"})
+        assert status == 201, vm
+        vm_id = vm["vm_id"]
+
+        await page.goto(f"{base}/vms/{vm_id}")
+        badge = page.locator("#vm-state .badge")
+        await expect(badge).to_have_text("running")
+        await page.get_by_role("button", name="Suspend").click()
+        await expect(badge).to_have_text("suspended", timeout=60_000)
+        await expect(page.locator("#vm-panel")).to_contain_text("Suspended")
+        await page.goto(f"{base}/dashboard")
+        await expect(page.locator(f"li[data-vm-id='{vm_id}'] .badge")).to_have_text("suspended")
+
+        await page.get_by_role("link", name=f"Resume {vm['name']} and open its console").click()
+        status_el = page.locator("#status")
+        await expect(status_el).to_have_attribute("data-state", "connected", timeout=60_000)
+        await page.wait_for_function(f"({CANVAS_STATS})().distinct > 1", timeout=30_000)
+        assert (await api.request("GET", f"/api/vms/{vm_id}"))[1]["state"] == "running"
+
+        await page.goto(f"{base}/vms/{vm_id}")
+        await page.get_by_label("New snapshot's name").fill("first one")
+        await page.get_by_role("button", name="Take snapshot").click()
+        row = page.locator("#snapshot-list tbody tr", has_text="first one")
+        await expect(row).to_contain_text("disk and memory", timeout=60_000)
+        await expect(row).to_contain_text("ready")
+        await page.get_by_role("button", name="Delete first one").click()
+        await expect(page.locator("#snapshots")).to_contain_text("No snapshots yet.", timeout=60_000)
+        assert (await api.request("DELETE", f"/api/vms/{vm_id}?wait=60"))[0] == 200

@@ -31,7 +31,16 @@ from drivers.nomad import (
 )
 from gateway.config import Settings
 from gateway.jobspec_cli import CLIENT_HCL, client_allowlist, flags_of
-from jobspecs import DEFAULT_CATALOG, JobSettings, Template, WarmImage, load_catalog, render_job, to_hcl
+from jobspecs import (
+    DEFAULT_CATALOG,
+    JobSettings,
+    Template,
+    WarmImage,
+    load_catalog,
+    loadvm_job,
+    render_job,
+    to_hcl,
+)
 from tests.conftest import VM
 from tests.test_jobspecs import _check_hcl_matches_json, go_duration, parse_hcl, sizes_of, spec
 
@@ -146,10 +155,12 @@ def test_the_client_allowlist_is_exactly_the_renderers_flags(templates: dict[str
         for target in ("local", "nomad"):
             job = render_job(spec(template), template, dataclasses.replace(NOMAD, target=target), warm=warm)
             emitted |= set(flags_of(job))
+            # Started from a snapshot of its own disk (resume, restore): -loadvm.
+            emitted |= set(flags_of(loadvm_job(job, "vmgate-suspend", dataclasses.replace(NOMAD, target=target))))
     assert emitted <= allowed, f"flags missing from {CLIENT_HCL}: {sorted(emitted - allowed)}"
     assert allowed == emitted, f"{CLIENT_HCL} allows flags no job uses: {sorted(allowed - emitted)}"
     assert allowed == {"-smp", "-kernel", "-initrd", "-append", "-vnc", "-qmp", "-sandbox", "-nic", "-device",
-                       "-fw_cfg", "-set", "-incoming"}
+                       "-fw_cfg", "-set", "-incoming", "-loadvm"}
 
 
 # ---------------------------------------------------------------- Nomad's errors, one mapping

@@ -526,3 +526,89 @@ async def test_nomad_blocking_query_returns_on_a_change(fleet_gateway: Any, sess
         assert (await s.request("DELETE", f"/api/vms/{vm['vm_id']}?wait=60"))[0] == 200
     finally:
         await driver.close()
+
+
+# ---------------------------------------------------------------- suspend and snapshots on a fleet
+
+async def test_snapshots_on_nomad_and_a_saved_state_resumed_by_the_job(
+        fleet_gateway: Any, sessions: Any, nomad_agent: Agent, agent_dir: Path, app_settings: Settings,
+        tiny_images_dir: Path) -> None:
+    """What a fleet can do (docs/SNAPSHOTS.md, "On a fleet"): a stopped VM's disk snapshots through the API;
+    no suspend and no memory snapshot (Nomad cannot save a task's memory). And what the job carries: a VM
+    whose memory was saved on one machine (the local driver) is started by Nomad from the job's
+    ``-loadvm`` argument alone, and runs on where it was."""
+    from drivers.local import LocalDriver
+    from gateway import storage
+    from gateway.catalog import Catalog
+    from gateway.keys import driver_key, settings_key
+    from jobspecs import loadvm_job
+    from jobspecs.render import JobSettings
+    from tests.fixtures.qemu import type_text
+    from tests.test_lifecycle import stopped_disk_snapshot_round_trip
+
+    s: Session = sessions(fleet_gateway)
+    await s.signup_and_login()
+    status, vm = await s.request("POST", "/api/vms?wait=60", json=VM)
+    assert status == 201, vm
+    vm_id = vm["vm_id"]
+    for path, body in ((f"/api/vms/{vm_id}/suspend", None), (f"/api/vms/{vm_id}/snapshots", {"name": "live"})):
+        status, answer = await s.request("POST", path, json=body)
+        assert status == 409 and answer["error"]["code"] == "not_supported", answer
+    await stopped_disk_snapshot_round_trip(s, vm_id)
+    status, body = await s.request("DELETE", f"/api/vms/{vm_id}?wait=60")
+    assert status == 200, body
+
+    # A VM's memory saved by the local driver on this host, then its job, rendered for Nomad, started there.
+    catalog = Catalog(tiny_images_dir)
+    tiny = catalog.get("tiny")
+    moved = "7d0c5a3e-1f2b-4c5d-8e9f-0a1b2c3d4e5f"
+    overlay = app_settings.vms_root / "users" / "u" / f"{moved}.qcow2"
+    spec = {"id": moved, "name": "moved", "template": "tiny", "cpu": 1, "memory_mb": 256, "disk_gb": 1,
+            "overlay_path": str(overlay)}
+    local_settings = dataclasses.replace(app_settings, images_dir=tiny_images_dir, driver="local")
+    fleet_settings = fleet_gateway.app[settings_key]
+    local_job = catalog.cold(catalog.render(tiny, spec, owner="u", settings=local_settings), local_settings)
+    await storage.create_overlay(tiny.disk, overlay, 1)
+    local = LocalDriver(app_settings.vms_root, image_paths=[app_settings.vms_root, tiny_images_dir])
+    nomad = fleet_gateway.app[driver_key]
+    try:
+        await local.start(moved, local_job)
+        began = time.monotonic()
+        while READY not in await local.logs(moved, 1 << 20):
+            assert time.monotonic() - began < 120, await local.logs(moved, 4096)
+            await asyncio.sleep(0.5)
+        await type_text(local.task_dir(moved) / "qmp.sock", 'J=$RANDOM$RANDOM; echo "J1 $J" >/dev/ttyS0\n')
+        deadline = time.monotonic() + 60
+        while "J1 " not in (serial := await local.logs(moved, 1 << 20)):
+            assert time.monotonic() < deadline, serial[-2000:]
+            await asyncio.sleep(0.3)
+        marker = serial[serial.index("J1 "):].split()[1]
+        saved = await local.save_state(moved, "vmgate-suspend", then_stop=True)
+        assert saved > 10 << 20 and (await local.status(moved)).state == "stopped"
+        await local.destroy(moved)
+
+        job = loadvm_job(catalog.cold(catalog.render(tiny, spec, owner="u", settings=fleet_settings), fleet_settings),
+                         "vmgate-suspend", JobSettings.from_settings(fleet_settings))
+        assert job["TaskGroups"][0]["Networks"], "a fleet job (VNC on a Nomad port, Consul service)"
+        status = await nomad.start(moved, job)
+        assert status.state == "running", f"{status}\n{nomad_agent.log_tail()}"
+        [qmp] = await _until("the allocation's QMP socket",
+                             lambda: _glob(agent_dir, "nomad/alloc/*/qemu/local/qmp.sock"), 30)
+        await type_text(qmp, 'echo "J2 $J" >/dev/ttyS0\n')
+        deadline = time.monotonic() + 60
+        while "J2 " not in (serial := await nomad.logs(moved, 1 << 20)):
+            assert time.monotonic() < deadline, serial[-2000:]
+            await asyncio.sleep(0.5)
+        assert serial[serial.index("J2 "):].split()[1] == marker
+        assert "Linux version" not in serial  # loaded, not booted
+    finally:
+        with contextlib.suppress(Exception):
+            await nomad.destroy(moved)
+        with contextlib.suppress(Exception):
+            await local.destroy(moved)
+        await local.close()
+        storage.remove_overlay(overlay)
+
+
+async def _glob(root: Path, pattern: str) -> list[Path]:
+    return sorted(root.glob(pattern))

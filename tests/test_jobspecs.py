@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from drivers.base import JobInvalid
 from drivers.local import build_task
 from gateway.config import Settings
 from jobspecs import (
@@ -26,6 +27,7 @@ from jobspecs import (
     hcl_duration,
     job_name,
     load_catalog,
+    loadvm_job,
     render_job,
     to_hcl,
     variables,
@@ -195,6 +197,9 @@ def test_catalog_has_the_tiny_template(templates: dict[str, Template]) -> None:
     (lambda t: t["defaults"].update(memory_mb=4096), "defaults.memory_mb"),
     (lambda t: t["limits"].update(memory_mb=[64, 256]), "Nomad's 128..4000000"),
     (lambda t: t.update(cmdline="quiet vmgate.hostname=x"), "cmdline"),
+    (lambda t: t.update(idle_suspend_after=-1), "idle_suspend_after"),
+    (lambda t: t.update(idle_suspend_after="900"), "idle_suspend_after"),
+    (lambda t: t.update(idle_suspend_after=True), "idle_suspend_after"),
 ])
 def test_catalog_errors_name_the_problem(tmp_path: Path, change: Any, message: str) -> None:
     data = json.loads(DEFAULT_CATALOG.read_text())
@@ -466,3 +471,48 @@ def test_nomad_parses_the_hcl_into_the_same_job(templates: dict[str, Template], 
     assert task["Config"] == ours["Config"] and task["KillTimeout"] == ours["KillTimeout"]
     assert (task["Resources"]["CPU"], task["Resources"]["MemoryMB"]) == (ours["Resources"]["CPU"],
                                                                           ours["Resources"]["MemoryMB"])
+
+
+# ---------------------------------------------------------------- starting from a saved state
+
+@pytest.mark.parametrize("target", ["local", "nomad"])
+def test_loadvm_job_starts_the_cold_job_from_a_snapshot_of_its_own_disk(templates: dict[str, Template],
+                                                                      tmp_path: Path, target: str) -> None:
+    tiny = templates["tiny"]
+    settings = JobSettings(target=target)
+    cold = render_job(spec(tiny), tiny, settings)
+    job = loadvm_job(cold, "vmgate-suspend", settings)
+    args = job["TaskGroups"][0]["Tasks"][0]["Config"]["args"]
+    assert args == [*cold["TaskGroups"][0]["Tasks"][0]["Config"]["args"], "-loadvm", "vmgate-suspend"]
+    assert "-incoming" not in args
+    # A scheduler restarting it would load the snapshot again over a disk that moved on: no restarts.
+    assert job["TaskGroups"][0]["RestartPolicy"]["Attempts"] == 0
+    assert job["TaskGroups"][0]["ReschedulePolicy"]["Attempts"] == 0
+    assert job["Meta"]["start"] == "loadvm" and "start" not in cold["Meta"]
+    _check_hcl_matches_json(job)
+    if target == "local":
+        task = build_task(spec(tiny).id, job, tmp_path)
+        assert task.argv[-2:] == ("-loadvm", "vmgate-suspend")
+    for bad in ("", "-x", "a b", "a,b", "../x", "x" * 65):
+        with pytest.raises(JobSpecError, match="snapshot"):
+            loadvm_job(cold, bad, settings)
+
+
+def test_local_driver_accepts_one_plain_loadvm_tag(templates: dict[str, Template], tmp_path: Path) -> None:
+    tiny = templates["tiny"]
+    job = render_job(spec(tiny), tiny, JobSettings())
+    args = job["TaskGroups"][0]["Tasks"][0]["Config"]["args"]
+    for extra in (["-loadvm", "a,b"], ["-loadvm", "-snapshot"], ["-loadvm", "s-1", "-loadvm", "s-2"]):
+        job["TaskGroups"][0]["Tasks"][0]["Config"]["args"] = [*args, *extra]
+        with pytest.raises(JobInvalid, match="-loadvm"):
+            build_task(spec(tiny).id, job, tmp_path)
+
+
+def test_idle_suspend_after_of_a_template(tmp_path: Path) -> None:
+    data = json.loads(DEFAULT_CATALOG.read_text())
+    data["tiny"]["idle_suspend_after"] = 0
+    path = tmp_path / "catalog.json"
+    path.write_text(json.dumps(data))
+    tiny = load_catalog(path, tmp_path)["tiny"]
+    assert tiny.idle_suspend_after == 0 and tiny.to_json()["idle_suspend_after"] == 0
+    assert load_catalog(DEFAULT_CATALOG, tmp_path)["tiny"].idle_suspend_after is None

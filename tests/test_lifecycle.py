@@ -514,3 +514,59 @@ async def test_with_postgres_down_no_vm_is_touched_blindly(restart_server: Any, 
     await eventually(restarted, 30, "the restart once Postgres is back")
     assert (await vm_state(alice, stopped["vm_id"]))["state"] == "stopped"
     assert driver.vms[stopped["vm_id"]].pid is None
+
+
+# ---- suspend and snapshots on a driver that cannot save memory (as Nomad) ------------------------------
+
+async def stopped_disk_snapshot_round_trip(s: Session, vm_id: str, wait: int = 60) -> dict[str, Any]:
+    """Stop the VM, snapshot its disk, restore that (it stays stopped), start it again; returns the snapshot."""
+    status, vm = await s.request("POST", f"/api/vms/{vm_id}/stop?wait={wait}")
+    assert status == 200 and vm["state"] == "stopped", vm
+    status, snap = await s.request("POST", f"/api/vms/{vm_id}/snapshots?wait={wait}", json={"name": "disk"})
+    assert status == 201 and snap["memory"] is False and snap["memory_bytes"] == 0, snap
+    status, vm = await s.request("POST", f"/api/vms/{vm_id}/snapshots/{snap['snapshot_id']}/restore?wait={wait}")
+    assert status == 200 and vm["state"] == "stopped", vm
+    status, vm = await s.request("POST", f"/api/vms/{vm_id}/start?wait={wait}")
+    assert status == 200 and vm["state"] == "running", vm
+    return dict(snap)
+
+
+async def test_a_driver_without_memory_state_never_suspends_and_snapshots_stopped_disks(
+        aiohttp_server: Any, app_settings: Settings, database_url: str, sessions: Any) -> None:
+    settings = dataclasses.replace(app_settings, idle_suspend_after=1)
+    srv = await fake_gateway(aiohttp_server, settings, database_url, FakeDriver())
+    assert not srv.driver.saves_memory
+    s = await user(srv, sessions)
+    status, vm = await s.request("POST", "/api/vms?wait=20", json=VM)
+    assert status == 201, vm
+    vm_id = vm["vm_id"]
+
+    status, body = await s.request("POST", f"/api/vms/{vm_id}/suspend")
+    assert_envelope(status, body, 409, "not_supported")
+    status, body = await s.request("POST", f"/api/vms/{vm_id}/snapshots", json={"name": "live"})
+    assert_envelope(status, body, 409, "not_supported")
+    assert sql(database_url, "SELECT count(*) FROM snapshots") == [(0,)]
+    # Idle well past IDLE_SUSPEND_AFTER (the list is not a request on the VM): it keeps running.
+    await asyncio.sleep(3)
+    status, listing = await s.request("GET", "/api/me/vms")
+    assert [v["state"] for v in listing["vms"]] == ["running"]
+
+    # Stopped, its disk can be snapshotted (qemu-img on the overlay: no driver needed), restored, deleted.
+    snap = await stopped_disk_snapshot_round_trip(s, vm_id)
+    # Not while it runs: the request is taken, and done once the VM is stopped.
+    status, gone = await s.request("DELETE", f"/api/vms/{vm_id}/snapshots/{snap['snapshot_id']}?wait=2")
+    assert status == 202 and gone["state"] == "deleting", gone
+    status, vm = await s.request("POST", f"/api/vms/{vm_id}/stop?wait=20")
+    assert status == 200, vm
+
+    async def deleted() -> bool:
+        return sql(database_url, "SELECT state FROM snapshots") == [("deleted",)]
+
+    await eventually(deleted, what="the snapshot's deletion once the VM stopped")
+    # A VM on its way somewhere (this one boots for a second) cannot be snapshotted.
+    srv.driver.boot_delay = 1.0
+    status, vm = await s.request("POST", f"/api/vms/{vm_id}/start")
+    assert status == 202, vm
+    status, body = await s.request("POST", f"/api/vms/{vm_id}/snapshots", json={"name": "x"})
+    assert_envelope(status, body, 409, "invalid_state")
+    assert sql(database_url, "SELECT count(*) FROM snapshots WHERE name = 'x'") == [(0,)]

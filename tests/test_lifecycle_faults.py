@@ -38,7 +38,7 @@ from gateway.db import TRANSITIONAL_STATES
 from gateway.workqueue import STREAM
 from jobspecs import Template
 from tests.conftest import Session, assert_envelope
-from tests.fixtures.qemu import qmp
+from tests.fixtures.qemu import qmp, type_text
 from tests.test_e2e import READY, open_console, wait_for_serial
 
 if TYPE_CHECKING:  # the fixture modules are loaded as plugins (conftest.py), before assertion rewriting
@@ -459,6 +459,56 @@ async def test_stop_cut_short_by_a_gateway_crash_ends_stopped(gateway_processes:
     finally:
         await session.close()
 
+
+
+@pytest.mark.parametrize("point", ["suspend.saved", "resume.started"])
+async def test_gateway_killed_mid_suspend_or_resume_loses_no_memory(point: str, gateway_processes: GatewayFactory,
+                                                                    vms_root: Path, database_url: str,
+                                                                    redis_flush: redis.Redis) -> None:
+    """SIGKILL right after the memory was saved (QEMU gone, the row still suspending), or right after QEMU
+    was started from it (the row still resuming): the next gateway finishes the step, and the guest's
+    memory (a shell variable) is there afterwards."""
+    gw = gateway_processes()
+    await asyncio.to_thread(gw.start, VMGATE_CRASH_AT=point)
+    session = await logged_in(gw)
+    try:
+        status, vm = await session.request("POST", "/api/vms?wait=60", json=TINY)
+        assert status == 201, vm
+        vm_id = vm["vm_id"]
+        await wait_for_serial(session, vm_id, READY)
+        await type_text(vms_root / "tasks" / vm_id / "qmp.sock", 'K=$RANDOM$RANDOM; echo "K1 $K" >/dev/ttyS0\n')
+        serial = await wait_for_serial(session, vm_id, "K1 ")
+        marker = serial[serial.index("K1 "):].split()[1]
+        with contextlib.suppress(*CONNECTION_ERRORS):
+            status, body = await session.request("POST", f"/api/vms/{vm_id}/suspend?wait=60")
+            assert status == 200 if point == "resume.started" else status == 202, body
+        if point == "resume.started":
+            with contextlib.suppress(*CONNECTION_ERRORS):
+                await session.request("POST", f"/api/vms/{vm_id}/start")
+        assert await asyncio.to_thread(gw.wait_exit) == -signal.SIGKILL
+        row = vm_row(database_url, vm_id)
+        if point == "suspend.saved":
+            assert row["state"] == "suspending" and qemu_by_vm(vms_root) == {}, row
+        else:
+            assert row["state"] == "resuming" and len(qemu_by_vm(vms_root).get(vm_id, [])) == 1, row
+        pids = qemu_by_vm(vms_root).get(vm_id)
+
+        await asyncio.to_thread(gw.start)
+        want = "suspended" if point == "suspend.saved" else "running"
+        await eventually(lambda: vm_row(database_url, vm_id)["state"] == want, f"VM {vm_id} {want}")
+        if point == "resume.started":
+            assert qemu_by_vm(vms_root).get(vm_id) == pids  # the QEMU started from the saved state, adopted
+        else:
+            status, vm = await session.request("POST", f"/api/vms/{vm_id}/start?wait=60")
+            assert status == 200, vm
+        await converged(database_url, vms_root, redis_flush)
+        await type_text(vms_root / "tasks" / vm_id / "qmp.sock", 'echo "K2 $K" >/dev/ttyS0\n')
+        serial = await wait_for_serial(session, vm_id, "K2 ")
+        assert serial[serial.index("K2 "):].split()[1] == marker
+        assert transitions_to(database_url, vm_id, "suspended") == 1
+        assert "Linux version" not in serial[serial.index("K1 "):]  # resumed, never booted again
+    finally:
+        await session.close()
 
 
 @pytest.mark.parametrize("adopted", [

@@ -37,7 +37,8 @@ function show(state, text, { notice: noticeMessage = null } = {}) {
   noticeText.textContent = noticeMessage || '';
 }
 
-const stoppedText = (state) => (state === 'error'
+const stoppedText = (state) => (state === 'suspended' ? 'The VM is suspended (its memory is saved). Reconnect to resume it.'
+  : state === 'error'
   ? 'The VM is in error. Open its page for the reason.'
   : `The VM is ${state}. Start it from its page to use the console.`);
 
@@ -59,9 +60,15 @@ function dropRfb() {
   }
 }
 
+// One token request at a time: a suspended VM's answers only once it has resumed, and the live state
+// saying "running" meanwhile must not start a second connection.
+let requesting = false;
+
 async function connect() {
+  if (requesting) return;
   dropRfb();
-  show('requesting', 'Requesting a console token…');
+  requesting = true;
+  show('requesting', vmState === 'suspended' ? 'Resuming the VM…' : 'Requesting a console token…');
   let grant;
   try {
     grant = await api('GET', `/api/vms/${vmId}/console`);
@@ -80,6 +87,8 @@ async function connect() {
       show('error', err.message);
     }
     return;
+  } finally {
+    requesting = false;
   }
 
   show('connecting', 'Connecting…');
@@ -116,7 +125,7 @@ async function connect() {
 
 // ---- live state: wait for a starting VM, notice a stopping one -----------------------------------
 
-watchStates(`/api/vms/${vmId}/events`, async () => [vmStateOf(await api('GET', `/api/vms/${vmId}`))], (item) => {
+watchStates(`/api/vms/${vmId}/events`, async () => [vmStateOf(await api('GET', `/api/vms/${vmId}`, undefined, { background: true }))], (item) => {
   if (item.gone) { dropRfb(); show('stopped', 'This VM no longer exists.', { notice: 'This VM no longer exists.' }); return; }
   const before = vmState;
   vmState = item.state;
@@ -124,6 +133,9 @@ watchStates(`/api/vms/${vmId}/events`, async () => [vmStateOf(await api('GET', `
     if (before !== 'running' && !rfb && status.dataset.state !== 'connected') connect();
   } else if (TRANSITIONAL.includes(item.state)) {
     show('waiting', `The VM is ${item.state}…`);
+  } else if (item.state === 'suspended') {
+    dropRfb();
+    show('disconnected', stoppedText(item.state));
   } else {
     // stopping, stopped, destroying, destroyed, error: websockify closes the session itself.
     dropRfb();
@@ -208,6 +220,7 @@ pasteDialog.addEventListener('close', async () => {
 
 // ---- start -----------------------------------------------------------------------------------------
 
-if (vmState === 'running') connect();
+// A suspended VM is resumed by asking for its console.
+if (vmState === 'running' || vmState === 'suspended') connect();
 else if (TRANSITIONAL.includes(vmState)) show('waiting', `The VM is ${vmState}…`);
 else show('stopped', stoppedText(vmState), { notice: stoppedText(vmState) });

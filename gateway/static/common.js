@@ -1,7 +1,8 @@
 // Shared by the web console's pages: the API client (cookie session + CSRF double submit),
 // messages, local times, the log-out button, and live VM state (server-sent events, else polling).
 
-export const TRANSITIONAL = ['requested', 'provisioning', 'starting', 'stopping', 'destroying'];
+export const TRANSITIONAL = ['requested', 'provisioning', 'starting', 'stopping', 'destroying', 'suspending', 'resuming',
+  'restoring'];
 
 // The session's CSRF token, echoed on every unsafe request (double submit).
 const csrfToken = () => decodeURIComponent((document.cookie.match(/(?:^|; )vmgate_csrf=([^;]*)/) || [])[1] || '');
@@ -17,8 +18,11 @@ export class ApiError extends Error {
 }
 
 // Calls /api; resolves to the JSON (or text) answer, rejects with ApiError (message for people).
-export async function api(method, path, body) {
+// `background`: a refresh no person asked for (a poll); it does not count as use of the VM, so an open
+// page does not keep an idle VM from being suspended.
+export async function api(method, path, body, { background = false } = {}) {
   const headers = body !== undefined ? { 'Content-Type': 'application/json' } : {};
+  if (background) headers['X-Vmgate-Background'] = '1';
   if (method !== 'GET') headers['X-CSRF-Token'] = csrfToken();
   let res;
   try {

@@ -12,7 +12,7 @@ let state = panel.dataset.state;
 
 async function loadSerial() {
   try {
-    const { serial: text } = await api('GET', `/api/vms/${vmId}/logs?max_bytes=16384`);
+    const { serial: text } = await api('GET', `/api/vms/${vmId}/logs?max_bytes=16384`, undefined, { background: true });
     const atBottom = serial.scrollHeight - serial.scrollTop - serial.clientHeight < 40;
     serial.textContent = text || '(nothing yet)';
     if (atBottom) serial.scrollTop = serial.scrollHeight;
@@ -35,7 +35,38 @@ async function act(action) {
   refreshFragment(`/vms/${vmId}/panel`, panel);
 }
 
+// Snapshots: take one (the form), restore or delete one (buttons per row). The panel is re-read while
+// one is being made or deleted (server-sent events follow the VM's state, not its snapshots').
+async function snapshotAction(method, path, body, done) {
+  try {
+    await api(method, path, body);
+    say(msg, done, 'ok');
+  } catch (err) { say(msg, err.message, 'error'); }
+  await refreshPanel();
+}
+
+async function refreshPanel() {
+  await refreshFragment(`/vms/${vmId}/panel`, panel);
+  const busy = panel.querySelector('#snapshots[data-busy]');
+  if (busy) setTimeout(refreshPanel, 1000);
+}
+
+panel.addEventListener('submit', (ev) => {
+  if (ev.target.id !== 'snapshot-form') return;
+  ev.preventDefault();
+  const name = ev.target.elements.name.value.trim();
+  snapshotAction('POST', `/api/vms/${vmId}/snapshots`, { name }, `Taking snapshot “${name}”…`);
+});
+
 panel.addEventListener('click', (ev) => {
+  const snap = ev.target.closest('button[data-snapshot-action]');
+  if (snap) {
+    snap.disabled = true;
+    const base = `/api/vms/${vmId}/snapshots/${snap.dataset.snapshot}`;
+    if (snap.dataset.snapshotAction === 'restore') snapshotAction('POST', `${base}/restore`, undefined, 'Restoring…');
+    else snapshotAction('DELETE', base, undefined, 'Deleting the snapshot…');
+    return;
+  }
   const button = ev.target.closest('button[data-action]');
   if (!button) return;
   if (button.dataset.action === 'destroy') { dialog.returnValue = ''; dialog.showModal(); return; }
@@ -45,7 +76,7 @@ panel.addEventListener('click', (ev) => {
 dialog.addEventListener('close', () => { if (dialog.returnValue === 'destroy') act('destroy'); });
 document.getElementById('serial-refresh').addEventListener('click', loadSerial);
 
-watchStates(`/api/vms/${vmId}/events`, async () => [vmStateOf(await api('GET', `/api/vms/${vmId}`))], (item) => {
+watchStates(`/api/vms/${vmId}/events`, async () => [vmStateOf(await api('GET', `/api/vms/${vmId}`, undefined, { background: true }))], (item) => {
   if (item.gone) { say(msg, 'This VM no longer exists.', 'error'); return; }
   if (item.state === state) return;
   state = item.state;
