@@ -41,6 +41,11 @@ async def touch(redis_client: aioredis.Redis, vm_id: str) -> None:
         log.debug("could not record activity on VM %s: %s", vm_id, exc)
 
 
+async def forget(redis_client: aioredis.Redis, vm_id: str) -> None:
+    """A destroyed VM's records go with it."""
+    await redis_client.delete(keys.activity_key(vm_id), keys.console_live_key(vm_id))
+
+
 async def usage(redis_client: aioredis.Redis, vm_ids: list[str]) -> dict[str, tuple[float, bool]]:
     """For each VM: (epoch of its last recorded use or 0, whether a console session is open on it)."""
     if not vm_ids:

@@ -532,6 +532,7 @@ class Engine:
             row = {**row, **moved}
         try:
             await self._revoke(str(row["id"]), "vm destroyed")
+            await activity.forget(self.redis, str(row["id"]))
             await self.driver.destroy(str(row["id"]))
             if row["overlay_path"]:
                 storage.remove_overlay(Path(row["overlay_path"]))

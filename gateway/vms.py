@@ -164,7 +164,8 @@ async def request_action(app: web.Application, user: dict[str, Any], vm_id: str,
     to_state, only_from, desired, done_state, past = ACTIONS[action]
     async with db.cursor(app[db_key]) as cur:
         vm = await db.vm_for_owner(cur, vm_id, str(user["id"]))
-    await activity.touch(app[redis_key], vm_id)
+    if db.holds_quota(vm):
+        await activity.touch(app[redis_key], vm_id)
     if action == "suspend" and not app[driver_key].saves_memory:
         raise Conflict(f"The {app[driver_key].name} driver cannot save a running VM's memory; stop it instead.",
                        code="not_supported")
