@@ -19,6 +19,7 @@ def main() -> int:
         return 2
     logs.setup()
     web.run_app(create_app(settings), host=settings.gateway_host, port=settings.gateway_port,
+                access_log_class=logs.AccessLogger,
                 print=lambda msg: print(f"vmgate gateway: {msg.strip()}", file=sys.stderr))
     return 0
 

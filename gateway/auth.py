@@ -120,16 +120,30 @@ async def end_all_sessions(cur: Any, user_id: str) -> None:
     await cur.execute("UPDATE users SET session_epoch = session_epoch + 1 WHERE id = %s", (user_id,))
 
 
+# The user of a cookie session, in one query: no row if the user is gone or the session's jti was revoked.
+_SESSION_USER_SQL = ("SELECT u.* FROM users u WHERE u.id = %s"
+                     " AND NOT EXISTS (SELECT 1 FROM revoked_sessions r WHERE r.jti = %s)")
+
+
+async def _fetch_user(request: web.Request, sql: str, params: tuple[str, ...]) -> dict[str, Any] | None:
+    """The first row of ``sql`` as a dict, or None. A plain cursor and one ``dict(zip(...))``: this runs on
+    every authenticated request, and a dict cursor builds its rows a column at a time in Python."""
+    async with request.app[db_key].acquire() as conn, conn.cursor() as cur:
+        await cur.execute(sql, params)
+        row = await cur.fetchone()
+        if row is None:
+            return None
+        return dict(zip([column[0] for column in cur.description or ()], row, strict=True))
+
+
 async def _cookie_caller(request: web.Request, token: str) -> Caller | None:
     settings = request.app[settings_key]
     claims = decode_session(settings, token)
     if claims is None or not db.is_uuid(str(claims["sub"])):
         return None
-    async with db.cursor(request.app[db_key]) as cur:
-        await cur.execute("SELECT 1 FROM revoked_sessions WHERE jti = %s", (str(claims["jti"]),))
-        if await cur.fetchone() is not None:
-            return None
-        user = await db.user_by_id(cur, str(claims["sub"]))
+    # One round trip: the user's row, unless the session was logged out (its jti is in revoked_sessions).
+    # Nothing is cached: every request asks Postgres afresh.
+    user = await _fetch_user(request, _SESSION_USER_SQL, (str(claims["sub"]), str(claims["jti"])))
     if user is None or not user["is_active"] or int(user["session_epoch"]) != int(claims["epoch"]):
         return None
     return Caller(user=user, method="cookie", claims=claims)
@@ -147,20 +161,24 @@ def hash_api_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+# A live API token's use is recorded and its user's row returned, in one round trip (no row: the token is
+# unknown, revoked or expired). The token's id has a name no users column has.
+_BEARER_USER_SQL = (
+    "WITH t AS (UPDATE api_tokens SET last_used_at = now() WHERE token_hash = %s AND revoked_at IS NULL"
+    " AND expires_at > now() RETURNING id, user_id)"
+    " SELECT t.id AS vmgate_api_token_id, u.* FROM t JOIN users u ON u.id = t.user_id")
+
+
 async def _bearer_caller(request: web.Request, token: str) -> Caller | None:
     if not token.startswith(API_TOKEN_PREFIX) or len(token) > 200:
         return None
-    async with db.cursor(request.app[db_key]) as cur:
-        await cur.execute(
-            "UPDATE api_tokens SET last_used_at = now() WHERE token_hash = %s AND revoked_at IS NULL"
-            " AND expires_at > now() RETURNING id, user_id", (hash_api_token(token),))
-        row = await cur.fetchone()
-        if row is None:
-            return None
-        user = await db.user_by_id(cur, str(row["user_id"]))
-    if user is None or not user["is_active"]:
+    user = await _fetch_user(request, _BEARER_USER_SQL, (hash_api_token(token),))
+    if user is None:
         return None
-    return Caller(user=user, method="bearer", token_id=str(row["id"]))
+    token_id = user.pop("vmgate_api_token_id")
+    if not user["is_active"]:
+        return None
+    return Caller(user=user, method="bearer", token_id=str(token_id))
 
 
 # ---- resolving the caller --------------------------------------------------------------------------

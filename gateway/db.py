@@ -1,4 +1,4 @@
-"""Small query functions. Each takes a cursor first (a psycopg2 RealDictCursor through aiopg),
+"""Small query functions. Each takes a cursor first (a ``DictCursor`` through aiopg),
 returns plain dicts, and raises domain errors; views turn those into HTTP."""
 
 from __future__ import annotations
@@ -6,14 +6,14 @@ from __future__ import annotations
 import contextlib
 import json
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import aiopg
 import psycopg2
 import psycopg2.errors
-from psycopg2.extras import RealDictCursor
+import psycopg2.extensions
 
 from gateway.config import Settings
 from gateway.errors import Conflict, NotFound, QuotaExceeded
@@ -40,10 +40,35 @@ VM_COLUMNS = ("id, user_id, name, template, cpu, memory_mb, disk_gb, state, desi
               " restart_after, suspended_at, restore_snapshot")
 
 
+class DictCursor(psycopg2.extensions.cursor):
+    """Rows as plain dicts, each built in one ``dict(zip(...))``. (psycopg2's RealDictCursor builds a row a
+    column at a time through a Python ``__setitem__``: on a list of VMs, a large share of a request.)"""
+
+    def _names(self) -> list[str]:
+        return [column[0] for column in self.description or ()]
+
+    def fetchone(self) -> Row | None:
+        row = super().fetchone()
+        return None if row is None else dict(zip(self._names(), row, strict=True))
+
+    def fetchmany(self, size: int | None = None) -> list[Row]:
+        names = self._names()
+        rows = super().fetchmany(size) if size is not None else super().fetchmany()
+        return [dict(zip(names, row, strict=True)) for row in rows]
+
+    def fetchall(self) -> list[Row]:
+        names = self._names()
+        return [dict(zip(names, row, strict=True)) for row in super().fetchall()]
+
+    def __iter__(self) -> Iterator[Row]:  # psycopg2's own iteration would skip fetchone and yield tuples
+        while (row := self.fetchone()) is not None:
+            yield row
+
+
 @contextlib.asynccontextmanager
 async def cursor(pool: aiopg.Pool) -> AsyncIterator[Any]:
     """Yield a dict cursor on a pooled connection (autocommit; use ``cur.begin()`` for transactions)."""
-    async with pool.acquire() as conn, conn.cursor(cursor_factory=RealDictCursor) as cur:
+    async with pool.acquire() as conn, conn.cursor(cursor_factory=DictCursor) as cur:
         yield cur
 
 

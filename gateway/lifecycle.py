@@ -35,7 +35,6 @@ import psycopg2
 import redis.asyncio as aioredis
 import redis.exceptions
 from aiohttp import web
-from psycopg2.extras import RealDictCursor
 
 from console import keys as console_keys
 from drivers.base import Driver, DriverError, NotSupported, VMStatus
@@ -780,7 +779,7 @@ class Engine:
 
     async def reconcile_once(self) -> list[str]:
         """Queue every VM whose row and actual state disagree; returns their ids. One gateway at a time."""
-        async with self.pool.acquire() as conn, conn.cursor(cursor_factory=RealDictCursor) as cur:
+        async with self.pool.acquire() as conn, conn.cursor(cursor_factory=db.DictCursor) as cur:
             async with cur.begin():
                 await cur.execute("SELECT pg_try_advisory_xact_lock(%s) AS leader", (RECONCILER_LOCK,))
                 if not (await cur.fetchone())["leader"]:
@@ -976,7 +975,7 @@ class VmLocker:
     async def _cursor(self) -> Any:
         if self.conn is None or self.conn.closed:
             self.conn = await aiopg.connect(self.dsn, timeout=10)
-        return await self.conn.cursor(cursor_factory=RealDictCursor)
+        return await self.conn.cursor(cursor_factory=db.DictCursor)
 
     @contextlib.asynccontextmanager
     async def hold(self, vm_id: str, wait: float) -> AsyncIterator[bool]:
