@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import os
+import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -26,12 +30,25 @@ log = logging.getLogger("vmgate.app")
 
 # Largest request body accepted (a VM's user data is at most 64 KiB); larger is a 413.
 MAX_BODY = 256 * 1024
+PIN_RECHECK = 60  # seconds between checks that the files kept in memory are still the current ones
 NOVNC_DIR = REPO_ROOT / "node_modules" / "@novnc" / "novnc"
 # Postgres connections per gateway process, at most (opened only as the load needs them). Under many
 # concurrent API requests a pool that is too small makes them queue for a connection, which costs the
 # gateway CPU in aiopg's waiting as well as latency; each process still stays well under Postgres's
 # default max_connections (100) with room for a few gateways, the lifecycle engine's and the tests'.
 POOL_MAXSIZE = 20
+
+
+async def _keep_in_memory(catalog: Catalog, settings: Settings) -> None:
+    """Keep the files VM starts read locked in memory, following `make images` (checked every minute)."""
+    qemu = shutil.which(settings.qemu_binary)
+    extra = [Path(os.path.realpath(qemu))] if qemu else []
+    while True:
+        try:
+            await asyncio.to_thread(catalog.keep_in_memory, extra)
+        except OSError as exc:
+            log.warning("keeping the images in memory: %s", exc)
+        await asyncio.sleep(PIN_RECHECK)
 
 
 def create_app(settings: Settings, *, driver: Driver | None = None) -> web.Application:
@@ -71,8 +88,18 @@ def create_app(settings: Settings, *, driver: Driver | None = None) -> web.Appli
             await app[driver_key].close()
 
     async def catalog_ctx(app: web.Application) -> AsyncIterator[None]:
-        app[catalog_key] = Catalog(settings.images_dir)
-        yield
+        catalog = Catalog(settings.images_dir)
+        app[catalog_key] = catalog
+        # On one machine the gateway keeps what VM starts read (the warm layers above all) in memory.
+        keeper = asyncio.create_task(_keep_in_memory(catalog, settings)) if settings.driver == "local" else None
+        try:
+            yield
+        finally:
+            if keeper is not None:
+                keeper.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await keeper
+            await asyncio.to_thread(catalog.release_memory)
 
     # The lifecycle engine last: its first reconciler pass re-adopts the VMs that still run.
     app.cleanup_ctx.extend([postgres_ctx, redis_ctx, driver_ctx, catalog_ctx, lifecycle.engine_ctx])

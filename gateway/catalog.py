@@ -3,9 +3,11 @@ job rendering (warm when the template has a warm layer that fits the VM: docs/IM
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
+from gateway import pagecache
 from gateway.config import Settings
 from gateway.errors import ValidationFailed
 from gateway.storage import ImageUnavailable, ImageVerifier
@@ -19,6 +21,9 @@ class Catalog:
     def __init__(self, images_dir: Path, catalog_path: Path = DEFAULT_CATALOG) -> None:
         self.templates = load_catalog(catalog_path, images_dir)
         self._verifier = ImageVerifier()
+        self._pinned = pagecache.Pinned()
+        self._pin_lock = threading.Lock()
+        self._released = False
 
     def get(self, name: Any) -> Template:
         if not isinstance(name, str) or name not in self.templates:
@@ -30,6 +35,35 @@ class Catalog:
         """Refuse a base image whose files do not match their build manifest."""
         names = [template.disk.name, template.kernel.name, template.initrd.name]
         await self._verifier.verify(template.image_dir, names)
+
+    def start_files(self) -> list[Path]:
+        """What starting a VM reads, per built template: its kernel, initrd and disk, and the current warm
+        layer's state and disk."""
+        files: list[Path] = []
+        for template in self.templates.values():
+            if not template.is_built():
+                continue
+            files += [template.kernel, template.initrd, template.disk]
+            warm = template.warm_image()
+            if warm is not None:
+                files += [warm.state, warm.disk]
+        return files
+
+    def keep_in_memory(self, extra: list[Path]) -> None:
+        """Lock ``start_files()`` and ``extra`` in memory (gateway.pagecache), letting go of files no longer
+        current (a warm layer replaced by `make images`). Blocking: call it in a thread."""
+        with self._pin_lock:
+            wanted = [*self.start_files(), *extra]
+            if self._released or set(wanted) == set(self._pinned.locked) | set(self._pinned.advised):
+                return
+            old, self._pinned = self._pinned, pagecache.pin(wanted)
+            old.release()
+
+    def release_memory(self) -> None:
+        """Let go of what ``keep_in_memory`` holds, now and for good (waits for one under way)."""
+        with self._pin_lock:
+            self._released = True
+            self._pinned.release()
 
     async def describe(self) -> list[dict[str, Any]]:
         """Every template as the API shows it, with whether its image is built and intact."""

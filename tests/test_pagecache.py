@@ -1,0 +1,50 @@
+"""The gateway keeps what VM starts read locked in memory (gateway/pagecache.py, docs/IMAGES.md)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from gateway import pagecache
+from gateway.catalog import Catalog
+
+
+def locked_kib() -> int:
+    """This process's locked memory (VmLck in /proc/self/status), KiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmLck:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmLck in /proc/self/status")
+
+
+def test_pin_locks_files_and_release_lets_go(tmp_path: Path) -> None:
+    data = tmp_path / "state"
+    data.write_bytes(os.urandom(4 << 20))
+    (tmp_path / "empty").write_bytes(b"")
+    before = locked_kib()
+    pinned = pagecache.pin([data, data, tmp_path / "empty", tmp_path / "missing"])
+    if os.geteuid() == 0:  # root may lock; others get the read-ahead fallback
+        assert list(pinned.locked) == [data] and pinned.locked_bytes == 4 << 20
+        assert locked_kib() - before >= 4 << 10
+    else:
+        assert pinned.advised == [data]
+    pinned.release()
+    assert pinned.locked == {} and locked_kib() == before
+
+
+def test_catalog_keeps_the_start_files_of_built_templates(tiny_images_dir: Path) -> None:
+    catalog = Catalog(tiny_images_dir)
+    tiny = catalog.get("tiny")
+    files = catalog.start_files()
+    assert {tiny.kernel, tiny.initrd, tiny.disk} <= set(files)
+    warm = tiny.warm_image()
+    assert warm is not None and {warm.state, warm.disk} <= set(files)
+    before = locked_kib()
+    catalog.keep_in_memory([])
+    if os.geteuid() == 0:
+        assert locked_kib() - before >= warm.state.stat().st_size >> 10
+    catalog.keep_in_memory([])  # the same files: nothing changes
+    catalog.release_memory()
+    assert locked_kib() == before
+    catalog.keep_in_memory([])  # released for good: a late call pins nothing
+    assert locked_kib() == before
