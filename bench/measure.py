@@ -275,7 +275,7 @@ async def resume(ctx: Context) -> Phase:
             Row("  suspend (memory saved, QEMU ended)", "ms", suspend)]
     notes = ["resume, medians since GET /console: " + ", ".join(f"{p.removesuffix('_s')} {_ms(v)}"
                                                                 for p, v in breakdown.items() if p != "driver_start_s")
-             + "; of which QEMU start with -loadvm (driver's log) " + _ms(breakdown["driver_start_s"])]
+             + "; of which QEMU start and restore (driver's log) " + _ms(breakdown["driver_start_s"])]
     return Phase(data, rows, notes)
 
 

@@ -131,6 +131,12 @@ class Driver(abc.ABC):
         runs on. Returns the bytes of memory saved. Raises ``NotSupported`` unless ``saves_memory``."""
         raise NotSupported(f"the {self.name} driver cannot save a running VM's memory")
 
+    async def suspend_to(self, vm_id: str, path: str) -> int:
+        """Pause the running VM, save its memory (a migration stream) to the file ``path`` and end QEMU;
+        the file appears only once it is complete. Returns its size. The disk is left as it was at the
+        pause: starting the job with ``-incoming "exec:cat PATH"`` runs on from there."""
+        raise NotSupported(f"the {self.name} driver cannot save a running VM's memory")
+
     async def load_state(self, vm_id: str, tag: str) -> None:
         """Put the running VM back to its internal snapshot ``tag``: disk and memory, in place."""
         raise NotSupported(f"the {self.name} driver cannot load a saved state into a running VM")

@@ -72,7 +72,7 @@ _INTERP_RE = re.compile(r"\$\{([^}]*)\}")
 # -incoming "exec:cat PATH": QEMU runs it with /bin/sh, so PATH may hold nothing the shell interprets.
 _INCOMING_RE = re.compile(r"^exec:cat (/[A-Za-z0-9/._-]+)$")
 # -fw_cfg may only hand the guest a string (file= would copy any file QEMU can read into the guest).
-# -loadvm TAG: an internal snapshot of the VM's own disk (vmgate-suspend, s-<uuid>).
+# -loadvm TAG: an internal snapshot of the VM's own disk (a user's snapshot, s-<uuid>).
 _SNAPSHOT_TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _FW_CFG_RE = re.compile(r"^name=opt/[A-Za-z0-9/._-]+,string=[^,]*$")
 _OPTION_VALUE_RE = re.compile(r"^[A-Za-z0-9_.:+-]+$")
@@ -965,6 +965,71 @@ class LocalDriver(Driver):
                     self._unwatch(pid)
                 log.info("VM %s: state saved as %s (%d MiB of memory) in %.2f s%s", vm_id, tag, size >> 20,
                          time.monotonic() - began, ", QEMU ended" if then_stop else "")
+                return size
+            finally:
+                self._busy.discard(vm_id)
+
+    async def suspend_to(self, vm_id: str, path: str) -> int:
+        target = Path(path)
+        partial = target.with_name(target.name + ".part")
+        async with self._locked(vm_id):
+            pid, task_dir, task = await self._running_task(vm_id, "suspend")
+            self._busy.add(vm_id)
+            began = time.monotonic()
+            try:
+                # QEMU runs as nobody and cannot open a file in the VM's folder: it gets ours (getfd).
+                fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+                client = QMPClient("vmgate-suspend")
+                try:
+                    await asyncio.wait_for(client.connect(str(task.qmp_socket)), QMP_TIMEOUT)
+                    await asyncio.wait_for(client.execute("stop"), QMP_TIMEOUT)
+                    try:
+                        client.send_fd_scm(fd)
+                        await asyncio.wait_for(client.execute("getfd", {"fdname": "vmgate-suspend"}), QMP_TIMEOUT)
+                        # Unthrottled (the default limit is a network's, 128 MiB/s): the VM is paused anyway.
+                        await asyncio.wait_for(client.execute("migrate-set-parameters", {"max-bandwidth": 1 << 40}),
+                                               QMP_TIMEOUT)
+                        await asyncio.wait_for(client.execute("migrate", {"uri": "fd:vmgate-suspend"}), QMP_TIMEOUT)
+                        deadline = time.monotonic() + SAVE_TIMEOUT
+                        while True:
+                            info = await asyncio.wait_for(client.execute("query-migrate"), QMP_TIMEOUT)
+                            status = info.get("status") if isinstance(info, dict) else None
+                            if status == "completed":
+                                break
+                            if status in ("failed", "cancelled") or time.monotonic() > deadline:
+                                raise DriverError(f"saving the memory {status or 'timed out'}: "
+                                                  f"{info.get('error-desc', '') if isinstance(info, dict) else ''}")
+                            await asyncio.sleep(RESTORE_POLL)
+                        os.fsync(fd)
+                    except BaseException:
+                        with contextlib.suppress(*QMP_ERRORS):
+                            await asyncio.wait_for(client.execute("cont"), QMP_TIMEOUT)
+                        raise
+                    with contextlib.suppress(*QMP_ERRORS):
+                        await asyncio.wait_for(client.execute("quit"), QMP_TIMEOUT)
+                except QMP_ERRORS as exc:
+                    partial.unlink(missing_ok=True)
+                    raise DriverError(f"suspend failed: {type(exc).__name__}: {exc}") from exc
+                except BaseException:
+                    partial.unlink(missing_ok=True)
+                    raise
+                finally:
+                    os.close(fd)
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(client.disconnect(), QMP_TIMEOUT)
+                if not await self._wait_gone(pid, task_dir, QUIT_TIMEOUT):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                    if not await self._wait_gone(pid, task_dir, KILL_TIMEOUT):
+                        raise DriverError(f"QEMU (pid {pid}) did not exit after SIGKILL")
+                os.replace(partial, target)  # complete: now it may be resumed from
+                size = target.stat().st_size
+                seconds = time.monotonic() - began
+                self._record_exit(task_dir, pid, "suspend", f"suspended: memory saved to {target.name} in "
+                                                            f"{seconds:.2f} s", seconds)
+                self._remove_runtime(task_dir, task)
+                self._unwatch(pid)
+                log.info("VM %s: suspended, %d MiB of memory saved in %.2f s", vm_id, size >> 20, seconds)
                 return size
             finally:
                 self._busy.discard(vm_id)

@@ -109,6 +109,11 @@ class Catalog:
         """The job started from the internal snapshot ``tag`` of the VM's disk (resume, restore)."""
         return render.loadvm_job(job, tag, render.JobSettings.from_settings(settings))
 
+    @staticmethod
+    def resume(job: dict[str, Any], state: Path, settings: Settings) -> dict[str, Any]:
+        """The job started from the memory state a suspend saved to ``state``."""
+        return render.resume_job(job, str(state), render.JobSettings.from_settings(settings))
+
     def idle_suspend_after(self, template_name: str, settings: Settings) -> int:
         """Seconds idle before a VM of this template is suspended (0: never): the template's setting, else
         IDLE_SUSPEND_AFTER."""

@@ -51,7 +51,6 @@ from jobspecs import is_warm
 log = logging.getLogger("vmgate.lifecycle")
 
 SETTLED_STATES = ("running", "stopped", "destroyed", "error", "suspended")
-SUSPEND_TAG = "vmgate-suspend"  # the internal snapshot of a suspended VM's overlay that holds its memory
 MAX_STEPS = 12  # steps of one converge; each moves the VM on, so a handful always suffices
 MAX_DELIVERIES = 10  # a job delivered this often without finishing is dropped (the collector settles its VM)
 LOCK_WAIT = 60  # seconds a worker waits for another worker's lock on the same VM
@@ -502,9 +501,8 @@ class Engine:
         state cannot be loaded, the VM stops as it is: its disk is as it was when it was suspended."""
         vm_id = str(row["id"])
         try:
-            job = self.catalog.loadvm(row["jobspec"], SUSPEND_TAG, self.settings)
-            await self.driver.start(vm_id, job)
-            await self._drop_suspend_state(row, running=True)
+            await self.driver.start(vm_id, self._resume_job(row))
+            self._drop_suspend_state(row)
         except (ApiError, DriverError, storage.StorageError, OSError) as exc:
             log.warning("VM %s: its saved memory could not be loaded to shut it down: %s", vm_id, _reason(exc))
             with contextlib.suppress(DriverError):
@@ -549,7 +547,7 @@ class Engine:
     # ---- suspend and resume (docs/LIFECYCLE.md, "Suspend and resume")
 
     async def _suspend(self, row: dict[str, Any]) -> bool:
-        """Save the VM's memory into its overlay (internal snapshot SUSPEND_TAG) and end QEMU."""
+        """Save the VM's memory to ``<vm_id>.state`` beside its overlay and end QEMU."""
         vm_id = str(row["id"])
         if row["state"] != "suspending":
             moved = await self._cas(row, "suspending")
@@ -560,7 +558,7 @@ class Engine:
         status = await self.driver.status(vm_id)
         if status.state == "running":
             try:
-                size = await self.driver.save_state(vm_id, SUSPEND_TAG, then_stop=True)
+                size = await self.driver.suspend_to(vm_id, str(storage.state_path(Path(row["overlay_path"]))))
             except DriverError as exc:
                 # QEMU goes on (save_state resumes it on failure): the VM is running, as before.
                 reason = f"suspend failed: {_reason(exc)}"
@@ -581,13 +579,16 @@ class Engine:
         return True
 
     async def _suspend_state_saved(self, row: dict[str, Any]) -> bool:
-        """True when the overlay holds a suspend state saved since the VM began suspending."""
+        """True when a complete memory state was saved since the VM began suspending (the driver renames it
+        into place only once QEMU wrote all of it)."""
         try:
-            found = await storage.list_snapshots(Path(row["overlay_path"]))
-        except (storage.StorageError, OSError, TypeError):
+            info = storage.state_path(Path(row["overlay_path"])).stat()
+        except (OSError, TypeError):
             return False
-        saved = found.get(SUSPEND_TAG)
-        return bool(saved and saved["vm_state_size"] > 0 and saved["date"] >= row["updated_at"].timestamp() - 1)
+        return info.st_size > 0 and info.st_mtime >= row["updated_at"].timestamp() - 1
+
+    def _resume_job(self, row: dict[str, Any]) -> dict[str, Any]:
+        return self.catalog.resume(row["jobspec"], storage.state_path(Path(row["overlay_path"])), self.settings)
 
     async def _resume(self, row: dict[str, Any]) -> bool:
         """Start QEMU from the suspend state (``-loadvm``): the VM runs on where it was."""
@@ -595,7 +596,7 @@ class Engine:
         try:
             if not row.get("jobspec") or not row["overlay_path"] or not Path(row["overlay_path"]).exists():
                 raise DriverError("the VM's disk is missing")
-            status = await self.driver.start(vm_id, self.catalog.loadvm(row["jobspec"], SUSPEND_TAG, self.settings))
+            status = await self.driver.start(vm_id, self._resume_job(row))
             if status.state != "running" or status.vnc is None:
                 raise DriverError(f"the VM did not come back: {status.reason or 'no VNC endpoint'}")
             crash_point("resume.started")
@@ -612,20 +613,14 @@ class Engine:
         moved = await self._cas(row, "running", extra={"suspended_at": None, "restart_after": None})
         if moved is not None:
             self.app[metrics_key].vm_ops.labels("resume", "ok").inc()
-            await self._drop_suspend_state(row, running=True)
+            self._drop_suspend_state(row)
         return True
 
-    async def _drop_suspend_state(self, row: dict[str, Any], running: bool) -> None:
-        """Delete the suspend state once the VM runs on from it (or its disk went back to a snapshot).
-        Best effort: one left behind is never loaded again (only a VM in ``resuming`` is started from it)
-        and the next suspend replaces it."""
-        try:
-            if running:
-                await self.driver.delete_state(str(row["id"]), SUSPEND_TAG)
-            else:
-                await storage.delete_snapshot(Path(row["overlay_path"]), SUSPEND_TAG)
-        except (DriverError, storage.StorageError, OSError) as exc:
-            log.warning("VM %s: could not delete its old suspend state: %s", row["id"], exc)
+    @staticmethod
+    def _drop_suspend_state(row: dict[str, Any]) -> None:
+        """Delete the saved memory once the VM runs on from it (or its disk went back to a snapshot): the
+        disk has moved on since, so it must never be restored again."""
+        storage.remove_state(Path(row["overlay_path"]))
 
     async def suspend_idle(self, rows: list[dict[str, Any]]) -> list[str]:
         """Queue for suspend every running VM unused for its IDLE_SUSPEND_AFTER; returns their ids."""
@@ -741,7 +736,7 @@ class Engine:
                 if status.state != "running" or status.vnc is None:
                     raise DriverError(f"the VM did not come back: {status.reason or 'no VNC endpoint'}")
                 if row["suspended_at"] is not None:
-                    await self._drop_suspend_state(row, running=True)
+                    self._drop_suspend_state(row)
                 await consoles.publish_target(self.redis, vm_id, status.vnc)
                 to_state, desired = "running", "running"
             else:
@@ -750,7 +745,7 @@ class Engine:
                     await self.driver.stop(vm_id, timeout=0)  # what runs is being thrown away
                 await storage.apply_snapshot(Path(row["overlay_path"]), tag)
                 if row["suspended_at"] is not None:
-                    await self._drop_suspend_state(row, running=False)
+                    self._drop_suspend_state(row)
                 to_state = "starting" if row["desired_state"] == "running" else "stopped"
                 desired = "running" if to_state == "starting" else "stopped"
         except (ApiError, DriverError, storage.StorageError, OSError) as exc:
@@ -852,7 +847,8 @@ class Engine:
 
         # Overlays: <VMS_ROOT>/users/<user>/<vm>.qcow2 (and .part leftovers of an interrupted create).
         users_dir = self.settings.vms_root / "users"
-        candidates = sorted(users_dir.glob("*/*.qcow2")) + sorted(users_dir.glob("*/*.qcow2.part"))
+        candidates = [p for pattern in ("*/*.qcow2", "*/*.qcow2.part", "*/*.state", "*/*.state.part")
+                      for p in sorted(users_dir.glob(pattern))]
         for folder in users_dir.glob("*"):
             # Empty user folders (overlays are removed, folders are not: see storage.remove_overlay).
             if folder.is_dir() and _age_of(folder) >= grace:

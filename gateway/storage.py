@@ -106,11 +106,26 @@ async def create_overlay(base: Path, path: Path, size_gb: int) -> None:
     tmp.rename(path)
 
 
+def state_path(overlay: Path) -> Path:
+    """Where a suspended VM's memory is saved: ``<vm_id>.state`` beside its overlay (``.state.part`` while
+    it is being written)."""
+    return overlay.with_suffix(".state")
+
+
+def remove_state(overlay: Path) -> None:
+    """Remove a VM's saved memory, once it runs on from it (or is destroyed). Idempotent."""
+    state = state_path(overlay)
+    state.unlink(missing_ok=True)
+    state.with_name(state.name + ".part").unlink(missing_ok=True)
+
+
 def remove_overlay(path: Path) -> None:
-    """Remove an overlay. Idempotent. The user's folder stays: removing it once empty would race with a
-    create for the same user between its mkdir and its qemu-img (the collector removes old empty ones)."""
+    """Remove an overlay (and a saved memory state beside it). Idempotent. The user's folder stays: removing
+    it once empty would race with a create for the same user between its mkdir and its qemu-img (the
+    collector removes old empty ones)."""
     path.unlink(missing_ok=True)
     path.with_suffix(".qcow2.part").unlink(missing_ok=True)
+    remove_state(path)
 
 
 # ---- internal snapshots (a VM's suspend state and its user's snapshots; docs/SNAPSHOTS.md) ----------

@@ -18,8 +18,8 @@ The job (``vm-<id>``, type service):
                 -qmp unix:${NOMAD_TASK_DIR}/qmp.sock,server=on,wait=off
                 -sandbox on -nic none
                 -device virtio-rng-pci -fw_cfg name=opt/vmgate/hostname,string=<hostname>
-                [-set drive.image0.file.auto-read-only=off
-                 -incoming "exec:cat <warm state>"]             (a warm job: the VM's first start only)
+                -set drive.image0.file.auto-read-only=off
+                [-incoming "exec:cat <warm state>"]             (a warm job: the VM's first start only)
         resources: cpu = 1000 MHz per vCPU, memory = memory_mb
 
 Warm jobs (``render_job(..., warm=WarmImage)``): the VM's overlay sits on the template's warm disk
@@ -55,9 +55,26 @@ from jobspecs.hcl import to_hcl
 
 SECOND = 1_000_000_000  # Nomad's API takes durations in nanoseconds
 
-__all__ = ["FW_CFG_HOSTNAME", "VNC_PORT_LABEL", "VNC_SERVICE", "JobSettings", "JobSpecError", "VMSpec", "cold_job",
-           "is_warm", "job_name", "loadvm_job", "qemu_args", "render_job", "to_hcl", "variables", "vm_id_of", "vnc_arg",
-           "warm_fits"]
+__all__ = [
+    "FW_CFG_HOSTNAME",
+    "VNC_PORT_LABEL",
+    "VNC_SERVICE",
+    "JobSettings",
+    "JobSpecError",
+    "VMSpec",
+    "cold_job",
+    "is_warm",
+    "job_name",
+    "loadvm_job",
+    "qemu_args",
+    "render_job",
+    "resume_job",
+    "to_hcl",
+    "variables",
+    "vm_id_of",
+    "vnc_arg",
+    "warm_fits",
+]
 MINUTE = 60 * SECOND
 HOUR = 60 * MINUTE
 
@@ -80,12 +97,13 @@ VNC_CHECK = {"Interval": 10 * SECOND, "Timeout": 2 * SECOND}
 FW_CFG_HOSTNAME = "opt/vmgate/hostname"
 INCOMING = "-incoming"
 LOADVM = "-loadvm"
-# A qcow2 internal snapshot's tag as vmgate names them: vmgate-suspend, s-<uuid>.
+# A qcow2 internal snapshot's tag as vmgate names them (a user's snapshot: s-<uuid>).
 SNAPSHOT_TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-# With -incoming QEMU opens the disk inactive and, with -drive's default auto-read-only, read-only; when
-# the restore is done it reopens it read-write by path, which fails once QEMU dropped to nobody (the
-# overlay's directory is root's alone). Nomad's qemu driver writes `-drive ...,id=image0` before the
-# args, so -set can reach that drive's file node: opened read-write from the start, nothing to reopen.
+# With -drive's default auto-read-only, QEMU reopens the disk by path whenever its write access changes:
+# read-write after an -incoming restore, read-only when a migration (a suspend) completes. Both fail once
+# QEMU dropped to nobody (the overlay's directory is root's alone). Nomad's qemu driver writes
+# `-drive ...,id=image0` before the args, so -set can reach that drive's file node: opened read-write from
+# the start and never reopened. Every job carries it, so that any VM can be suspended.
 WARM_ARGS = ("-set", "drive.image0.file.auto-read-only=off")
 
 GROUP_NAME = "vm"
@@ -276,6 +294,7 @@ def qemu_args(vm: VMSpec, template: Template, target: str = "local") -> list[str
         # The host's entropy for the guest; a clone of a warm template reseeds its RNG from it.
         "-device", "virtio-rng-pci",
         "-fw_cfg", f"name={FW_CFG_HOSTNAME},string={vm.hostname}",
+        *WARM_ARGS,
     ]
 
 
@@ -311,9 +330,7 @@ def cold_job(job: dict[str, Any], settings: JobSettings) -> dict[str, Any]:
     config = group["Tasks"][0]["Config"]
     args = config["args"]
     at = args.index(INCOMING)
-    args = args[:at] + args[at + 2:]
-    with_set = [i for i in range(len(args) - 1) if tuple(args[i:i + 2]) == WARM_ARGS]
-    config["args"] = args[:with_set[0]] + args[with_set[0] + 2:] if with_set else args
+    config["args"] = args[:at] + args[at + 2:]
     group["RestartPolicy"], group["ReschedulePolicy"] = _policies(settings, warm=False)
     copy.get("Meta", {}).pop("start", None)
     return copy
@@ -335,6 +352,27 @@ def loadvm_job(job: dict[str, Any], tag: str, settings: JobSettings) -> dict[str
     group = copy["TaskGroups"][0]
     group["RestartPolicy"], group["ReschedulePolicy"] = _policies(settings, warm=True)
     copy.setdefault("Meta", {})["start"] = "loadvm"
+    return copy
+
+
+_STATE_PATH_RE = re.compile(r"^/[A-Za-z0-9/._-]+$")
+
+
+def resume_job(job: dict[str, Any], state: str, settings: JobSettings) -> dict[str, Any]:
+    """The cold form of ``job`` started from the memory state a suspend saved to the file ``state`` (next to
+    the VM's overlay): QEMU restores it (``-incoming``) and the guest runs on from the moment it was paused,
+    on the disk as it was then. As for a warm start: read-write from the start, and no restart by a
+    scheduler (docs/LIFECYCLE.md, "Suspend and resume")."""
+    if not isinstance(state, str) or not _STATE_PATH_RE.match(state) or "/../" in state:
+        raise JobSpecError("state", f"must be an absolute path of A-Z a-z 0-9 / . _ -, got {state!r}")
+    copy = cold_job(job, settings)
+    config = copy["TaskGroups"][0]["Tasks"][0]["Config"]
+    args = config["args"]
+    has_set = any(tuple(args[i:i + 2]) == WARM_ARGS for i in range(len(args) - 1))
+    config["args"] = [*args, *(() if has_set else WARM_ARGS), INCOMING, f"exec:cat {state}"]
+    group = copy["TaskGroups"][0]
+    group["RestartPolicy"], group["ReschedulePolicy"] = _policies(settings, warm=True)
+    copy.setdefault("Meta", {})["start"] = "resume"
     return copy
 
 
@@ -370,7 +408,7 @@ def render_job(vm: VMSpec, template: Template, settings: JobSettings,
     job = _job(vm, template, settings, name)
     if warm is not None:
         task = job["TaskGroups"][0]["Tasks"][0]
-        task["Config"]["args"] += [*WARM_ARGS, INCOMING, f"exec:cat {warm.state}"]
+        task["Config"]["args"] += [INCOMING, f"exec:cat {warm.state}"]
         job["TaskGroups"][0]["RestartPolicy"], job["TaskGroups"][0]["ReschedulePolicy"] = _policies(settings, True)
         job["Meta"]["start"] = "warm"
         job["Meta"]["warm_layer"] = warm.id

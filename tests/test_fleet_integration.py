@@ -535,8 +535,8 @@ async def test_snapshots_on_nomad_and_a_saved_state_resumed_by_the_job(
         tiny_images_dir: Path) -> None:
     """What a fleet can do (docs/SNAPSHOTS.md, "On a fleet"): a stopped VM's disk snapshots through the API;
     no suspend and no memory snapshot (Nomad cannot save a task's memory). And what the job carries: a VM
-    whose memory was saved on one machine (the local driver) is started by Nomad from the job's
-    ``-loadvm`` argument alone, and runs on where it was."""
+    whose memory snapshot was taken on one machine (the local driver) is started by Nomad from the job's
+    ``-loadvm`` argument alone (a restore), and runs on where it was."""
     from drivers.local import LocalDriver
     from gateway import storage
     from gateway.catalog import Catalog

@@ -29,6 +29,7 @@ from jobspecs import (
     load_catalog,
     loadvm_job,
     render_job,
+    resume_job,
     to_hcl,
     variables,
     vm_id_of,
@@ -255,6 +256,7 @@ def test_every_template_renders_at_every_size(templates: dict[str, Template]) ->
             "-nic", "none",
             "-device", "virtio-rng-pci",
             "-fw_cfg", "name=opt/vmgate/hostname,string=box-1",
+            "-set", "drive.image0.file.auto-read-only=off",
         ]
 
 
@@ -516,3 +518,30 @@ def test_idle_suspend_after_of_a_template(tmp_path: Path) -> None:
     tiny = load_catalog(path, tmp_path)["tiny"]
     assert tiny.idle_suspend_after == 0 and tiny.to_json()["idle_suspend_after"] == 0
     assert load_catalog(DEFAULT_CATALOG, tmp_path)["tiny"].idle_suspend_after is None
+
+
+@pytest.mark.parametrize("target", ["local", "nomad"])
+def test_resume_job_restores_the_state_file_of_a_suspend(templates: dict[str, Template], tmp_path: Path,
+                                                         target: str) -> None:
+    tiny = templates["tiny"]
+    settings = JobSettings(target=target)
+    cold = render_job(spec(tiny), tiny, settings)
+    state = "/srv/vmgate/vms/users/42/0f9c2f4e.state"
+    job = resume_job(cold, state, settings)
+    args = job["TaskGroups"][0]["Tasks"][0]["Config"]["args"]
+    assert args == [*cold["TaskGroups"][0]["Tasks"][0]["Config"]["args"], "-incoming", f"exec:cat {state}"]
+    assert args.count("-set") == 1  # every job opens its disk read-write for good (a suspend needs it)
+    assert job["TaskGroups"][0]["RestartPolicy"]["Attempts"] == 0 and job["Meta"]["start"] == "resume"
+    _check_hcl_matches_json(job)
+    # A job stored before every job said -set gets it with the restore.
+    old = json.loads(json.dumps(cold))
+    old_args = old["TaskGroups"][0]["Tasks"][0]["Config"]["args"]
+    at = old_args.index("-set")
+    old["TaskGroups"][0]["Tasks"][0]["Config"]["args"] = old_args[:at] + old_args[at + 2:]
+    assert resume_job(old, state, settings)["TaskGroups"][0]["Tasks"][0]["Config"]["args"][-4:] == [
+        "-set", "drive.image0.file.auto-read-only=off", "-incoming", f"exec:cat {state}"]
+    if target == "local":
+        assert build_task(spec(tiny).id, job, tmp_path).incoming == state
+    for bad in ("relative/x.state", "/a b", "/a;rm", "/x/../etc/shadow", ""):
+        with pytest.raises(JobSpecError, match="state"):
+            resume_job(cold, bad, settings)

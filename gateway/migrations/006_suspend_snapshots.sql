@@ -1,8 +1,8 @@
 -- Idle suspend and user snapshots (issue 7; docs/LIFECYCLE.md "Suspend and resume", docs/SNAPSHOTS.md).
 --
--- A suspended VM's memory is saved inside its own overlay, as a qcow2 internal snapshot named
--- vmgate-suspend, and QEMU is gone; resuming starts QEMU with -loadvm of it. A user's snapshot is a
--- qcow2 internal snapshot too (disk, and memory when the VM was running), named s-<snapshot id>.
+-- A suspended VM's memory is saved to <vm_id>.state beside its overlay and QEMU is gone; resuming
+-- restores it (-incoming). A user's snapshot is a qcow2 internal snapshot of the overlay (disk, and
+-- memory when the VM was running), named s-<snapshot id>.
 
 ALTER TABLE vms DROP CONSTRAINT vms_state_check;
 ALTER TABLE vms ADD CONSTRAINT vms_state_check CHECK (state IN (
@@ -13,7 +13,7 @@ ALTER TABLE vms ADD CONSTRAINT vms_desired_state_check CHECK (
     desired_state IN ('running', 'stopped', 'destroyed', 'suspended'));
 
 ALTER TABLE vms
-    -- Set while the VM's memory lives in its vmgate-suspend snapshot (suspended, or on its way back).
+    -- Set while the VM's memory lives in its state file (suspended, or on its way back).
     ADD COLUMN suspended_at     timestamptz,
     -- The snapshot a VM in state restoring goes back to.
     ADD COLUMN restore_snapshot uuid;
