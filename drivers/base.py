@@ -125,10 +125,10 @@ class Driver(abc.ABC):
     async def health(self) -> dict[str, Any]:
         """Return ``{"ok": bool, ...details}`` about the driver's ability to run VMs."""
 
-    async def save_state(self, vm_id: str, tag: str, *, then_stop: bool) -> int:
+    async def save_state(self, vm_id: str, tag: str) -> int:
         """Save the running VM's disk and memory as the internal snapshot ``tag`` of its overlay (one of
-        that tag is replaced); with ``then_stop`` pause it first and end QEMU after (suspend), else it
-        runs on. Returns the bytes of memory saved. Raises ``NotSupported`` unless ``saves_memory``."""
+        that tag is replaced); the VM runs on. Returns the bytes of memory saved. Raises ``NotSupported``
+        unless ``saves_memory``."""
         raise NotSupported(f"the {self.name} driver cannot save a running VM's memory")
 
     async def suspend_to(self, vm_id: str, path: str) -> int:

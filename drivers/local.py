@@ -890,11 +890,14 @@ class LocalDriver(Driver):
 
     # ------------------------------------------------------------------ saved states (qcow2 internal snapshots)
 
-    async def _running_task(self, vm_id: str, tag: str) -> tuple[int, Path, QemuTask]:
-        """The live QEMU of ``vm_id`` and its task; the caller holds the VM's lock."""
-        check_vm_id(vm_id)
+    @staticmethod
+    def _check_tag(tag: str) -> None:
         if not _SNAPSHOT_TAG_RE.match(tag):
             raise DriverError(f"bad snapshot tag {tag!r}")
+
+    async def _running_task(self, vm_id: str) -> tuple[int, Path, QemuTask]:
+        """The live QEMU of ``vm_id`` and its task; the caller holds the VM's lock."""
+        check_vm_id(vm_id)
         task_dir = self.tasks_root / vm_id
         pid = self._read_pid(task_dir)
         task = self._load_task(vm_id, task_dir)
@@ -928,52 +931,24 @@ class LocalDriver(Driver):
                         for s in (inserted.get("image") or {}).get("snapshots") or []}
         raise DriverError("the VM's disk image0 is not in query-block")
 
-    async def save_state(self, vm_id: str, tag: str, *, then_stop: bool) -> int:
+    async def save_state(self, vm_id: str, tag: str) -> int:
+        self._check_tag(tag)
         async with self._locked(vm_id):
-            pid, task_dir, task = await self._running_task(vm_id, tag)
-            self._busy.add(vm_id)
+            _pid, _task_dir, task = await self._running_task(vm_id)
             began = time.monotonic()
-            try:
-                if then_stop:
-                    # Paused first: nothing the guest does after the save can reach the disk.
-                    try:
-                        await self._qmp(task.qmp_socket, "stop")
-                    except QMP_ERRORS as exc:
-                        raise DriverError(f"pausing the VM failed: {exc}") from exc
-                try:
-                    await self._hmp(task, f"savevm {tag}")
-                    size = (await self._snapshot_sizes(task)).get(tag)
-                    if size is None:
-                        raise DriverError(f"savevm {tag} left no snapshot of that name")
-                except BaseException:
-                    if then_stop:
-                        with contextlib.suppress(*QMP_ERRORS):
-                            await self._qmp(task.qmp_socket, "cont")
-                    raise
-                if then_stop:
-                    with contextlib.suppress(*QMP_ERRORS):
-                        await self._qmp(task.qmp_socket, "quit")
-                    if not await self._wait_gone(pid, task_dir, QUIT_TIMEOUT):
-                        with contextlib.suppress(ProcessLookupError):
-                            os.kill(pid, signal.SIGKILL)
-                        if not await self._wait_gone(pid, task_dir, KILL_TIMEOUT):
-                            raise DriverError(f"QEMU (pid {pid}) did not exit after SIGKILL")
-                    seconds = time.monotonic() - began
-                    self._record_exit(task_dir, pid, "suspend", f"suspended: memory saved as {tag} in "
-                                                                f"{seconds:.1f} s", seconds)
-                    self._remove_runtime(task_dir, task)
-                    self._unwatch(pid)
-                log.info("VM %s: state saved as %s (%d MiB of memory) in %.2f s%s", vm_id, tag, size >> 20,
-                         time.monotonic() - began, ", QEMU ended" if then_stop else "")
-                return size
-            finally:
-                self._busy.discard(vm_id)
+            await self._hmp(task, f"savevm {tag}")
+            size = (await self._snapshot_sizes(task)).get(tag)
+            if size is None:
+                raise DriverError(f"savevm {tag} left no snapshot of that name")
+            log.info("VM %s: state saved as %s (%d MiB of memory) in %.2f s", vm_id, tag, size >> 20,
+                     time.monotonic() - began)
+            return size
 
     async def suspend_to(self, vm_id: str, path: str) -> int:
         target = Path(path)
         partial = target.with_name(target.name + ".part")
         async with self._locked(vm_id):
-            pid, task_dir, task = await self._running_task(vm_id, "suspend")
+            pid, task_dir, task = await self._running_task(vm_id)
             self._busy.add(vm_id)
             began = time.monotonic()
             try:
@@ -1005,8 +980,6 @@ class LocalDriver(Driver):
                         with contextlib.suppress(*QMP_ERRORS):
                             await asyncio.wait_for(client.execute("cont"), QMP_TIMEOUT)
                         raise
-                    with contextlib.suppress(*QMP_ERRORS):
-                        await asyncio.wait_for(client.execute("quit"), QMP_TIMEOUT)
                 except QMP_ERRORS as exc:
                     partial.unlink(missing_ok=True)
                     raise DriverError(f"suspend failed: {type(exc).__name__}: {exc}") from exc
@@ -1017,11 +990,7 @@ class LocalDriver(Driver):
                     os.close(fd)
                     with contextlib.suppress(Exception):
                         await asyncio.wait_for(client.disconnect(), QMP_TIMEOUT)
-                if not await self._wait_gone(pid, task_dir, QUIT_TIMEOUT):
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
-                    if not await self._wait_gone(pid, task_dir, KILL_TIMEOUT):
-                        raise DriverError(f"QEMU (pid {pid}) did not exit after SIGKILL")
+                await self._shut_down(pid, task, task_dir, timeout=0)  # its memory is saved: no ACPI
                 os.replace(partial, target)  # complete: now it may be resumed from
                 size = target.stat().st_size
                 seconds = time.monotonic() - began
@@ -1035,15 +1004,17 @@ class LocalDriver(Driver):
                 self._busy.discard(vm_id)
 
     async def load_state(self, vm_id: str, tag: str) -> None:
+        self._check_tag(tag)
         async with self._locked(vm_id):
-            _pid, _task_dir, task = await self._running_task(vm_id, tag)
+            _pid, _task_dir, task = await self._running_task(vm_id)
             if tag not in await self._snapshot_sizes(task):
                 raise DriverError(f"the VM's disk has no snapshot {tag}")
             await self._hmp(task, f"loadvm {tag}")
 
     async def delete_state(self, vm_id: str, tag: str) -> None:
+        self._check_tag(tag)
         async with self._locked(vm_id):
-            _pid, _task_dir, task = await self._running_task(vm_id, tag)
+            _pid, _task_dir, task = await self._running_task(vm_id)
             if tag in await self._snapshot_sizes(task):
                 await self._hmp(task, f"delvm {tag}")
 

@@ -560,7 +560,7 @@ class Engine:
             try:
                 size = await self.driver.suspend_to(vm_id, str(storage.state_path(Path(row["overlay_path"]))))
             except DriverError as exc:
-                # QEMU goes on (save_state resumes it on failure): the VM is running, as before.
+                # QEMU goes on (suspend_to resumes it on failure): the VM is running, as before.
                 reason = f"suspend failed: {_reason(exc)}"
                 log.warning("VM %s: %s", vm_id, reason)
                 if await self._cas(row, "running", reason=reason, desired="running") is not None:
@@ -626,16 +626,17 @@ class Engine:
         """Queue for suspend every running VM unused for its IDLE_SUSPEND_AFTER; returns their ids."""
         if not self.driver.saves_memory:
             return []
-        candidates = {str(r["id"]): r for r in rows if r["state"] == "running" and r["desired_state"] == "running"
-                      and self.catalog.idle_suspend_after(r["template"], self.settings) > 0}
+        # VM id -> (row, its template's idle time), for the running VMs whose template suspends at all.
+        candidates = {str(r["id"]): (r, self.catalog.idle_suspend_after(r["template"], self.settings))
+                      for r in rows if r["state"] == "running" and r["desired_state"] == "running"}
+        candidates = {vm_id: pair for vm_id, pair in candidates.items() if pair[1] > 0}
         if not candidates:
             return []
         used = await activity.usage(self.redis, list(candidates))
         at = time.time()
         suspended = []
-        for vm_id, row in candidates.items():
+        for vm_id, (row, idle_after) in candidates.items():
             last, console_open = used.get(vm_id, (0.0, False))
-            idle_after = self.catalog.idle_suspend_after(row["template"], self.settings)
             idle_for = at - max(last, row["updated_at"].timestamp())
             if console_open or idle_for < idle_after:
                 continue
@@ -667,7 +668,7 @@ class Engine:
         vm_id, tag = str(row["id"]), db.snapshot_tag(str(snap["id"]))
         try:
             if row["state"] == "running":
-                memory = await self.driver.save_state(vm_id, tag, then_stop=False)
+                memory = await self.driver.save_state(vm_id, tag)
             else:
                 if (await self.driver.status(vm_id)).state == "running":
                     raise DriverError("QEMU runs although the VM is not running; try again")
@@ -692,20 +693,23 @@ class Engine:
         await self.apply_retention()
         return True
 
+    async def _delete_tag(self, row: dict[str, Any], tag: str) -> None:
+        """Delete the internal snapshot ``tag`` of the VM's overlay: through its QEMU if it runs (the image is
+        open), with qemu-img otherwise."""
+        if (await self.driver.status(str(row["id"]))).state == "running":
+            await self.driver.delete_state(str(row["id"]), tag)
+        else:
+            await storage.delete_snapshot(Path(row["overlay_path"]), tag)
+
     async def _drop_snapshot_tag(self, row: dict[str, Any], tag: str) -> None:
+        """``_delete_tag`` for a snapshot that never became ready: best effort."""
         with contextlib.suppress(DriverError, storage.StorageError, OSError):
-            if (await self.driver.status(str(row["id"]))).state == "running":
-                await self.driver.delete_state(str(row["id"]), tag)
-            else:
-                await storage.delete_snapshot(Path(row["overlay_path"]), tag)
+            await self._delete_tag(row, tag)
 
     async def _delete_snapshot(self, row: dict[str, Any], snap: dict[str, Any]) -> bool:
-        vm_id, tag = str(row["id"]), db.snapshot_tag(str(snap["id"]))
+        vm_id = str(row["id"])
         try:
-            if (await self.driver.status(vm_id)).state == "running":
-                await self.driver.delete_state(vm_id, tag)
-            else:
-                await storage.delete_snapshot(Path(row["overlay_path"]), tag)
+            await self._delete_tag(row, db.snapshot_tag(str(snap["id"])))
         except (DriverError, storage.StorageError, OSError) as exc:
             log.warning("VM %s: deleting snapshot %s failed: %s; tried again later", vm_id, snap["id"], _reason(exc))
             return False

@@ -11,9 +11,7 @@ none older than SNAPSHOT_MAX_AGE).
 
 from __future__ import annotations
 
-import asyncio
 import re
-import time
 from typing import Any
 
 from aiohttp import web
@@ -29,7 +27,6 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,62}[A-Za-z0-9._-]?$")
 # The VM states a snapshot can be taken in (suspended: the VM is resumed for it, its memory is in use).
 SNAPSHOT_FROM = ("running", "stopped", "suspended")
 RESTORE_FROM = ("running", "stopped", "suspended", "error")
-SETTLE_POLL = 0.1
 
 
 def public_snapshot(row: dict[str, Any]) -> dict[str, Any]:
@@ -53,21 +50,14 @@ def public_snapshot(row: dict[str, Any]) -> dict[str, Any]:
 
 async def _audit(request: web.Request, user: dict[str, Any], vm: dict[str, Any], action: str,
                  **details: Any) -> None:
-    async with db.cursor(request.app[db_key]) as cur:
-        await db.audit(cur, action=action, outcome="accepted", user_id=str(user["id"]), ip=client_ip(request),
-                       vm_id=str(vm["id"]), details=details)
+    await vms.audit(request.app, action, "accepted", user, client_ip(request), str(vm["id"]), **details)
 
 
 async def _snapshot_settled(app: web.Application, snapshot_id: str, wait: float, until: tuple[str, ...]) \
         -> dict[str, Any]:
-    deadline = time.monotonic() + wait
-    while True:
-        async with db.cursor(app[db_key]) as cur:
-            row = await db.snapshot_by_id(cur, snapshot_id)
-        assert row is not None  # snapshot rows are never removed
-        if row["state"] in until or time.monotonic() >= deadline:
-            return row
-        await asyncio.sleep(SETTLE_POLL)
+    """The snapshot's row once its state is one of ``until`` or ``wait`` s passed (rows are never removed)."""
+    return await vms.poll_row(app, lambda cur: db.snapshot_by_id(cur, snapshot_id),
+                              lambda row: row["state"] in until, wait)
 
 
 @routes.get("/api/vms/{vm_id}/snapshots")
@@ -160,9 +150,7 @@ async def restore_snapshot(request: web.Request) -> web.Response:
             raise Conflict(f"The {app[driver_key].name} driver cannot load memory into a running VM; stop it "
                            "first.", code="not_supported")
         desired = "running" if snap["has_memory"] or vm["state"] == "running" else "stopped"
-        if vm["state"] == "error" and vm["desired_state"] == "destroyed":
-            raise Conflict("This VM's creation failed and nothing of it is left.", code="invalid_state",
-                           details={"state": "error"})
+        vms.refuse_failed_create(vm)
         row = await db.require_transition(cur, vm, "restoring", RESTORE_FROM, "restore", desired=desired,
                                           extra={"restore_snapshot": str(snap["id"]), "crash_times": [],
                                                  "restart_after": None})

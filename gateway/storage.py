@@ -131,15 +131,13 @@ def remove_overlay(path: Path) -> None:
 # ---- internal snapshots (a VM's suspend state and its user's snapshots; docs/SNAPSHOTS.md) ----------
 # Only for an overlay no QEMU has open: a running VM's snapshots go through its QEMU (the driver).
 
-async def list_snapshots(path: Path) -> dict[str, dict[str, Any]]:
-    """The overlay's internal snapshots by tag: ``{"vm_state_size": bytes of saved memory, "date": epoch}``."""
+async def snapshot_tags(path: Path) -> set[str]:
+    """The tags of the overlay's internal snapshots."""
     code, out = await _run("qemu-img", "info", "--output=json", "-U", str(path))
     if code != 0:
         raise StorageError(f"qemu-img info failed: {out[-500:]}")
     try:
-        entries = json.loads(out).get("snapshots") or []
-        return {str(e["name"]): {"vm_state_size": int(e.get("vm-state-size") or 0),
-                                 "date": int(e.get("date-sec") or 0)} for e in entries}
+        return {str(e["name"]) for e in json.loads(out).get("snapshots") or []}
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise StorageError(f"qemu-img info gave an unreadable answer: {exc}") from None
 
@@ -152,7 +150,7 @@ async def _snapshot(path: Path, flag: str, tag: str) -> None:
 
 async def create_snapshot(path: Path, tag: str) -> None:
     """Take a disk-only snapshot ``tag`` of a stopped VM's overlay (replacing one of that tag)."""
-    if tag in await list_snapshots(path):
+    if tag in await snapshot_tags(path):
         await _snapshot(path, "-d", tag)
     await _snapshot(path, "-c", tag)
 
@@ -164,5 +162,5 @@ async def apply_snapshot(path: Path, tag: str) -> None:
 
 async def delete_snapshot(path: Path, tag: str) -> None:
     """Delete snapshot ``tag`` from the overlay. Idempotent."""
-    if tag in await list_snapshots(path):
+    if tag in await snapshot_tags(path):
         await _snapshot(path, "-d", tag)

@@ -59,8 +59,9 @@ def public_vm(row: dict[str, Any], public_url: str) -> dict[str, Any]:
     }
 
 
-async def _audit(app: web.Application, action: str, outcome: str, user: dict[str, Any], ip: str | None,
-                 vm_id: str | None = None, **details: Any) -> None:
+async def audit(app: web.Application, action: str, outcome: str, user: dict[str, Any], ip: str | None,
+                vm_id: str | None = None, **details: Any) -> None:
+    """One audit-log entry of a user's action on a VM."""
     async with db.cursor(app[db_key]) as cur:
         await db.audit(cur, action=action, outcome=outcome, user_id=str(user["id"]), ip=ip, vm_id=vm_id,
                        details=details)
@@ -73,17 +74,31 @@ def is_settled(row: dict[str, Any]) -> bool:
         row["state"] == "suspended" and row["desired_state"] == "running")
 
 
-async def settle(app: web.Application, vm_id: str, wait: float, poll: float = SETTLE_POLL) -> dict[str, Any]:
-    """The VM's row once it is settled (``is_settled``) or ``wait`` s passed."""
+async def poll_row(app: web.Application, fetch: Any, done: Any, wait: float,
+                   poll: float = SETTLE_POLL) -> dict[str, Any]:
+    """Read a row with ``await fetch(cursor)`` until ``done(row)`` or ``wait`` s passed; returns the last one.
+    A row that is gone is NotFound."""
     deadline = time.monotonic() + wait
     while True:
         async with db.cursor(app[db_key]) as cur:
-            row = await db.vm_by_id(cur, vm_id)
+            row = await fetch(cur)
         if row is None:
             raise NotFound("No such VM.")
-        if is_settled(row) or time.monotonic() >= deadline:
-            return row
+        if done(row) or time.monotonic() >= deadline:
+            return dict(row)
         await asyncio.sleep(poll)
+
+
+async def settle(app: web.Application, vm_id: str, wait: float, poll: float = SETTLE_POLL) -> dict[str, Any]:
+    """The VM's row once it is settled (``is_settled``) or ``wait`` s passed."""
+    return await poll_row(app, lambda cur: db.vm_by_id(cur, vm_id), is_settled, wait, poll)
+
+
+def refuse_failed_create(vm: dict[str, Any]) -> None:
+    """409 for a VM whose creation failed: nothing of it is left to start or restore."""
+    if vm["state"] == "error" and vm["desired_state"] == "destroyed":
+        raise Conflict("This VM's creation failed and nothing of it is left; destroy it and create another.",
+                       code="invalid_state", details={"state": "error", "allowed_from": ["stopped", "error"]})
 
 
 async def create(app: web.Application, user: dict[str, Any], request: dict[str, Any],
@@ -172,14 +187,11 @@ async def request_action(app: web.Application, user: dict[str, Any], vm_id: str,
     if action == "start" and vm["state"] in WAKEABLE:
         woken = await wake(app, vm_id)
         if woken is not None:
-            async with db.cursor(app[db_key]) as cur:
-                await db.audit(cur, action="vm.resume", outcome="accepted", user_id=str(user["id"]), ip=ip,
-                               vm_id=vm_id)
+            await audit(app, "vm.resume", "accepted", user, ip, vm_id)
             return await _settled(app, vm_id, woken, wait, action, done_state, past)
+    if action == "start":
+        refuse_failed_create(vm)
     async with db.cursor(app[db_key]) as cur:
-        if action == "start" and vm["state"] == "error" and vm["desired_state"] == "destroyed":
-            raise Conflict("This VM's creation failed and nothing of it is left; destroy it and create another.",
-                           code="invalid_state", details={"state": "error", "allowed_from": ["stopped", "error"]})
         extra: dict[str, Any] | None = {"crash_times": [], "restart_after": None} if action == "start" else None
         row = await db.require_transition(cur, vm, to_state, only_from, action, desired=desired, extra=extra)
         await db.audit(cur, action=f"vm.{action}", outcome="accepted", user_id=str(user["id"]), ip=ip, vm_id=vm_id)

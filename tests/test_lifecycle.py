@@ -99,6 +99,16 @@ def fake_driver() -> FakeDriver:
     return FakeDriver(boot_delay=0.3)  # long enough to see provisioning and starting go by
 
 
+async def running_and_stopped(session: Session) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Two VMs of the session's user: one running, one created and then stopped."""
+    status, running = await session.request("POST", "/api/vms?wait=20", json=VM)
+    assert status == 201
+    status, stopped = await session.request("POST", "/api/vms?wait=20", json=VM)
+    assert status == 201
+    assert (await session.request("POST", f"/api/vms/{stopped['vm_id']}/stop?wait=20"))[0] == 200
+    return running, stopped
+
+
 async def user(server: Any, sessions: Any) -> Session:
     session: Session = sessions(server)
     await session.signup_and_login()
@@ -351,11 +361,7 @@ async def test_collector_removes_orphans_and_leaves_live_vms(aiohttp_server: Any
     srv = await fake_gateway(aiohttp_server, settings, database_url)
     driver: FakeDriver = srv.driver
     alice = await user(srv, sessions)
-    status, live = await alice.request("POST", "/api/vms?wait=20", json=VM)
-    assert status == 201
-    status, stopped = await alice.request("POST", "/api/vms?wait=20", json=VM)
-    assert status == 201
-    assert (await alice.request("POST", f"/api/vms/{stopped['vm_id']}/stop?wait=20"))[0] == 200
+    live, stopped = await running_and_stopped(alice)
     live_pid = driver.vms[live["vm_id"]].pid
     users_dir = Path(settings.vms_root) / "users" / str(uuid.uuid4())
     users_dir.mkdir(parents=True)
@@ -489,11 +495,7 @@ async def test_with_postgres_down_no_vm_is_touched_blindly(restart_server: Any, 
                                                           database_url: str) -> None:
     alice = await user(restart_server, sessions)
     driver: FakeDriver = restart_server.driver
-    status, running = await alice.request("POST", "/api/vms?wait=20", json=VM)
-    assert status == 201
-    status, stopped = await alice.request("POST", "/api/vms?wait=20", json=VM)
-    assert status == 201
-    assert (await alice.request("POST", f"/api/vms/{stopped['vm_id']}/stop?wait=20"))[0] == 200
+    running, stopped = await running_and_stopped(alice)
     pid = driver.vms[running["vm_id"]].pid
     with database_away(database_url):
         calls = len(driver.calls)
