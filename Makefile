@@ -6,7 +6,7 @@ SHELL := /bin/bash
 PY := .venv/bin/python
 VENV_STAMP := .venv/.requirements-installed
 NOVNC_STAMP := node_modules/.package-lock.json
-CSS_OUT := gateway/static/build/app.css
+CSS_OUT := gateway/web/static/build/app.css
 export PYTEST_ARGS
 
 .PHONY: help deps venv novnc css env images services status migrate admin run down test bench lint typecheck clean
@@ -31,8 +31,8 @@ $(NOVNC_STAMP): package.json package-lock.json | deps
 	@touch $@
 
 css: $(CSS_OUT) ## build the web console's stylesheet with Tailwind (generated, not committed)
-$(CSS_OUT): $(NOVNC_STAMP) gateway/static/tailwind.css $(wildcard gateway/templates/*.html gateway/static/*.js console/static/*.js)
-	node_modules/.bin/tailwindcss --input gateway/static/tailwind.css --output $@ --minify
+$(CSS_OUT): $(NOVNC_STAMP) gateway/web/static/tailwind.css $(wildcard gateway/web/templates/*.html gateway/web/static/*.js console/static/*.js)
+	node_modules/.bin/tailwindcss --input gateway/web/static/tailwind.css --output $@ --minify
 
 env: ## create .env with random secrets if it does not exist
 	@deploy/ensure-env.sh
@@ -47,7 +47,7 @@ status: ## say which servers, make run and VMs are running
 	@deploy/status.sh
 
 migrate: services venv ## apply the database migrations
-	deploy/with-env.sh $(PY) -m gateway.migrate
+	deploy/with-env.sh $(PY) -m gateway.cli migrate
 
 admin: services venv ## create an admin: make admin EMAIL=you@example.com [ADMIN_ARGS=--promote] (asks the password)
 	@[ -n "$(EMAIL)" ] || { echo "usage: make admin EMAIL=you@example.com [ADMIN_ARGS='--promote|--generate-password']"; exit 2; }

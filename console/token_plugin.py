@@ -45,7 +45,7 @@ from websockify.token_plugins import BasePlugin
 from websockify.websocketproxy import ProxyRequestHandler
 from websockify.websockifyserver import WebSockifyRequestHandler, WebSockifyServer
 
-from console import consul, keys
+from console import consul, redis_keys
 
 log = logging.getLogger("vmgate.console.tokens")
 
@@ -66,8 +66,8 @@ Target = tuple[str, int] | list[str]
 
 def mask_tokens(text: str) -> str:
     """Return ``text`` with any console token in it masked (websockify's log lines carry them)."""
-    text = _TOKEN_NOT_FOUND.sub(lambda m: f"Token {keys.mask(m.group(1))!r} refused", text)
-    return _TOKEN_IN_QUERY.sub(lambda m: m.group(1) + keys.mask(m.group(2)), text)
+    text = _TOKEN_NOT_FOUND.sub(lambda m: f"Token {redis_keys.mask(m.group(1))!r} refused", text)
+    return _TOKEN_IN_QUERY.sub(lambda m: m.group(1) + redis_keys.mask(m.group(2)), text)
 
 
 class _MaskTokensFilter(logging.Filter):
@@ -129,7 +129,7 @@ class RedisTokens(BasePlugin):
 
     def lookup(self, token: str) -> Target | None:
         """Redeem ``token`` once; return ``['unix_socket', path]`` or ``(host, port)``, else None."""
-        masked = keys.mask(token) if isinstance(token, str) else "?"
+        masked = redis_keys.mask(token) if isinstance(token, str) else "?"
         try:
             target, session = self._redeem(token)
         except Refused as exc:
@@ -153,9 +153,9 @@ class RedisTokens(BasePlugin):
         return target
 
     def _redeem(self, token: str) -> tuple[Target, Session]:
-        if not isinstance(token, str) or not keys.TOKEN_RE.fullmatch(token):
+        if not isinstance(token, str) or not redis_keys.TOKEN_RE.fullmatch(token):
             raise Refused("malformed")
-        token_hash = keys.hash_token(token)
+        token_hash = redis_keys.hash_token(token)
         client = redis.Redis.from_url(
             self.url,
             socket_connect_timeout=REDIS_TIMEOUT,
@@ -163,7 +163,7 @@ class RedisTokens(BasePlugin):
             decode_responses=True,
         )
         with client:
-            raw = client.getdel(keys.token_key(token_hash))
+            raw = client.getdel(redis_keys.token_key(token_hash))
             if raw is None:
                 raise Refused("not issued, expired, revoked or already used")
             record = _parse_record(raw)
@@ -171,10 +171,10 @@ class RedisTokens(BasePlugin):
             # SREMs and GETs in one MULTI, so a revocation (which deletes the sets and the target,
             # or replaces the user's generation) is either wholly before them or wholly after.
             with client.pipeline(transaction=True) as pipe:
-                pipe.srem(keys.vm_tokens_key(vm_id), token_hash)
-                pipe.srem(keys.user_tokens_key(user_id), token_hash)
-                pipe.get(keys.vnc_target_key(vm_id))
-                pipe.get(keys.user_generation_key(user_id))
+                pipe.srem(redis_keys.vm_tokens_key(vm_id), token_hash)
+                pipe.srem(redis_keys.user_tokens_key(user_id), token_hash)
+                pipe.get(redis_keys.vnc_target_key(vm_id))
+                pipe.get(redis_keys.user_generation_key(user_id))
                 removed, _, raw_target, user_generation = pipe.execute()
         if record["expires_at"] <= time.time():
             raise Refused(f"expired (vm {vm_id})")
@@ -204,7 +204,7 @@ def _parse_record(raw: str | bytes) -> dict[str, Any]:
     user_id = record.get("user_id")
     if not isinstance(user_id, str) or not user_id:
         raise Refused(f"token record of vm {vm_id} has no user_id")
-    max_session = record.setdefault("max_session", keys.DEFAULT_MAX_SESSION)
+    max_session = record.setdefault("max_session", redis_keys.DEFAULT_MAX_SESSION)
     if isinstance(max_session, bool) or not isinstance(max_session, int) or not 0 < max_session <= MAX_SESSION_LIMIT:
         raise Refused(f"token record of vm {vm_id} has a bad max_session")
     return record
@@ -277,8 +277,8 @@ class SessionWatcher:
         self.deadline = time.monotonic() + session.max_session
         self.failures = 0
         self.channels = {
-            keys.vm_end_channel(session.vm_id): "VM stopped",
-            keys.user_end_channel(session.user_id): "logged out",
+            redis_keys.vm_end_channel(session.vm_id): "VM stopped",
+            redis_keys.user_end_channel(session.user_id): "logged out",
         }
 
     def start(self) -> bool:
@@ -297,7 +297,7 @@ class SessionWatcher:
             except Exception as exc:  # Redis down or slow, or anything else: the session goes on
                 remaining = self.deadline - time.monotonic()
                 if remaining <= 0:
-                    code, reason = keys.CLOSE_TIME_LIMIT, "time limit reached"
+                    code, reason = redis_keys.CLOSE_TIME_LIMIT, "time limit reached"
                     break
                 delay = RETRY_DELAYS[min(self.failures, len(RETRY_DELAYS) - 1)]
                 self.failures += 1
@@ -309,8 +309,8 @@ class SessionWatcher:
     def _revoked(self, client: redis.Redis) -> str | None:
         """Why the session was revoked since its token was redeemed, judged by state; else None."""
         session = self.session
-        target, generation = client.mget(keys.vnc_target_key(session.vm_id),
-                                         keys.user_generation_key(session.user_id))
+        target, generation = client.mget(redis_keys.vnc_target_key(session.vm_id),
+                                         redis_keys.user_generation_key(session.user_id))
         if target != session.target:  # the VM stopped (and maybe started again: a new QEMU)
             return "VM stopped"
         # A generation key that is gone has expired (logouts keep it for days): no new logout.
@@ -319,11 +319,11 @@ class SessionWatcher:
         return None
 
     def _heartbeat(self, client: redis.Redis) -> None:
-        """Tell the gateway's idle suspend that this VM's console is open (gateway/activity.py)."""
+        """Tell the gateway's idle suspend that this VM's console is open (gateway/engine/activity.py)."""
         vm_id = self.session.vm_id
         with client.pipeline(transaction=False) as pipe:
-            pipe.set(keys.console_live_key(vm_id), str(os.getpid()), ex=keys.CONSOLE_LIVE_TTL)
-            pipe.set(keys.activity_key(vm_id), f"{time.time():.3f}", ex=31 * 86400)
+            pipe.set(redis_keys.console_live_key(vm_id), str(os.getpid()), ex=redis_keys.CONSOLE_LIVE_TTL)
+            pipe.set(redis_keys.activity_key(vm_id), f"{time.time():.3f}", ex=31 * 86400)
             pipe.execute()
 
     def _watch(self) -> tuple[int, str]:
@@ -339,20 +339,20 @@ class SessionWatcher:
                 if message is None:
                     raise redis.TimeoutError("SUBSCRIBE was not confirmed")
                 if message["type"] == "message":
-                    return keys.CLOSE_REVOKED, self.channels.get(message["channel"], "revoked")
+                    return redis_keys.CLOSE_REVOKED, self.channels.get(message["channel"], "revoked")
                 confirmed += message["type"] == "subscribe"
             self.failures = 0
             while True:
                 if reason := self._revoked(client):
-                    return keys.CLOSE_REVOKED, reason
+                    return redis_keys.CLOSE_REVOKED, reason
                 self._heartbeat(client)
                 next_check = time.monotonic() + STATE_POLL
                 while (now := time.monotonic()) < next_check:
                     if now >= self.deadline:
-                        return keys.CLOSE_TIME_LIMIT, "time limit reached"
+                        return redis_keys.CLOSE_TIME_LIMIT, "time limit reached"
                     message = pubsub.get_message(timeout=min(next_check, self.deadline) - now)
                     if message is not None and message["type"] == "message":
-                        return keys.CLOSE_REVOKED, self.channels.get(message["channel"], "revoked")
+                        return redis_keys.CLOSE_REVOKED, self.channels.get(message["channel"], "revoked")
 
     def _end(self, code: int, reason: str) -> None:
         """Have the main thread close the WebSocket; if it cannot, end the process."""

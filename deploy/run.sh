@@ -34,7 +34,7 @@ trap 'exit 130' INT TERM HUP
 
 deploy/services.sh up postgres redis
 say "migrate: applying database migrations"
-.venv/bin/python -m gateway.migrate
+.venv/bin/python -m gateway.cli migrate
 
 # An nginx daemon from `deploy/services.sh up nginx` is reused; otherwise nginx runs supervised.
 nginx_args=()

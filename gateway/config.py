@@ -137,7 +137,7 @@ def _csv(key: str, value: str) -> tuple[str, ...]:
 
 
 # Rate-limit rules: name -> (requests, window in seconds). RATE_LIMITS overrides any of them;
-# gateway/ratelimit.py applies them and docs/SECURITY.md ("Rate limits") says what each counts.
+# gateway/web/ratelimit.py applies them and docs/SECURITY.md ("Rate limits") says what each counts.
 RATE_LIMIT_DEFAULTS: dict[str, tuple[int, int]] = {
     "login_ip": (30, 900),
     "login_pair": (5, 900),

@@ -1,13 +1,11 @@
-"""Prometheus metrics: request counts and latencies by route, served at /metrics."""
+"""Prometheus metrics: the registry and its series (requests by route, VM operations, queue, VMs by state).
+The web layer serves them at /metrics (gateway/web/metrics.py); the engine updates its own series."""
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
-from aiohttp import web
-from aiohttp.typedefs import Handler
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 
 class Metrics:
@@ -42,30 +40,3 @@ class Metrics:
             self._request_children[(route, method, status)] = children
         children[0].inc()
         children[1].observe(seconds)
-
-
-metrics_key = web.AppKey("metrics", Metrics)
-
-
-def _route_name(request: web.Request) -> str:
-    resource = request.match_info.route.resource
-    # The route's pattern, not the path: ids must not explode the label space.
-    return resource.canonical if resource is not None else "unmatched"
-
-
-@web.middleware
-async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    started = time.perf_counter()
-    status = 500
-    try:
-        response = await handler(request)
-        status = response.status
-        return response
-    finally:
-        request.app[metrics_key].observe_request(_route_name(request), request.method, status,
-                                                 time.perf_counter() - started)
-
-
-async def metrics_handler(request: web.Request) -> web.Response:
-    body = generate_latest(request.app[metrics_key].registry)
-    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -28,10 +28,10 @@ import pytest
 import redis
 
 from drivers.fake import FakeDriver
-from gateway.app import create_app
 from gateway.config import Settings
-from gateway.keys import settings_key
-from gateway.mail import OUTBOX_DIR
+from gateway.web.app import create_app
+from gateway.web.appkeys import settings_key
+from gateway.web.mail import OUTBOX_DIR
 
 pytest_plugins: list[str] = ["tests.fixtures.websockify", "tests.fixtures.qemu", "tests.fixtures.redis_server",
                              "tests.fixtures.gateway_process"]

@@ -22,12 +22,12 @@ import redis
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
-from console import keys
+from console import redis_keys
 from drivers.fake import FakeDriver
-from gateway.app import create_app
 from gateway.config import Settings
-from gateway.keys import mailer_key
 from gateway.logs import JsonFormatter
+from gateway.web.app import create_app
+from gateway.web.appkeys import mailer_key
 from tests.conftest import VM, Session, assert_envelope, link_token, outbox_link, truncate_all
 from tests.fixtures.websockify import free_port
 
@@ -270,7 +270,7 @@ async def test_password_reset_ends_every_session(gateway: Any, sessions: Any, ma
     assert status == 201
     status, grant = await old.request("GET", f"/api/vms/{vm['vm_id']}/console")
     assert status == 200
-    console_token_key = keys.token_key(keys.hash_token(grant["token"]))
+    console_token_key = redis_keys.token_key(redis_keys.hash_token(grant["token"]))
     assert redis_flush.exists(console_token_key)
 
     anonymous: Session = sessions(gateway)

@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 import redis
 
-from console import keys
+from console import redis_keys
 from drivers.fake import FakeDriver
-from gateway.app import create_app
 from gateway.config import Settings
+from gateway.web.app import create_app
 from tests.conftest import VM, Session, assert_envelope, truncate_all
 
 
@@ -170,9 +170,9 @@ async def test_vm_lifecycle_on_fake_driver(server: Any, alice: Session, app_sett
     status, grant = await alice.request("GET", f"/api/vms/{vm_id}/console")
     assert status == 200
     assert grant["url"] == f"ws://127.0.0.1:8080/vnc?token={grant['token']}"
-    record = json.loads(redis_flush.get(keys.token_key(keys.hash_token(grant["token"]))) or "{}")
+    record = json.loads(redis_flush.get(redis_keys.token_key(redis_keys.hash_token(grant["token"]))) or "{}")
     assert record["vm_id"] == vm_id and record["user_id"] == str(alice.user["id"] if alice.user else "")
-    assert 0 < redis_flush.ttl(keys.token_key(keys.hash_token(grant["token"]))) <= 60
+    assert 0 < redis_flush.ttl(redis_keys.token_key(redis_keys.hash_token(grant["token"]))) <= 60
 
     status, logs = await alice.request("GET", f"/api/vms/{vm_id}/logs")
     assert status == 200 and isinstance(logs["serial"], str)
@@ -185,9 +185,9 @@ async def test_vm_lifecycle_on_fake_driver(server: Any, alice: Session, app_sett
     status, stopped = await alice.request("POST", f"/api/vms/{vm_id}/stop?wait=60")
     assert status == 200 and stopped["state"] == "stopped"
     assert overlay.is_file()
-    assert redis_flush.get(keys.vnc_target_key(vm_id)) is None
+    assert redis_flush.get(redis_keys.vnc_target_key(vm_id)) is None
     # Stopping revoked the outstanding console token.
-    assert redis_flush.get(keys.token_key(keys.hash_token(grant["token"]))) is None
+    assert redis_flush.get(redis_keys.token_key(redis_keys.hash_token(grant["token"]))) is None
     assert_envelope(*await alice.request("GET", f"/api/vms/{vm_id}/console"), 409, "vm_not_running")
 
     status, started = await alice.request("POST", f"/api/vms/{vm_id}/start?wait=60")
@@ -268,7 +268,7 @@ async def test_failed_create_leaves_nothing(server: Any, alice: Session, app_set
     assert vm["state"] == "error" and "injected" in vm["error"]
     assert not list(Path(app_settings.vms_root).glob("users/*/*.qcow2"))
     assert (await server.driver.status(vm_id)).state == "missing"
-    assert redis_flush.get(keys.vnc_target_key(vm_id)) is None
+    assert redis_flush.get(redis_keys.vnc_target_key(vm_id)) is None
     status, me = await alice.request("GET", "/api/me")
     assert me["usage"] == {"vms": 0, "vcpus": 0, "memory_mb": 0, "disk_gb": 0}
     # The failed VM can be cleaned away; it holds nothing.

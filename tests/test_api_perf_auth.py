@@ -15,8 +15,9 @@ import pytest
 from aiohttp import web, web_log
 from aiohttp.test_utils import make_mocked_request
 
-from gateway import auth, logs
-from gateway.keys import settings_key
+from gateway import logs
+from gateway.web import auth
+from gateway.web.appkeys import settings_key
 from tests.conftest import Session, assert_envelope
 
 

@@ -1,4 +1,4 @@
-"""Sessions and callers (gateway/auth.py) on a real server, Postgres and Redis: CSRF bound to the
+"""Sessions and callers (gateway/web/auth.py) on a real server, Postgres and Redis: CSRF bound to the
 session, JWT key rotation, ending every session of a user, and bearer tokens that never fall back
 to the cookie."""
 
@@ -13,9 +13,9 @@ import jwt
 import psycopg2
 
 from drivers.fake import FakeDriver
-from gateway import auth
-from gateway.app import create_app
 from gateway.config import Settings
+from gateway.web import auth
+from gateway.web.app import create_app
 from tests.conftest import Session, assert_envelope, truncate_all
 
 OLD_KEY = "an-old-signing-key-that-is-long-enough-0123456789"

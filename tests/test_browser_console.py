@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from gateway.app import create_app
 from gateway.config import Settings
+from gateway.web.app import create_app
 from tests.conftest import truncate_all
 from tests.fixtures.browser import (
     ARTIFACTS,

@@ -31,7 +31,7 @@ import pytest
 import redis
 from qemu.qmp import QMPClient
 
-from console import keys
+from console import redis_keys
 from console.token_plugin import RedisTokens, mask_tokens
 from tests.fixtures.websockify import (
     WebsockifyServer,
@@ -145,27 +145,27 @@ def vm_b() -> Iterator[Vm]:
 
 def publish(r: redis.Redis, vm: Vm) -> None:
     """What the gateway does while a VM runs: say where its VNC listens."""
-    r.set(keys.vnc_target_key(vm.vm_id), json.dumps({"unix_socket": vm.vnc_socket}))
+    r.set(redis_keys.vnc_target_key(vm.vm_id), json.dumps({"unix_socket": vm.vnc_socket}))
 
 
 def issue(r: redis.Redis, vm_id: str, *, ttl: int = 60, expires_at: float | None = None) -> str:
-    """Issue a console token the way gateway/consoles.py does."""
-    token = keys.new_token()
-    digest = keys.hash_token(token)
+    """Issue a console token the way gateway/engine/console_grants.py does."""
+    token = redis_keys.new_token()
+    digest = redis_keys.hash_token(token)
     record = {"vm_id": vm_id, "user_id": "u-1", "expires_at": time.time() + ttl if expires_at is None else expires_at}
     with r.pipeline(transaction=True) as pipe:
-        pipe.set(keys.token_key(digest), json.dumps(record), ex=ttl)
-        pipe.sadd(keys.vm_tokens_key(vm_id), digest)
-        pipe.expire(keys.vm_tokens_key(vm_id), ttl + 5)
+        pipe.set(redis_keys.token_key(digest), json.dumps(record), ex=ttl)
+        pipe.sadd(redis_keys.vm_tokens_key(vm_id), digest)
+        pipe.expire(redis_keys.vm_tokens_key(vm_id), ttl + 5)
         pipe.execute()
     return token
 
 
 def revoke(r: redis.Redis, vm_id: str) -> None:
     """Revoke a VM's tokens: delete every token key in its set, then the set."""
-    for digest in r.smembers(keys.vm_tokens_key(vm_id)):
-        r.delete(keys.token_key(digest if isinstance(digest, str) else digest.decode()))
-    r.delete(keys.vm_tokens_key(vm_id))
+    for digest in r.smembers(redis_keys.vm_tokens_key(vm_id)):
+        r.delete(redis_keys.token_key(digest if isinstance(digest, str) else digest.decode()))
+    r.delete(redis_keys.vm_tokens_key(vm_id))
 
 
 @pytest.fixture
@@ -289,12 +289,12 @@ async def test_valid_token_shows_the_vm_screen(
         assert not client.is_blank()
 
     # Redeemed: the record and its entry in the VM's set are gone.
-    digest = keys.hash_token(token)
-    assert not targets.exists(keys.token_key(digest))
-    assert not targets.sismember(keys.vm_tokens_key(vm_a.vm_id), digest)
+    digest = redis_keys.hash_token(token)
+    assert not targets.exists(redis_keys.token_key(digest))
+    assert not targets.sismember(redis_keys.vm_tokens_key(vm_a.vm_id), digest)
     log = await wait_for_log(websockify_server, "connecting to unix socket")
-    assert f"console token {keys.mask(token)!r} redeemed: vm {vm_a.vm_id}" in log
-    assert f"token={keys.mask(token)}" in log
+    assert f"console token {redis_keys.mask(token)!r} redeemed: vm {vm_a.vm_id}" in log
+    assert f"token={redis_keys.mask(token)}" in log
     assert_no_whole_token(websockify_server, token)
 
 
@@ -380,7 +380,7 @@ Prepare = Callable[[redis.Redis, Vm, WebsockifyServer], Awaitable[str]]
 
 
 async def _forged(r: redis.Redis, vm: Vm, server: WebsockifyServer) -> str:
-    return keys.new_token()  # the right shape, never issued
+    return redis_keys.new_token()  # the right shape, never issued
 
 
 async def _malformed(r: redis.Redis, vm: Vm, server: WebsockifyServer) -> str:
@@ -410,7 +410,7 @@ async def _replayed(r: redis.Redis, vm: Vm, server: WebsockifyServer) -> str:
 
 async def _vm_destroyed(r: redis.Redis, vm: Vm, server: WebsockifyServer) -> str:
     token = issue(r, vm.vm_id)
-    r.delete(keys.vnc_target_key(vm.vm_id))
+    r.delete(redis_keys.vnc_target_key(vm.vm_id))
     return token
 
 
@@ -442,9 +442,9 @@ async def test_refused_token_gets_no_http_response(
     prepare, reason = REFUSALS[case]
     token = await prepare(targets, vm_a, websockify_server)
     assert await ws_upgrade(url_for(websockify_server, token)) == b""
-    masked = re.escape(repr(keys.mask(token)))
+    masked = re.escape(repr(redis_keys.mask(token)))
     log = await wait_for_log(websockify_server, rf"console token {masked} refused: .*{re.escape(reason)}")
-    assert f"Token {keys.mask(token)!r} refused" in log
+    assert f"Token {redis_keys.mask(token)!r} refused" in log
     assert_no_whole_token(websockify_server, token)
 
 
@@ -453,7 +453,7 @@ async def test_refusal_as_an_aiohttp_client_sees_it(
 ) -> None:
     """aiohttp's ws_connect raises ServerDisconnectedError (after one silent retry of the GET)."""
     with pytest.raises(aiohttp.ServerDisconnectedError):
-        await RFBClient.connect_ws(url_for(websockify_server, keys.new_token()))
+        await RFBClient.connect_ws(url_for(websockify_server, redis_keys.new_token()))
     assert await ws_upgrade(websockify_server.ws_url) == b""
     await wait_for_log(websockify_server, "Token not present")
 
@@ -485,7 +485,7 @@ async def test_token_reaches_only_its_own_vm(
 
     # A's token does not fall through to B when A has no target.
     token = issue(targets, vm_a.vm_id)
-    targets.delete(keys.vnc_target_key(vm_a.vm_id))
+    targets.delete(redis_keys.vnc_target_key(vm_a.vm_id))
     assert await ws_upgrade(url_for(websockify_server, token)) == b""
 
     # Revoking A leaves B's tokens alone.
@@ -514,7 +514,7 @@ async def test_expect_origin_refuses_a_foreign_page(
         token = issue(targets, vm_a.vm_id)
         response = await ws_upgrade(url_for(server, token), origin="http://evil.example")
         assert response.startswith(b"HTTP/1.1 403 Invalid Origin")
-        assert not targets.exists(keys.token_key(keys.hash_token(token)))
+        assert not targets.exists(redis_keys.token_key(redis_keys.hash_token(token)))
         assert await ws_upgrade(url_for(server, token), origin=origin) == b""
 
         token = issue(targets, vm_a.vm_id)
@@ -528,13 +528,13 @@ async def test_expect_origin_refuses_a_foreign_page(
 
 
 def test_lookup_returns_the_unix_socket_pair(redis_test_url: str, redis_flush: redis.Redis) -> None:
-    redis_flush.set(keys.vnc_target_key("vm-1"), json.dumps({"unix_socket": "/run/vg/vnc.sock"}))
+    redis_flush.set(redis_keys.vnc_target_key("vm-1"), json.dumps({"unix_socket": "/run/vg/vnc.sock"}))
     plugin = RedisTokens(redis_test_url)
     assert plugin.lookup(issue(redis_flush, "vm-1")) == ["unix_socket", "/run/vg/vnc.sock"]
 
 
 def test_lookup_returns_host_and_port(redis_test_url: str, redis_flush: redis.Redis) -> None:
-    redis_flush.set(keys.vnc_target_key("vm-1"), json.dumps({"host": "127.0.0.1", "port": 5901}))
+    redis_flush.set(redis_keys.vnc_target_key("vm-1"), json.dumps({"host": "127.0.0.1", "port": 5901}))
     plugin = RedisTokens(redis_test_url)
     token = issue(redis_flush, "vm-1")
     assert plugin.lookup(token) == ("127.0.0.1", 5901)
@@ -545,7 +545,7 @@ def test_lookup_reads_the_url_from_the_environment(
     redis_test_url: str, redis_flush: redis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("VG_TEST_REDIS_URL", redis_test_url)
-    redis_flush.set(keys.vnc_target_key("vm-1"), json.dumps({"unix_socket": "/s"}))
+    redis_flush.set(redis_keys.vnc_target_key("vm-1"), json.dumps({"unix_socket": "/s"}))
     assert RedisTokens("env:VG_TEST_REDIS_URL").lookup(issue(redis_flush, "vm-1")) == ["unix_socket", "/s"]
     monkeypatch.delenv("VG_TEST_REDIS_URL")
     with pytest.raises(ValueError, match="VG_TEST_REDIS_URL"):
@@ -579,23 +579,23 @@ def test_lookup_refuses_bad_records(
 ) -> None:
     token = issue(redis_flush, "vm-1")
     if record is not None:
-        redis_flush.set(keys.token_key(keys.hash_token(token)), record)
-    redis_flush.set(keys.vnc_target_key("vm-1"), target if isinstance(target, str) else json.dumps(target))
+        redis_flush.set(redis_keys.token_key(redis_keys.hash_token(token)), record)
+    redis_flush.set(redis_keys.vnc_target_key("vm-1"), target if isinstance(target, str) else json.dumps(target))
     with caplog.at_level(logging.INFO, logger="vmgate.console.tokens"):
         assert RedisTokens(redis_test_url).lookup(token) is None
     assert reason in caplog.text
     assert token not in caplog.text
     # Spent all the same: a bad record is never tried twice.
-    assert not redis_flush.exists(keys.token_key(keys.hash_token(token)))
+    assert not redis_flush.exists(redis_keys.token_key(redis_keys.hash_token(token)))
 
 
 def test_lookup_refuses_a_token_whose_revocation_is_under_way(
     redis_test_url: str, redis_flush: redis.Redis, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Revocation deletes the VM's set; a token key it has not reached yet is still refused."""
-    redis_flush.set(keys.vnc_target_key("vm-1"), json.dumps({"unix_socket": "/s"}))
+    redis_flush.set(redis_keys.vnc_target_key("vm-1"), json.dumps({"unix_socket": "/s"}))
     token = issue(redis_flush, "vm-1")
-    redis_flush.delete(keys.vm_tokens_key("vm-1"))
+    redis_flush.delete(redis_keys.vm_tokens_key("vm-1"))
     with caplog.at_level(logging.INFO, logger="vmgate.console.tokens"):
         assert RedisTokens(redis_test_url).lookup(token) is None
     assert "revoked" in caplog.text
@@ -604,17 +604,17 @@ def test_lookup_refuses_a_token_whose_revocation_is_under_way(
 def test_lookup_refuses_a_token_with_a_trailing_newline(
     redis_test_url: str, redis_flush: redis.Redis, caplog: pytest.LogCaptureFixture
 ) -> None:
-    redis_flush.set(keys.vnc_target_key("vm-1"), json.dumps({"unix_socket": "/s"}))
+    redis_flush.set(redis_keys.vnc_target_key("vm-1"), json.dumps({"unix_socket": "/s"}))
     token = issue(redis_flush, "vm-1")
     with caplog.at_level(logging.INFO, logger="vmgate.console.tokens"):
         assert RedisTokens(redis_test_url).lookup(token + "\n") is None
     assert "malformed" in caplog.text
-    assert redis_flush.exists(keys.token_key(keys.hash_token(token)))
+    assert redis_flush.exists(redis_keys.token_key(redis_keys.hash_token(token)))
 
 
 def test_lookup_refuses_when_redis_is_down(caplog: pytest.LogCaptureFixture) -> None:
     plugin = RedisTokens(f"redis://127.0.0.1:{free_port()}/15")
-    token = keys.new_token()
+    token = redis_keys.new_token()
     with caplog.at_level(logging.INFO, logger="vmgate.console.tokens"):
         assert plugin.lookup(token) is None
     assert "Redis unavailable (ConnectionError)" in caplog.text
@@ -622,7 +622,7 @@ def test_lookup_refuses_when_redis_is_down(caplog: pytest.LogCaptureFixture) -> 
 
 
 def test_websockify_log_lines_are_masked() -> None:
-    token = keys.new_token()
+    token = redis_keys.new_token()
     assert mask_tokens(f"127.0.0.1: Token '{token}' not found") == f"127.0.0.1: Token '{token[:4]}…' refused"
     line = f"127.0.0.1: Path: '/vnc?token={token}&x=1'"
     assert mask_tokens(line) == f"127.0.0.1: Path: '/vnc?token={token[:4]}…&x=1'"

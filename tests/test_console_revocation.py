@@ -26,13 +26,13 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from console import keys
+from console import redis_keys
 from console.token_plugin import END_GRACE, RedisTokens, SessionWatcher
 from console.token_plugin import Session as ConsoleSession
 from drivers.fake import FakeDriver
-from gateway import consoles
-from gateway.app import create_app
 from gateway.config import RATE_LIMIT_DEFAULTS, Settings
+from gateway.engine import console_grants
+from gateway.web.app import create_app
 from tests.conftest import VM, Session, truncate_all
 from tests.fixtures.websockify import (
     WebsockifyServer,
@@ -110,7 +110,7 @@ async def running_vm(session: Session, r: redis.Redis, qemu_vm: Vm) -> str:
     status, body = await session.request("POST", "/api/vms?wait=60", json=VM)
     assert status == 201, body
     vm_id: str = body["vm_id"]
-    r.set(keys.vnc_target_key(vm_id), json.dumps({"unix_socket": qemu_vm.vnc_socket}))
+    r.set(redis_keys.vnc_target_key(vm_id), json.dumps({"unix_socket": qemu_vm.vnc_socket}))
     return vm_id
 
 
@@ -161,10 +161,10 @@ async def test_token_issued_before_logout_is_refused_after_it(
     tokens = [await console_token(alice, vm_id) for _ in range(2)]
     assert (await alice.request("POST", "/api/auth/logout"))[0] == 200
     for token in tokens:
-        assert not redis_flush.exists(keys.token_key(keys.hash_token(token)))
+        assert not redis_flush.exists(redis_keys.token_key(redis_keys.hash_token(token)))
         assert await ws_upgrade(url_for(websockify_server, token)) == b""
-    assert not redis_flush.exists(keys.user_tokens_key(alice.user["id"] if alice.user else ""))
-    await wait_for_log(websockify_server, rf"console token {re.escape(repr(keys.mask(tokens[1])))} refused")
+    assert not redis_flush.exists(redis_keys.user_tokens_key(alice.user["id"] if alice.user else ""))
+    await wait_for_log(websockify_server, rf"console token {re.escape(repr(redis_keys.mask(tokens[1])))} refused")
 
 
 async def test_token_read_during_a_logout_is_refused(
@@ -174,19 +174,19 @@ async def test_token_read_during_a_logout_is_refused(
     logout's delete found nothing to delete) still refuses it: the user's generation moved on."""
     client = aioredis.from_url(redis_test_url, decode_responses=True)
     try:
-        redis_flush.set(keys.vnc_target_key("vm-1"), json.dumps({"unix_socket": "/s"}))
-        grant = await consoles.issue_token(client, "vm-1", "user-1", 60, "ws://x/vnc")
+        redis_flush.set(redis_keys.vnc_target_key("vm-1"), json.dumps({"unix_socket": "/s"}))
+        grant = await console_grants.issue_token(client, "vm-1", "user-1", 60, "ws://x/vnc")
         plugin = RedisTokens(redis_test_url)
         assert plugin.lookup(grant.token) == ["unix_socket", "/s"]  # as issued, fine
 
-        grant = await consoles.issue_token(client, "vm-1", "user-1", 60, "ws://x/vnc")
-        redis_flush.set(keys.user_generation_key("user-1"), "moved-on")  # what revoke_user sets
+        grant = await console_grants.issue_token(client, "vm-1", "user-1", 60, "ws://x/vnc")
+        redis_flush.set(redis_keys.user_generation_key("user-1"), "moved-on")  # what revoke_user sets
         with caplog.at_level(logging.INFO, logger="vmgate.console.tokens"):
             assert plugin.lookup(grant.token) is None
         assert "user user-1 logged out after it was issued" in caplog.text
 
         # A token issued after the logout carries the new generation and works.
-        grant = await consoles.issue_token(client, "vm-1", "user-1", 60, "ws://x/vnc")
+        grant = await console_grants.issue_token(client, "vm-1", "user-1", 60, "ws://x/vnc")
         assert plugin.lookup(grant.token) == ["unix_socket", "/s"]
     finally:
         await client.aclose()
@@ -195,10 +195,10 @@ async def test_token_read_during_a_logout_is_refused(
 async def test_revoke_user_leaves_other_users_tokens(redis_test_url: str, redis_flush: redis.Redis) -> None:
     client = aioredis.from_url(redis_test_url, decode_responses=True)
     try:
-        redis_flush.set(keys.vnc_target_key("vm-1"), json.dumps({"unix_socket": "/s"}))
-        mine = await consoles.issue_token(client, "vm-1", "user-1", 60, "ws://x/vnc")
-        theirs = await consoles.issue_token(client, "vm-1", "user-2", 60, "ws://x/vnc")
-        await consoles.revoke_user(client, "user-1")
+        redis_flush.set(redis_keys.vnc_target_key("vm-1"), json.dumps({"unix_socket": "/s"}))
+        mine = await console_grants.issue_token(client, "vm-1", "user-1", 60, "ws://x/vnc")
+        theirs = await console_grants.issue_token(client, "vm-1", "user-2", 60, "ws://x/vnc")
+        await console_grants.revoke_user(client, "user-1")
         plugin = RedisTokens(redis_test_url)
         assert plugin.lookup(mine.token) is None
         assert plugin.lookup(theirs.token) == ["unix_socket", "/s"]
@@ -258,7 +258,7 @@ async def test_live_session_ends_when_its_vm_stops(
         await wait_until_shown(client)
         assert (await alice.request(method, f"/api/vms/{vm_id}{suffix}?wait=60"))[0] == 200
         started = time.monotonic()
-        assert await wait_closed(client) == f"the WebSocket closed (code {keys.CLOSE_REVOKED})"
+        assert await wait_closed(client) == f"the WebSocket closed (code {redis_keys.CLOSE_REVOKED})"
         assert time.monotonic() - started < 5
         await still_live(bystander)  # the user's console of another VM goes on
     # The fake driver never touched QEMU: websockify ended the session, not a closing VNC socket.
@@ -280,7 +280,7 @@ async def test_live_session_ends_when_its_user_logs_out(
                 await open_console(bob, vm_bob, websockify_server) as bobs):
         await wait_until_shown(client)
         assert (await alice.request("POST", "/api/auth/logout"))[0] == 200
-        assert await wait_closed(client) == f"the WebSocket closed (code {keys.CLOSE_REVOKED})"
+        assert await wait_closed(client) == f"the WebSocket closed (code {redis_keys.CLOSE_REVOKED})"
         await still_live(bobs)
     await wait_for_log(websockify_server, rf"console session of vm {vm_alice}, user \S+ ended: logged out")
 
@@ -295,7 +295,7 @@ async def test_live_session_ends_at_its_maximum_duration(
     vm_id = await running_vm(alice, redis_flush, vm_a)
     started = time.monotonic()
     async with await open_console(alice, vm_id, websockify_server) as client:
-        assert await wait_closed(client) == f"the WebSocket closed (code {keys.CLOSE_TIME_LIMIT})"
+        assert await wait_closed(client) == f"the WebSocket closed (code {redis_keys.CLOSE_TIME_LIMIT})"
     assert 2 <= time.monotonic() - started < 2 + CLOSE_TIMEOUT
     await wait_for_log(websockify_server, "ended: time limit reached")
 
@@ -359,7 +359,7 @@ async def test_redis_outage_refuses_new_sessions_and_keeps_live_ones(
             private_redis.stop()
             await wait_for_log(ws, r"cannot watch for revocation \(ConnectionError\); it goes on")
             await still_live(client)
-            assert await ws_upgrade(url_for(ws, keys.new_token())) == b""  # new connections are refused
+            assert await ws_upgrade(url_for(ws, redis_keys.new_token())) == b""  # new connections are refused
             await wait_for_log(ws, "refused: Redis unavailable")
             assert ws.process.poll() is None
 
@@ -368,13 +368,13 @@ async def test_redis_outage_refuses_new_sessions_and_keeps_live_ones(
             private_redis.start()
             with redis.Redis.from_url(private_redis.url, decode_responses=True) as r:
                 publish(r, vm_a)
-                r.set(keys.user_generation_key("u-1"), "revoked-while-away")
-            assert await wait_closed(client, 20) == f"the WebSocket closed (code {keys.CLOSE_REVOKED})"
+                r.set(redis_keys.user_generation_key("u-1"), "revoked-while-away")
+            assert await wait_closed(client, 20) == f"the WebSocket closed (code {redis_keys.CLOSE_REVOKED})"
             await wait_for_log(ws, "user u-1 ended: logged out")
 
         with redis.Redis.from_url(private_redis.url, decode_responses=True) as r:
             publish(r, vm_a)
-            r.delete(keys.user_generation_key("u-1"))
+            r.delete(redis_keys.user_generation_key("u-1"))
             token = issue(r, vm_a.vm_id)
         async with await RFBClient.connect_ws(url_for(ws, token)) as client:  # and new sessions work again
             assert client.name == vm_a.vnc_name
@@ -403,7 +403,7 @@ async def test_a_client_that_reads_nothing_is_cut_off_all_the_same(
     server = await asyncio.start_server(flood, "127.0.0.1", 0)
     try:
         port = server.sockets[0].getsockname()[1]
-        redis_flush.set(keys.vnc_target_key("vm-flood"), json.dumps({"host": "127.0.0.1", "port": port}))
+        redis_flush.set(redis_keys.vnc_target_key("vm-flood"), json.dumps({"host": "127.0.0.1", "port": port}))
         token = issue(redis_flush, "vm-flood")
         reader, writer = await asyncio.open_connection("127.0.0.1", websockify_server.port)
         writer.write(f"GET /vnc?token={token} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
@@ -411,8 +411,8 @@ async def test_a_client_that_reads_nothing_is_cut_off_all_the_same(
         await writer.drain()
         await wait_for_log(websockify_server, "connecting to: 127.0.0.1")
         await asyncio.sleep(1)  # the buffers fill up
-        redis_flush.set(keys.user_generation_key("u-1"), "logged-out")  # what revoke_user does
-        redis_flush.publish(keys.user_end_channel("u-1"), "logged out")
+        redis_flush.set(redis_keys.user_generation_key("u-1"), "logged-out")  # what revoke_user does
+        redis_flush.publish(redis_keys.user_end_channel("u-1"), "logged out")
         started = time.monotonic()
         async with asyncio.timeout(CLOSE_TIMEOUT):
             await target_closed.wait()
@@ -439,16 +439,16 @@ def test_a_session_that_cannot_close_cleanly_ends_its_process(
     redis_test_url: str, redis_flush: redis.Redis, capfd: pytest.CaptureFixture[str],
 ) -> None:
     target = json.dumps({"unix_socket": "/s"})
-    redis_flush.set(keys.vnc_target_key("vm-stuck"), target)
+    redis_flush.set(redis_keys.vnc_target_key("vm-stuck"), target)
     child = multiprocessing.get_context("fork").Process(target=_stuck_session, args=(redis_test_url, target))
     child.start()
     try:
         deadline = time.monotonic() + 10
-        while redis_flush.pubsub_numsub(keys.vm_end_channel("vm-stuck"))[0][1] == 0:  # subscribed yet?
+        while redis_flush.pubsub_numsub(redis_keys.vm_end_channel("vm-stuck"))[0][1] == 0:  # subscribed yet?
             assert time.monotonic() < deadline, "the watcher never subscribed"
             time.sleep(0.05)
         started = time.monotonic()
-        redis_flush.publish(keys.vm_end_channel("vm-stuck"), "vm stopped")
+        redis_flush.publish(redis_keys.vm_end_channel("vm-stuck"), "vm stopped")
         child.join(END_GRACE + 5)
         assert child.exitcode == 1
         assert END_GRACE <= time.monotonic() - started < END_GRACE + 3

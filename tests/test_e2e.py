@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 import redis
 
-from console import keys
-from gateway.app import create_app
+from console import redis_keys
 from gateway.config import Settings
-from gateway.keys import driver_key
+from gateway.web.app import create_app
+from gateway.web.appkeys import driver_key
 from tests.conftest import Session, truncate_all
 from tests.rfb import RFBClient
 
@@ -139,12 +139,12 @@ async def test_stop_start_keeps_disk_and_console_follows(local_gateway: Any, ses
     assert status == 200 and stopped["state"] == "stopped", stopped
     # ACPI power-off, not the hard-stop fallback: well inside STOP_TIMEOUT.
     assert time.monotonic() - started < 15
-    assert redis_flush.get(keys.vnc_target_key(vm_id)) is None
+    assert redis_flush.get(redis_keys.vnc_target_key(vm_id)) is None
     assert (await s.request("GET", f"/api/vms/{vm_id}/console"))[0] == 409
 
     status, running = await s.request("POST", f"/api/vms/{vm_id}/start?wait=60")
     assert status == 200 and running["state"] == "running", running
-    target = json.loads(redis_flush.get(keys.vnc_target_key(vm_id)) or "{}")
+    target = json.loads(redis_flush.get(redis_keys.vnc_target_key(vm_id)) or "{}")
     assert target.get("unix_socket", "").endswith("vnc.sock")
     await wait_for_serial(s, vm_id, READY, count=2)
     async with open_console(s, vm_id) as rfb:

@@ -29,8 +29,8 @@ from drivers.nomad import (
     status_of,
     vnc_of,
 )
+from gateway.cli.jobspec import CLIENT_HCL, client_allowlist, flags_of
 from gateway.config import Settings
-from gateway.jobspec_cli import CLIENT_HCL, client_allowlist, flags_of
 from jobspecs import (
     DEFAULT_CATALOG,
     JobSettings,

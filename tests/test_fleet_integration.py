@@ -26,10 +26,10 @@ from typing import Any
 import aiohttp
 import pytest
 
-from gateway.app import create_app
+from gateway.cli.jobspec import client_allowlist
 from gateway.config import Settings
-from gateway.jobspec_cli import client_allowlist
-from gateway.lifecycle import engine_of
+from gateway.engine.lifecycle import engine_of
+from gateway.web.app import create_app
 from tests.conftest import VM, Session, kill_qemu_under, truncate_all
 from tests.fixtures.websockify import WebsockifyServer, free_port
 from tests.test_e2e import READY, open_console, wait_for_screen, wait_for_serial
@@ -538,9 +538,9 @@ async def test_snapshots_on_nomad_and_a_saved_state_resumed_by_the_job(
     whose memory snapshot was taken on one machine (the local driver) is started by Nomad from the job's
     ``-loadvm`` argument alone (a restore), and runs on where it was."""
     from drivers.local import LocalDriver
-    from gateway import storage
-    from gateway.catalog import Catalog
-    from gateway.keys import driver_key, settings_key
+    from gateway.engine import storage
+    from gateway.engine.templates import Templates
+    from gateway.web.appkeys import driver_key, settings_key
     from jobspecs import loadvm_job
     from jobspecs.render import JobSettings
     from tests.fixtures.qemu import type_text
@@ -559,7 +559,7 @@ async def test_snapshots_on_nomad_and_a_saved_state_resumed_by_the_job(
     assert status == 200, body
 
     # A VM's memory saved by the local driver on this host, then its job, rendered for Nomad, started there.
-    catalog = Catalog(tiny_images_dir)
+    catalog = Templates(tiny_images_dir)
     tiny = catalog.get("tiny")
     moved = "7d0c5a3e-1f2b-4c5d-8e9f-0a1b2c3d4e5f"
     overlay = app_settings.vms_root / "users" / "u" / f"{moved}.qcow2"

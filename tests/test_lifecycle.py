@@ -26,13 +26,13 @@ import pytest
 import redis
 from yarl import URL
 
-from console import keys
+from console import redis_keys
 from drivers.base import VncTarget
 from drivers.fake import FakeDriver
-from gateway.app import create_app
 from gateway.config import Settings
-from gateway.lifecycle import engine_of
-from gateway.workqueue import WorkQueue
+from gateway.engine.lifecycle import engine_of
+from gateway.engine.queue import WorkQueue
+from gateway.web.app import create_app
 from tests.conftest import VM, Session, assert_envelope, fake_gateway, truncate_all
 from tests.fixtures.redis_server import RedisServer
 from tests.test_api_tokens import sql
@@ -375,8 +375,8 @@ async def test_collector_removes_orphans_and_leaves_live_vms(aiohttp_server: Any
     await driver.start(orphan_vm, job)
     # Console leftovers: a VNC target of a VM that is gone and a revocation set naming an expired token.
     gone = str(uuid.uuid4())
-    redis_flush.set(keys.vnc_target_key(gone), json.dumps(VncTarget(unix_socket="/x").to_json()))
-    redis_flush.sadd(keys.vm_tokens_key(live["vm_id"]), "f" * 64)
+    redis_flush.set(redis_keys.vnc_target_key(gone), json.dumps(VncTarget(unix_socket="/x").to_json()))
+    redis_flush.sadd(redis_keys.vm_tokens_key(live["vm_id"]), "f" * 64)
     # A VM stuck in provisioning for an hour with no worker on it: its create failed, nothing of it stays.
     stuck = sql(database_url, "SELECT id FROM vms WHERE id = %s", stopped["vm_id"])[0][0]
     sql(database_url, "UPDATE vms SET state = 'starting', desired_state = 'running',"
@@ -385,8 +385,8 @@ async def test_collector_removes_orphans_and_leaves_live_vms(aiohttp_server: Any
     report = await engine_of(srv.app).collect_once()
     assert report["overlays"] == [str(old)]
     assert report["processes"] == [orphan_vm]
-    assert keys.vnc_target_key(gone) in report["console_records"]
-    assert any(r.startswith(keys.vm_tokens_key(live["vm_id"])) for r in report["console_records"])
+    assert redis_keys.vnc_target_key(gone) in report["console_records"]
+    assert any(r.startswith(redis_keys.vm_tokens_key(live["vm_id"])) for r in report["console_records"])
     assert report["stuck"] == [f"{stuck} (starting)"]
     assert not old.exists() and young.exists()  # too young to be sure nothing is creating it
     assert orphan_vm not in driver.vms

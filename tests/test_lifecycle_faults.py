@@ -31,11 +31,11 @@ import psycopg2.extras
 import pytest
 import redis
 
-from console import keys as console_keys
+from console import redis_keys
 from drivers.local import LocalDriver
 from gateway.config import RATE_LIMIT_DEFAULTS
-from gateway.db import TRANSITIONAL_STATES
-from gateway.workqueue import STREAM
+from gateway.engine.queue import STREAM
+from gateway.states import TRANSITIONAL as TRANSITIONAL_STATES
 from jobspecs import Template
 from tests.conftest import Session, assert_envelope
 from tests.fixtures.qemu import qmp, type_text
@@ -199,7 +199,7 @@ def disagreements(database_url: str, vms_root: Path, client: redis.Redis | None 
     if stray_locks := lock_files(vms_root) & destroyed:
         problems.append(f"lock files of destroyed VMs: {sorted(stray_locks)}")
     if client is not None:
-        targets = {key.rsplit(":", 1)[-1] for key in client.scan_iter(console_keys.vnc_target_key("*"))}
+        targets = {key.rsplit(":", 1)[-1] for key in client.scan_iter(redis_keys.vnc_target_key("*"))}
         if targets != running:
             problems.append(f"console targets {sorted(targets)} != running VMs {sorted(running)}")
     return problems
@@ -625,7 +625,7 @@ async def test_collector_removes_orphans_and_spares_live_vms(gateway_processes: 
         await converged(database_url, vms_root, redis_flush)
         live_pid = pid_of(vms_root, live_id)
         live_overlay = overlays(vms_root)[live_id]
-        live_target = redis_flush.get(console_keys.vnc_target_key(live_id))
+        live_target = redis_flush.get(redis_keys.vnc_target_key(live_id))
         assert live_target
 
         # An overlay without a VM, old enough (backdated besides ORPHAN_GRACE=0).
@@ -643,17 +643,17 @@ async def test_collector_removes_orphans_and_spares_live_vms(gateway_processes: 
         orphan = await planter.start(orphan_id, render_tiny(orphan_id, orphan_disk, memory_mb=128))
         assert alive(orphan.pid)
         # Console records of no running VM, and a token that expired but is still listed for the live VM.
-        stale_targets = [console_keys.vnc_target_key(str(uuid.uuid4())), console_keys.vnc_target_key(stopped_id)]
+        stale_targets = [redis_keys.vnc_target_key(str(uuid.uuid4())), redis_keys.vnc_target_key(stopped_id)]
         for key in stale_targets:
             redis_flush.set(key, json.dumps({"unix_socket": "/nonexistent/vnc.sock"}))
-        redis_flush.sadd(console_keys.vm_tokens_key(live_id), "0" * 64)
+        redis_flush.sadd(redis_keys.vm_tokens_key(live_id), "0" * 64)
 
         def orphans_left() -> list[str]:
             left = [str(stray_overlay)] if stray_overlay.exists() else []
             left += [f"QEMU {orphan_id}"] if orphan_id in qemu_by_vm(vms_root) else []
             left += [f"task dir {orphan_id}"] if orphan_id in task_dirs(vms_root) else []
             left += [key for key in stale_targets if redis_flush.exists(key)]
-            left += ["expired token"] if redis_flush.sismember(console_keys.vm_tokens_key(live_id), "0" * 64) else []
+            left += ["expired token"] if redis_flush.sismember(redis_keys.vm_tokens_key(live_id), "0" * 64) else []
             return left
 
         await eventually(lambda: not orphans_left(), "orphans collected")
@@ -663,7 +663,7 @@ async def test_collector_removes_orphans_and_spares_live_vms(gateway_processes: 
         assert qemu_by_vm(vms_root) == {live_id: [live_pid]}
         assert live_overlay.is_file() and overlays(vms_root)[live_id] == live_overlay
         assert stopped_id in overlays(vms_root) and stopped_id in task_dirs(vms_root)
-        assert redis_flush.get(console_keys.vnc_target_key(live_id)) == live_target
+        assert redis_flush.get(redis_keys.vnc_target_key(live_id)) == live_target
         rows = vm_rows(database_url)
         assert (rows[live_id]["state"], rows[stopped_id]["state"]) == ("running", "stopped")
         assert transitions_to(database_url, live_id, "running") == 1

@@ -1,12 +1,12 @@
-"""The gateway keeps what VM starts read locked in memory (gateway/pagecache.py, docs/IMAGES.md)."""
+"""The gateway keeps what VM starts read locked in memory (gateway/engine/pagecache.py, docs/IMAGES.md)."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-from gateway import pagecache
-from gateway.catalog import Catalog
+from gateway.engine import pagecache
+from gateway.engine.templates import Templates
 
 
 def locked_kib() -> int:
@@ -33,7 +33,7 @@ def test_pin_locks_files_and_release_lets_go(tmp_path: Path) -> None:
 
 
 def test_catalog_keeps_the_start_files_of_built_templates(tiny_images_dir: Path) -> None:
-    catalog = Catalog(tiny_images_dir)
+    catalog = Templates(tiny_images_dir)
     tiny = catalog.get("tiny")
     files = catalog.start_files()
     assert {tiny.kernel, tiny.initrd, tiny.disk} <= set(files)

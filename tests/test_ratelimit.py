@@ -1,4 +1,4 @@
-"""Rate limits and login throttling (gateway/ratelimit.py) on a real Redis, and through the real app:
+"""Rate limits and login throttling (gateway/web/ratelimit.py) on a real Redis, and through the real app:
 429 with Retry-After on every limited endpoint, recovery after the window, and login throttling
 that an attacker cannot turn into a lockout of the account's owner. Windows are 1-3 s, set through
 Settings.rate_limits."""
@@ -19,9 +19,9 @@ import redis
 import redis.asyncio as aioredis
 
 from drivers.fake import FakeDriver
-from gateway import ratelimit
-from gateway.app import create_app
 from gateway.config import RATE_LIMIT_DEFAULTS, ConfigError, Settings, describe
+from gateway.web import ratelimit
+from gateway.web.app import create_app
 from tests.conftest import VM, Session, assert_envelope, truncate_all
 
 PASSWORD = "correct horse battery"

@@ -21,11 +21,11 @@ from typing import Any
 import psycopg2
 import pytest
 
-from gateway.app import create_app
 from gateway.config import Settings
-from gateway.keys import driver_key
-from gateway.lifecycle import engine_of
-from gateway.storage import state_path
+from gateway.engine.lifecycle import engine_of
+from gateway.engine.storage import state_path
+from gateway.web.app import create_app
+from gateway.web.appkeys import driver_key
 from tests.conftest import VM, Session, assert_envelope, truncate_all
 from tests.fixtures.qemu import type_text
 from tests.test_e2e import READY, open_console, wait_for_screen, wait_for_serial

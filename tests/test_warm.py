@@ -18,9 +18,9 @@ from typing import Any
 
 import pytest
 
-from gateway.catalog import Catalog
 from gateway.config import Settings
-from gateway.keys import catalog_key, driver_key
+from gateway.engine.templates import Templates
+from gateway.web.appkeys import driver_key, templates_key
 from jobspecs import DEFAULT_CATALOG, is_warm, load_catalog
 from tests.conftest import Session
 from tests.fixtures.qemu import type_text
@@ -90,7 +90,7 @@ async def test_two_warm_clones_are_distinct_machines(local_gateway: Any, session
                                                      app_settings: Settings) -> None:
     s: Session = sessions(local_gateway)
     await s.signup_and_login()
-    template = local_gateway.app[catalog_key].get("tiny")
+    template = local_gateway.app[templates_key].get("tiny")
     warm = template.warm_image()
     first, first_s = await create(s, "clone-a")
     second, second_s = await create(s, "clone-b")
@@ -151,7 +151,7 @@ async def test_a_warm_vm_boots_cold_from_its_own_disk_after_a_stop(local_gateway
 
 async def test_a_template_with_warm_disabled_boots_cold(local_gateway: Any, sessions: Any,
                                                         app_settings: Settings) -> None:
-    catalog: Catalog = local_gateway.app[catalog_key]
+    catalog: Templates = local_gateway.app[templates_key]
     tiny = catalog.templates["tiny"]
     catalog.templates["tiny"] = dataclasses.replace(tiny, warm=False)
     try:
@@ -173,7 +173,7 @@ async def test_a_template_with_warm_disabled_boots_cold(local_gateway: Any, sess
 
 def test_only_the_saved_sizes_start_warm(tiny_images_dir: Path, app_settings: Settings) -> None:
     """Memory, vCPUs and disk size are part of the saved state: any other size renders a cold job."""
-    catalog = Catalog(tiny_images_dir)
+    catalog = Templates(tiny_images_dir)
     template = catalog.get("tiny")
     settings = dataclasses.replace(app_settings, images_dir=tiny_images_dir)
     vm = {"id": "f0f0f0f0-0000-4000-8000-000000000000", "name": "sized", "overlay_path": "/srv/x.qcow2",

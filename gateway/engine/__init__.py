@@ -1,0 +1,3 @@
+"""The lifecycle engine: makes each VM's actual state (what the driver runs) follow its desired state
+(the row in Postgres). It queues work, converges one VM at a time under its lock, reconciles, collects
+orphans and publishes state changes. It uses the store and the drivers and never the web layer."""

@@ -1,0 +1,125 @@
+"""The application factory: one cleanup context per pool or client, routes, middlewares."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp_jinja2
+import aiopg
+import jinja2
+import redis.asyncio as aioredis
+from aiohttp import web
+
+from drivers import load_driver
+from drivers.base import Driver
+from gateway.config import REPO_ROOT, Settings
+from gateway.engine import lifecycle
+from gateway.engine.templates import Templates
+from gateway.metrics import Metrics
+from gateway.store.migrate import migrate
+from gateway.web import accounts, admin, api, api_tokens, events, pages, snapshots
+from gateway.web.appkeys import db_key, driver_key, metrics_key, redis_key, settings_key, templates_key
+from gateway.web.envelope import error_middleware
+from gateway.web.metrics import metrics_handler, metrics_middleware
+
+log = logging.getLogger("vmgate.app")
+
+# Largest request body accepted (a VM's user data is at most 64 KiB); larger is a 413.
+MAX_BODY = 256 * 1024
+PIN_RECHECK = 60  # seconds between checks that the files kept in memory are still the current ones
+NOVNC_DIR = REPO_ROOT / "node_modules" / "@novnc" / "novnc"
+# Postgres connections per gateway process, at most (opened only as the load needs them). Under many
+# concurrent API requests a pool that is too small makes them queue for a connection, which costs the
+# gateway CPU in aiopg's waiting as well as latency; each process still stays well under Postgres's
+# default max_connections (100) with room for a few gateways, the lifecycle engine's and the tests'.
+POOL_MAXSIZE = 20
+
+
+async def _keep_in_memory(catalog: Templates, settings: Settings) -> None:
+    """Keep the files VM starts read locked in memory, following `make images` (checked every minute)."""
+    qemu = shutil.which(settings.qemu_binary)
+    extra = [Path(os.path.realpath(qemu))] if qemu else []
+    while True:
+        try:
+            await asyncio.to_thread(catalog.keep_in_memory, extra)
+        except OSError as exc:
+            log.warning("keeping the images in memory: %s", exc)
+        await asyncio.sleep(PIN_RECHECK)
+
+
+def create_app(settings: Settings, *, driver: Driver | None = None) -> web.Application:
+    """Build the gateway. ``driver`` overrides the one VMGATE_DRIVER names (tests pass a fake)."""
+    app = web.Application(middlewares=[metrics_middleware, error_middleware], client_max_size=MAX_BODY)
+    app[settings_key] = settings
+    app[metrics_key] = Metrics()
+    aiohttp_jinja2.setup(app, loader=jinja2.FileSystemLoader(Path(__file__).parent / "templates"),
+                         autoescape=jinja2.select_autoescape(default=True))
+
+    async def postgres_ctx(app: web.Application) -> AsyncIterator[None]:
+        pool = await aiopg.create_pool(settings.postgres_url, minsize=1, maxsize=POOL_MAXSIZE, timeout=10)
+        try:
+            await migrate(pool)
+            app[db_key] = pool
+            yield
+        finally:
+            # terminate, not close: a connection still held by a task cancelled at shutdown must not
+            # keep the process waiting for it.
+            pool.terminate()
+            await pool.wait_closed()
+
+    async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
+        client = aioredis.from_url(settings.redis_url, decode_responses=True, socket_timeout=5,
+                                   socket_connect_timeout=5, health_check_interval=30)
+        app[redis_key] = client
+        try:
+            yield
+        finally:
+            await client.aclose()
+
+    async def driver_ctx(app: web.Application) -> AsyncIterator[None]:
+        app[driver_key] = driver if driver is not None else load_driver(settings)
+        try:
+            yield
+        finally:
+            await app[driver_key].close()
+
+    async def catalog_ctx(app: web.Application) -> AsyncIterator[None]:
+        catalog = Templates(settings.images_dir)
+        app[templates_key] = catalog
+        # On one machine the gateway keeps what VM starts read (the warm layers above all) in memory.
+        keeper = asyncio.create_task(_keep_in_memory(catalog, settings)) if settings.driver == "local" else None
+        try:
+            yield
+        finally:
+            if keeper is not None:
+                keeper.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await keeper
+            await asyncio.to_thread(catalog.release_memory)
+
+    # The lifecycle engine last: its first reconciler pass re-adopts the VMs that still run.
+    app.cleanup_ctx.extend([postgres_ctx, redis_ctx, driver_ctx, catalog_ctx, lifecycle.engine_ctx])
+
+    app.router.add_routes(api.routes)
+    app.router.add_routes(api_tokens.routes)
+    app.router.add_routes(snapshots.routes)
+    app.router.add_routes(admin.routes)
+    app.router.add_routes(events.routes)
+    accounts.setup(app)  # routes, and the mailer (after the Postgres context: see its docstring)
+    app.router.add_routes(pages.routes)
+    app.router.add_get("/metrics", metrics_handler)
+    app.router.add_static("/static/app", Path(__file__).parent / "static")
+    app.router.add_static("/static/console", REPO_ROOT / "console" / "static")
+    # Only noVNC's ES modules and their vendored pako are served, not the whole npm package.
+    for part in ("core", "vendor"):
+        if (NOVNC_DIR / part).is_dir():
+            app.router.add_static(f"/novnc/{part}", NOVNC_DIR / part)
+        else:
+            log.warning("noVNC is not installed (%s missing); run `make novnc`", NOVNC_DIR / part)
+    return app

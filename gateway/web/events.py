@@ -1,0 +1,133 @@
+"""Live VM state as server-sent events: ``GET /api/vms/{vm_id}/events`` (one VM) and
+``GET /api/me/events`` (every VM of the caller).
+
+Each event is ``event: state``, ``id: <history id>``, ``data: {vm_id, state, desired_state, error,
+reason, at}``. On connect the stream first sends the current state (or, when the client sends
+``Last-Event-ID`` as browsers do on reconnect, every change it missed, from Postgres), then each
+change as the lifecycle engine publishes it on Redis. A comment line every KEEPALIVE seconds keeps
+proxies from closing an idle stream. Without Redis there is no live stream: 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from typing import Any
+
+import redis.exceptions
+from aiohttp import web
+
+from gateway.engine import lifecycle
+from gateway.errors import ServiceUnavailable
+from gateway.store import db
+from gateway.web import auth
+from gateway.web.appkeys import db_key, redis_key
+
+log = logging.getLogger("vmgate.events")
+routes = web.RouteTableDef()
+
+KEEPALIVE = 15.0
+MAX_STREAM = 3600.0  # seconds; then the stream ends and the browser reconnects with Last-Event-ID
+RETRY_MS = 2000
+
+
+def _last_event_id(request: web.Request) -> int | None:
+    raw = request.headers.get("Last-Event-ID") or request.query.get("last_event_id")
+    if raw is None:
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        return None
+    return value if value >= 0 else None
+
+
+def _frame(event: dict[str, Any]) -> bytes:
+    lines = ["event: state"]
+    if event.get("id") is not None:
+        lines.append(f"id: {event['id']}")
+    lines.append("data: " + json.dumps(event))
+    return ("\n".join(lines) + "\n\n").encode()
+
+
+async def _current(request: web.Request, vm_id: str | None, user_id: str) -> list[dict[str, Any]]:
+    """The present state of the VM (or of each of the user's VMs not destroyed), as events."""
+    async with db.cursor(request.app[db_key]) as cur:
+        await cur.execute(
+            "SELECT v.id, v.user_id, v.state, v.desired_state, v.error_reason, v.updated_at,"
+            " (SELECT max(e.id) FROM vm_events e WHERE e.vm_id = v.id) AS event_id FROM vms v"
+            " WHERE v.user_id = %(user)s AND (%(vm)s::uuid IS NULL AND v.state <> 'destroyed' OR v.id = %(vm)s)"
+            " ORDER BY v.created_at, v.id", {"user": user_id, "vm": vm_id})
+        rows = [dict(r) for r in await cur.fetchall()]
+    return [lifecycle.event_of(row) for row in rows]
+
+
+async def _missed(request: web.Request, after: int, vm_id: str | None, user_id: str) -> list[dict[str, Any]]:
+    async with db.cursor(request.app[db_key]) as cur:
+        rows = await db.events_after(cur, after, vm_id=vm_id, user_id=user_id)
+    return [lifecycle.event_of({**row, "id": row["vm_id"]}) for row in rows]
+
+
+async def _stream(request: web.Request, channel: str, vm_id: str | None, user_id: str) -> web.StreamResponse:
+    redis_client = request.app[redis_key]
+    pubsub = redis_client.pubsub(ignore_subscribe_messages=True)
+    try:
+        await pubsub.subscribe(channel)  # before reading Postgres: no change falls between the two
+    except (redis.exceptions.RedisError, OSError) as exc:
+        await pubsub.aclose()
+        raise ServiceUnavailable("Live updates are unavailable right now (Redis is unreachable); "
+                                 "GET /api/vms/{id} still answers.", code="events_unavailable") from exc
+    try:
+        after = _last_event_id(request)
+        first = await (_missed(request, after, vm_id, user_id) if after is not None
+                       else _current(request, vm_id, user_id))
+        response = web.StreamResponse(headers={
+            "Content-Type": "text/event-stream", "Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+        await response.prepare(request)
+        await response.write(f"retry: {RETRY_MS}\n\n".encode())
+        sent = after or 0
+        for event in first:
+            await response.write(_frame(event))
+            sent = max(sent, event["id"] or 0)
+        loop = asyncio.get_running_loop()
+        ends = loop.time() + MAX_STREAM
+        while loop.time() < ends:
+            try:
+                message = await pubsub.get_message(timeout=KEEPALIVE)
+            except (redis.exceptions.RedisError, OSError) as exc:
+                log.info("event stream on %s ends: %s", channel, exc)
+                break  # the browser reconnects and replays from Postgres
+            if message is None:
+                await response.write(b": keepalive\n\n")
+                continue
+            try:
+                event = json.loads(message["data"])
+            except (TypeError, ValueError):
+                continue
+            if event.get("id") is not None and event["id"] <= sent:
+                continue  # already sent from Postgres
+            await response.write(_frame(event))
+            sent = max(sent, event.get("id") or sent)
+        return response
+    except (ConnectionResetError, asyncio.CancelledError):
+        raise
+    finally:
+        with contextlib.suppress(Exception):
+            await pubsub.aclose()
+
+
+@routes.get("/api/vms/{vm_id}/events")
+async def vm_events(request: web.Request) -> web.StreamResponse:
+    user = await auth.current_user(request)
+    async with db.cursor(request.app[db_key]) as cur:
+        vm = await db.vm_for_owner(cur, request.match_info["vm_id"], str(user["id"]))
+    vm_id = str(vm["id"])
+    return await _stream(request, lifecycle.vm_channel(vm_id), vm_id, str(user["id"]))
+
+
+@routes.get("/api/me/events")
+async def my_events(request: web.Request) -> web.StreamResponse:
+    user = await auth.current_user(request)
+    return await _stream(request, lifecycle.user_channel(str(user["id"])), None, str(user["id"]))
