@@ -17,16 +17,13 @@ from jobspecs.render import (
     JobSettings,
     JobSpecError,
     VMSpec,
-    cold_job,
-    is_warm,
     job_name,
-    loadvm_job,
     render_job,
-    resume_job,
     variables,
     vm_id_of,
     warm_fits,
 )
+from jobspecs.starts import cold_job, is_warm, loadvm_job, resume_job
 
 __all__ = [
     "CPU_MHZ_PER_VCPU",

@@ -44,7 +44,6 @@ Two targets (``JobSettings.target``), one template:
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
@@ -62,13 +61,9 @@ __all__ = [
     "JobSettings",
     "JobSpecError",
     "VMSpec",
-    "cold_job",
-    "is_warm",
     "job_name",
-    "loadvm_job",
     "qemu_args",
     "render_job",
-    "resume_job",
     "to_hcl",
     "variables",
     "vm_id_of",
@@ -303,77 +298,13 @@ def warm_fits(vm: VMSpec, warm: WarmImage, settings: JobSettings) -> bool:
     return vm.template == warm.template and warm.fits(vm.cpu, vm.memory_mb, vm.disk_gb, settings.accelerator)
 
 
-def is_warm(job: dict[str, Any]) -> bool:
-    """True when the job's start restores a saved memory state (``-incoming`` in its args)."""
-    try:
-        return INCOMING in job["TaskGroups"][0]["Tasks"][0]["Config"]["args"]
-    except (KeyError, IndexError, TypeError):
-        return False
-
-
-def _policies(settings: JobSettings, warm: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+def policies(settings: JobSettings, warm: bool) -> tuple[dict[str, Any], dict[str, Any]]:
     restart = {"Attempts": 0 if warm else settings.restart_attempts, "Interval": settings.restart_interval * SECOND,
                "Delay": settings.restart_delay * SECOND, "Mode": "fail" if warm else settings.restart_mode}
     reschedule = dict(RESCHEDULE_POLICY)
     if warm:
         reschedule["Attempts"] = 0
     return restart, reschedule
-
-
-def cold_job(job: dict[str, Any], settings: JobSettings) -> dict[str, Any]:
-    """A copy of ``job`` that boots from the VM's disk: no ``-incoming``, the installation's restart
-    and reschedule blocks. Any other job is returned as a copy, unchanged."""
-    copy: dict[str, Any] = json.loads(json.dumps(job))
-    if not is_warm(copy):
-        return copy
-    group = copy["TaskGroups"][0]
-    config = group["Tasks"][0]["Config"]
-    args = config["args"]
-    at = args.index(INCOMING)
-    config["args"] = args[:at] + args[at + 2:]
-    group["RestartPolicy"], group["ReschedulePolicy"] = _policies(settings, warm=False)
-    copy.get("Meta", {}).pop("start", None)
-    return copy
-
-
-def loadvm_job(job: dict[str, Any], tag: str, settings: JobSettings) -> dict[str, Any]:
-    """The cold form of ``job`` started from the qcow2 internal snapshot ``tag`` of its own disk: QEMU
-    loads that snapshot's disk and memory (``-loadvm``) and runs on from the moment it was taken. How a
-    suspended VM resumes and a memory snapshot is restored; the snapshot lives in the VM's overlay, so
-    the job needs nothing else (docs/SNAPSHOTS.md)."""
-    if not isinstance(tag, str) or not SNAPSHOT_TAG_RE.match(tag):
-        raise JobSpecError("snapshot", f"must be 1-64 of A-Z a-z 0-9 _ . - starting with a letter or digit, "
-                                       f"got {tag!r}")
-    copy = cold_job(job, settings)
-    config = copy["TaskGroups"][0]["Tasks"][0]["Config"]
-    config["args"] = [*config["args"], LOADVM, tag]
-    # As for a warm start: a scheduler restarting the task itself would load the snapshot again over a
-    # disk that has moved on since.
-    group = copy["TaskGroups"][0]
-    group["RestartPolicy"], group["ReschedulePolicy"] = _policies(settings, warm=True)
-    copy.setdefault("Meta", {})["start"] = "loadvm"
-    return copy
-
-
-_STATE_PATH_RE = re.compile(r"^/[A-Za-z0-9/._-]+$")
-
-
-def resume_job(job: dict[str, Any], state: str, settings: JobSettings) -> dict[str, Any]:
-    """The cold form of ``job`` started from the memory state a suspend saved to the file ``state`` (next to
-    the VM's overlay): QEMU restores it (``-incoming``) and the guest runs on from the moment it was paused,
-    on the disk as it was then. As for a warm start: read-write from the start, and no restart by a
-    scheduler (docs/LIFECYCLE.md, "Suspend and resume")."""
-    if not isinstance(state, str) or not _STATE_PATH_RE.match(state) or "/../" in state:
-        raise JobSpecError("state", f"must be an absolute path of A-Z a-z 0-9 / . _ -, got {state!r}")
-    copy = cold_job(job, settings)
-    config = copy["TaskGroups"][0]["Tasks"][0]["Config"]
-    args = config["args"]
-    has_set = any(tuple(args[i:i + 2]) == WARM_ARGS for i in range(len(args) - 1))
-    config["args"] = [*args, *(() if has_set else WARM_ARGS), INCOMING, f"exec:cat {state}"]
-    group = copy["TaskGroups"][0]
-    group["RestartPolicy"], group["ReschedulePolicy"] = _policies(settings, warm=True)
-    copy.setdefault("Meta", {})["start"] = "resume"
-    return copy
 
 
 def _fleet_parts(vm: VMSpec, name: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -409,7 +340,7 @@ def render_job(vm: VMSpec, template: Template, settings: JobSettings,
     if warm is not None:
         task = job["TaskGroups"][0]["Tasks"][0]
         task["Config"]["args"] += [INCOMING, f"exec:cat {warm.state}"]
-        job["TaskGroups"][0]["RestartPolicy"], job["TaskGroups"][0]["ReschedulePolicy"] = _policies(settings, True)
+        job["TaskGroups"][0]["RestartPolicy"], job["TaskGroups"][0]["ReschedulePolicy"] = policies(settings, True)
         job["Meta"]["start"] = "warm"
         job["Meta"]["warm_layer"] = warm.id
     if settings.target == "nomad":
@@ -432,8 +363,8 @@ def _job(vm: VMSpec, template: Template, settings: JobSettings, name: str) -> di
             {
                 "Name": GROUP_NAME,
                 "Count": 1,
-                "RestartPolicy": _policies(settings, warm=False)[0],
-                "ReschedulePolicy": _policies(settings, warm=False)[1],
+                "RestartPolicy": policies(settings, warm=False)[0],
+                "ReschedulePolicy": policies(settings, warm=False)[1],
                 "Tasks": [
                     {
                         "Name": TASK_NAME,

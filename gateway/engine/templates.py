@@ -11,7 +11,7 @@ from gateway.config import Settings
 from gateway.engine import pagecache
 from gateway.engine.storage import ImageUnavailable, ImageVerifier
 from gateway.errors import ValidationFailed
-from jobspecs import render
+from jobspecs import render, starts
 from jobspecs.catalog import DEFAULT_CATALOG, WARM_DISK, WARM_STATE, Template, load_catalog
 
 
@@ -107,12 +107,12 @@ class Templates:
     @staticmethod
     def loadvm(job: dict[str, Any], tag: str, settings: Settings) -> dict[str, Any]:
         """The job started from the internal snapshot ``tag`` of the VM's disk (resume, restore)."""
-        return render.loadvm_job(job, tag, render.JobSettings.from_settings(settings))
+        return starts.loadvm_job(job, tag, render.JobSettings.from_settings(settings))
 
     @staticmethod
     def resume(job: dict[str, Any], state: Path, settings: Settings) -> dict[str, Any]:
         """The job started from the memory state a suspend saved to ``state``."""
-        return render.resume_job(job, str(state), render.JobSettings.from_settings(settings))
+        return starts.resume_job(job, str(state), render.JobSettings.from_settings(settings))
 
     def idle_suspend_after(self, template_name: str, settings: Settings) -> int:
         """Seconds idle before a VM of this template is suspended (0: never): the template's setting, else
@@ -125,4 +125,4 @@ class Templates:
     @staticmethod
     def cold(job: dict[str, Any], settings: Settings) -> dict[str, Any]:
         """The job without the restore of a saved state: what every start but a warm VM's first runs."""
-        return render.cold_job(job, render.JobSettings.from_settings(settings))
+        return starts.cold_job(job, render.JobSettings.from_settings(settings))
