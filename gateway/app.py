@@ -16,11 +16,11 @@ import jinja2
 import redis.asyncio as aioredis
 from aiohttp import web
 
-from drivers import load_driver
+from drivers import DriverConfigError, load_driver
 from drivers.base import Driver
 from gateway import accounts, admin, api, api_tokens, events, lifecycle, pages, snapshots
 from gateway.catalog import Catalog
-from gateway.config import REPO_ROOT, Settings
+from gateway.config import REPO_ROOT, ConfigError, Settings
 from gateway.errors import error_middleware
 from gateway.keys import catalog_key, db_key, driver_key, redis_key, settings_key
 from gateway.metrics import Metrics, metrics_handler, metrics_key, metrics_middleware
@@ -49,6 +49,21 @@ async def _keep_in_memory(catalog: Catalog, settings: Settings) -> None:
         except OSError as exc:
             log.warning("keeping the images in memory: %s", exc)
         await asyncio.sleep(PIN_RECHECK)
+
+
+def driver_from_settings(settings: Settings) -> Driver:
+    """The driver VMGATE_DRIVER names, given its part of the settings; a problem with them is a ConfigError."""
+    nomad = None
+    if settings.driver == "nomad":
+        from drivers.nomad import NomadConfig
+
+        nomad = NomadConfig(addr=settings.nomad_addr, token=settings.nomad_token, namespace=settings.nomad_namespace,
+                            cacert=settings.nomad_cacert, client_cert=settings.nomad_client_cert,
+                            client_key=settings.nomad_client_key)
+    try:
+        return load_driver(settings.driver, vms_root=settings.vms_root, qemu_binary=settings.qemu_binary, nomad=nomad)
+    except DriverConfigError as exc:
+        raise ConfigError(exc.key, exc.problem) from exc
 
 
 def create_app(settings: Settings, *, driver: Driver | None = None) -> web.Application:
@@ -81,7 +96,7 @@ def create_app(settings: Settings, *, driver: Driver | None = None) -> web.Appli
             await client.aclose()
 
     async def driver_ctx(app: web.Application) -> AsyncIterator[None]:
-        app[driver_key] = driver if driver is not None else load_driver(settings)
+        app[driver_key] = driver if driver is not None else driver_from_settings(settings)
         try:
             yield
         finally:

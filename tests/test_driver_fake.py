@@ -4,18 +4,20 @@ QEMU in test_driver_local.py (which imports the ``contract_*`` checks below), pl
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 from drivers import load_driver
-from drivers.base import Driver, DriverError, JobInvalid
+from drivers.base import Driver, DriverConfigError, DriverError, JobInvalid
 from drivers.fake import FakeDriver
 from drivers.local import LocalDriver
-from gateway.config import ConfigError
+from drivers.nomad import NomadConfig, NomadDriver
+from gateway.app import driver_from_settings
+from gateway.config import ConfigError, Settings
 from jobspecs import DEFAULT_CATALOG, JobSettings, VMSpec, load_catalog, render_job
 
 JobFactory = Callable[[str], dict[str, Any]]
@@ -163,11 +165,26 @@ async def test_fake_crash_and_health(fake_job: JobFactory) -> None:
 # ---------------------------------------------------------------- the loader
 
 def test_load_driver(tmp_path: Path) -> None:
-    local = load_driver(SimpleNamespace(driver="local", vms_root=tmp_path, qemu_binary="qemu-system-x86_64"))
+    local = load_driver("local", vms_root=tmp_path, qemu_binary="qemu-system-x86_64")
     assert isinstance(local, LocalDriver) and local.vms_root == tmp_path
-    assert isinstance(load_driver(SimpleNamespace(driver="fake")), FakeDriver)
-    nomad_settings = SimpleNamespace(driver="nomad", nomad_addr="http://127.0.0.1:4646", nomad_namespace="vms",
-                                     nomad_token="", nomad_cacert=None, nomad_client_cert=None, nomad_client_key=None)
-    assert type(load_driver(nomad_settings)).__name__ == "NomadDriver"  # built without contacting Nomad
-    with pytest.raises(ConfigError, match="unknown driver"):
-        load_driver(SimpleNamespace(driver="xen"))
+    assert isinstance(load_driver("fake", vms_root=tmp_path), FakeDriver)
+    nomad = NomadConfig(addr="http://127.0.0.1:4646", namespace="vms")
+    assert type(load_driver("nomad", vms_root=tmp_path, nomad=nomad)).__name__ == "NomadDriver"  # no Nomad contacted
+    with pytest.raises(DriverConfigError, match="unknown driver"):
+        load_driver("xen", vms_root=tmp_path)
+    with pytest.raises(DriverConfigError, match="NOMAD_CLIENT_KEY"):
+        load_driver("nomad", vms_root=tmp_path, nomad=NomadConfig(client_cert=tmp_path / "cert.pem"))
+
+
+def test_the_gateway_builds_the_driver_from_its_settings(base_settings: Settings, tmp_path: Path) -> None:
+    """The gateway's side of the loader: Settings in, a driver out, a driver's config problem as a ConfigError."""
+    local = driver_from_settings(dataclasses.replace(base_settings, driver="local", vms_root=tmp_path))
+    assert isinstance(local, LocalDriver) and local.vms_root == tmp_path
+    fleet = driver_from_settings(dataclasses.replace(base_settings, driver="nomad", nomad_addr="http://10.0.0.9:4646",
+                                                     nomad_namespace="vms"))
+    assert isinstance(fleet, NomadDriver) and (fleet.addr, fleet.namespace) == ("http://10.0.0.9:4646", "vms")
+    half_tls = dataclasses.replace(base_settings, driver="nomad", nomad_client_cert=tmp_path / "cert.pem",
+                                   nomad_client_key=None)
+    with pytest.raises(ConfigError, match="NOMAD_CLIENT_KEY") as caught:
+        driver_from_settings(half_tls)
+    assert caught.value.key == "NOMAD_CLIENT_KEY"
