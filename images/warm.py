@@ -40,8 +40,6 @@ from typing import Any
 
 from drivers.base import DriverError
 from drivers.local import LocalDriver
-from images.manifest import check as check_manifest
-from images.manifest import sha256_of
 from jobspecs.catalog import (
     DEFAULT_CATALOG,
     WARM_CURRENT,
@@ -50,7 +48,9 @@ from jobspecs.catalog import (
     Template,
     load_catalog,
 )
-from jobspecs.render import FW_CFG_HOSTNAME, JobSettings, VMSpec, render_job
+from jobspecs.manifest import check as check_manifest
+from jobspecs.manifest import sha256_of
+from jobspecs.render import ACCELERATORS, FW_CFG_HOSTNAME, JobSettings, VMSpec, render_job
 
 FORMAT = 1  # bump when the way a layer is made changes: every layer is then rebuilt
 READY = "vmgate-tiny: ready"
@@ -217,19 +217,25 @@ def _point_current(root: Path, layer_id: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from gateway.config import ConfigError, Settings
-
     parser = argparse.ArgumentParser(prog="python -m images.warm", description=__doc__.split("\n\n")[0])
     parser.add_argument("--force", action="store_true", help="rebuild even when the layer is up to date")
     parser.add_argument("--template", action="append", help="only this template (repeatable)")
+    # The gateway's settings of the same names; make images passes them in the environment (deploy/with-env.sh).
+    parser.add_argument("--images-dir", type=Path, default=os.environ.get("IMAGES_DIR") or None,
+                        help="the built images, where the warm layers go (default: $IMAGES_DIR)")
+    parser.add_argument("--qemu-binary", default=os.environ.get("QEMU_BINARY") or "qemu-system-x86_64",
+                        help="the QEMU system emulator (default: $QEMU_BINARY or qemu-system-x86_64)")
+    parser.add_argument("--accelerator", default=os.environ.get("QEMU_ACCELERATOR") or "tcg",
+                        help="tcg or kvm, what the VMs run with (default: $QEMU_ACCELERATOR or tcg)")
     args = parser.parse_args(argv)
-    try:
-        settings = Settings.load()
-    except ConfigError as exc:
-        print(f"warm: {exc}", file=sys.stderr)
-        return 2
-    job_settings = dataclasses.replace(JobSettings.from_settings(settings), target="local")
-    templates = load_catalog(DEFAULT_CATALOG, settings.images_dir)
+    if args.images_dir is None:
+        parser.error("no images directory: pass --images-dir or set IMAGES_DIR "
+                     "(deploy/with-env.sh .venv/bin/python -m images.warm sets it from .env)")
+    if args.accelerator not in ACCELERATORS:
+        parser.error(f"--accelerator {args.accelerator!r}: expected one of {', '.join(ACCELERATORS)}")
+    # Only the accelerator and the target reach the task's config (what the saved state depends on).
+    job_settings = JobSettings(accelerator=args.accelerator, target="local")
+    templates = load_catalog(DEFAULT_CATALOG, args.images_dir)
     failed = 0
     for template in templates.values():
         if args.template and template.name not in args.template:
@@ -242,11 +248,12 @@ def main(argv: list[str] | None = None) -> int:
             failed += 1
             continue
         try:
-            build(template, job_settings, settings.qemu_binary, force=args.force)
+            build(template, job_settings, args.qemu_binary, force=args.force)
         except (RuntimeError, OSError, subprocess.CalledProcessError, DriverError) as exc:
             say(f"{template.name}: {exc}")
             failed += 1
     return 1 if failed else 0
+
 
 if __name__ == "__main__":
     sys.exit(main())
