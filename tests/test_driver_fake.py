@@ -1,9 +1,8 @@
-"""The driver contract (drivers/base.py), checked against FakeDriver here and against LocalDriver with real
-QEMU in test_driver_local.py (which imports the ``contract_*`` checks below), plus the loader."""
+"""FakeDriver beyond the contract (its test knobs: failing starts, crashes, the serial console, health), and
+the loader. The contract itself is checked against every driver in tests/test_driver_contract.py."""
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from collections.abc import Callable
 from pathlib import Path
@@ -12,116 +11,19 @@ from typing import Any
 import pytest
 
 from drivers import load_driver
-from drivers.base import Driver, DriverConfigError, DriverError, JobInvalid
+from drivers.base import DriverConfigError, DriverError
 from drivers.fake import FakeDriver
 from drivers.local import LocalDriver
 from drivers.nomad import NomadConfig, NomadDriver
 from gateway.app import driver_from_settings
 from gateway.config import ConfigError, Settings
-from jobspecs import DEFAULT_CATALOG, JobSettings, VMSpec, load_catalog, render_job
+from tests.test_driver_contract import fake_job
 
 JobFactory = Callable[[str], dict[str, Any]]
+__all__ = ["fake_job"]  # the fixture, imported for the tests below
 
 
-def _task(job: dict[str, Any]) -> dict[str, Any]:
-    task: dict[str, Any] = job["TaskGroups"][0]["Tasks"][0]
-    return task
-
-
-def bad_jobs(vm_id: str, job: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Jobs every driver must refuse with JobInvalid before anything runs."""
-    wrong_driver = copy.deepcopy(job)
-    _task(wrong_driver)["Driver"] = "docker"
-    unknown_var = copy.deepcopy(job)
-    _task(unknown_var)["Config"]["args"] += ["-name", "${NOMAD_SECRET_TOKEN}"]
-    other_vm = copy.deepcopy(job)
-    other_vm["ID"] = other_vm["Name"] = "vm-someone-else"
-    low_memory = copy.deepcopy(job)
-    _task(low_memory)["Resources"]["MemoryMB"] = 64
-    no_qmp = copy.deepcopy(job)
-    args = _task(no_qmp)["Config"]["args"]
-    del args[args.index("-qmp"):args.index("-qmp") + 2]
-    public_vnc = copy.deepcopy(job)
-    args = _task(public_vnc)["Config"]["args"]
-    args[args.index("-vnc") + 1] = ":0"
-    return {"wrong driver": wrong_driver, "unknown interpolation": unknown_var, "job of another VM": other_vm,
-            "memory below Nomad's minimum": low_memory, "no QMP socket": no_qmp, "VNC on every interface": public_vnc}
-
-
-async def contract_idempotency(driver: Driver, vm_id: str, job: dict[str, Any]) -> None:
-    """start twice -> one VM; stop twice -> fine; destroy twice -> fine; unknown VMs are no-ops."""
-    first = await driver.start(vm_id, job)
-    assert first.state == "running" and first.pid and first.vnc is not None
-    second = await driver.start(vm_id, job)
-    assert second.state == "running" and second.pid == first.pid
-    listed = await driver.list_vms()
-    assert listed[vm_id].state == "running" and listed[vm_id].pid == first.pid
-
-    await driver.stop(vm_id, 1)
-    stopped = await driver.status(vm_id)
-    assert stopped.state == "stopped" and stopped.pid is None and stopped.reason
-    await driver.stop(vm_id, 1)
-    assert (await driver.status(vm_id)).state == "stopped"
-    assert (await driver.list_vms())[vm_id].state == "stopped"
-
-    again = await driver.start(vm_id, job)  # a stopped VM starts again
-    assert again.state == "running"
-    await driver.destroy(vm_id)
-    assert (await driver.status(vm_id)).state == "missing"
-    assert vm_id not in await driver.list_vms()
-    await driver.destroy(vm_id)
-
-    await driver.stop("never-seen", 1)
-    await driver.destroy("never-seen")
-    assert (await driver.status("never-seen")).state == "missing"
-    assert await driver.logs("never-seen", 1000) == ""
-    assert (await driver.status("../../etc")).state == "missing"
-
-
-async def contract_bad_jobs(driver: Driver, vm_id: str, job: dict[str, Any]) -> None:
-    """Refused jobs leave no VM behind (and a refused start of a stopped VM keeps it stopped)."""
-    for problem, bad in bad_jobs(vm_id, job).items():
-        with pytest.raises(JobInvalid):
-            await driver.start(vm_id, bad)
-        assert (await driver.status(vm_id)).state == "missing", problem
-    with pytest.raises(JobInvalid):
-        await driver.start("../escape", job)
-    assert vm_id not in await driver.list_vms()
-
-
-async def contract_logs_and_health(driver: Driver, vm_id: str, job: dict[str, Any]) -> None:
-    await driver.start(vm_id, job)
-    assert len((await driver.logs(vm_id, 10)).encode()) <= 10
-    assert await driver.logs(vm_id, 0) == ""
-    health = await driver.health()
-    assert health["ok"] is True and health["running"] >= 1
-    await driver.destroy(vm_id)
-
-
-# ---------------------------------------------------------------- FakeDriver
-
-@pytest.fixture
-def fake_job(tmp_path: Path) -> JobFactory:
-    template = load_catalog(DEFAULT_CATALOG, tmp_path)["tiny"]
-
-    def make(vm_id: str) -> dict[str, Any]:
-        vm = VMSpec.for_template(template, id=vm_id, owner="7", overlay_path=tmp_path / f"{vm_id}.qcow2")
-        return render_job(vm, template, JobSettings())
-
-    return make
-
-
-async def test_fake_idempotency(fake_job: JobFactory) -> None:
-    await contract_idempotency(FakeDriver(), "a1", fake_job("a1"))
-
-
-async def test_fake_bad_jobs(fake_job: JobFactory) -> None:
-    await contract_bad_jobs(FakeDriver(), "b1", fake_job("b1"))
-
-
-async def test_fake_logs_and_health(fake_job: JobFactory) -> None:
-    await contract_logs_and_health(FakeDriver(), "c1", fake_job("c1"))
-
+# ---------------------------------------------------------------- FakeDriver's own knobs
 
 async def test_fake_reports_acpi_stops_and_vnc(fake_job: JobFactory) -> None:
     driver = FakeDriver()
