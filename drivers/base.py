@@ -15,6 +15,16 @@ from typing import Any, ClassVar, Literal
 ActualState = Literal["running", "stopped", "missing"]
 
 
+class DriverConfigError(Exception):
+    """A driver cannot be built from the configuration it was given; ``key`` names the setting at fault
+    (its environment variable, e.g. ``NOMAD_CLIENT_KEY``), ``problem`` says what is wrong with it."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"{key}: {problem}")
+        self.key = key
+        self.problem = problem
+
+
 class DriverError(Exception):
     """A driver could not do what was asked; the message is safe to show a user."""
 

@@ -16,23 +16,25 @@ bad job, a missing ACL capability).
     status   the job and its allocations, mapped by ``status_of`` (a pure function)
     logs     the allocation's stdout: the serial console under -nographic
 
-docs/DRIVERS.md ("The Nomad driver") has the details and the storage choice.
+docs/DRIVERS.md ("The Nomad driver") has the details and the storage choice. (A little over 400 lines
+on purpose: this is the one module that speaks to Nomad, its configuration, errors and answers included.)
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import importlib
 import logging
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
+import nomad  # python-nomad (the top-level nomad/ folder is operator HCL, not a package)
 import requests
 from nomad.api import exceptions as nomad_exc
 
-from drivers.base import Driver, DriverError, JobInvalid, VMStatus, VncTarget
+from drivers.base import Driver, DriverConfigError, DriverError, JobInvalid, VMStatus, VncTarget
 from jobspecs.render import VNC_SERVICE
 
 log = logging.getLogger(__name__)
@@ -192,27 +194,34 @@ def status_of(job: dict[str, Any] | None, allocs: list[dict[str, Any]],
 
 # ---------------------------------------------------------------- the driver
 
+@dataclasses.dataclass(frozen=True)
+class NomadConfig:
+    """Where the Nomad driver finds Nomad and how it proves who it is (the gateway's NOMAD_* settings)."""
+
+    addr: str = "http://127.0.0.1:4646"  # NOMAD_ADDR
+    token: str = ""  # NOMAD_TOKEN: the gateway's ACL token; empty without ACLs
+    namespace: str = "default"  # NOMAD_NAMESPACE of the VM jobs
+    cacert: Path | None = None  # NOMAD_CACERT: the CA bundle of Nomad's certificate; None: the system's
+    client_cert: Path | None = None  # NOMAD_CLIENT_CERT and NOMAD_CLIENT_KEY: mutual TLS, both or neither
+    client_key: Path | None = None
+
+
 class NomadDriver(Driver):
-    """Runs each VM as the Nomad job ``vm-<id>``; ``settings`` is gateway.config.Settings."""
+    """Runs each VM as the Nomad job ``vm-<id>``; ``client`` replaces python-nomad's (tests)."""
 
     name = "nomad"
     manages_restarts = True
 
-    def __init__(self, settings: Any, client: Any | None = None) -> None:
-        self.namespace = settings.nomad_namespace
-        self.addr = settings.nomad_addr
-        if bool(settings.nomad_client_cert) != bool(settings.nomad_client_key):
-            from gateway.config import ConfigError
-
-            raise ConfigError("NOMAD_CLIENT_KEY", "NOMAD_CLIENT_CERT and NOMAD_CLIENT_KEY go together")
-        cert = (str(settings.nomad_client_cert), str(settings.nomad_client_key)) \
-            if settings.nomad_client_cert else ()
+    def __init__(self, config: NomadConfig, client: Any | None = None) -> None:
+        self.namespace = config.namespace
+        self.addr = config.addr
+        if bool(config.client_cert) != bool(config.client_key):
+            raise DriverConfigError("NOMAD_CLIENT_KEY", "NOMAD_CLIENT_CERT and NOMAD_CLIENT_KEY go together")
+        cert = (str(config.client_cert), str(config.client_key)) if config.client_cert else ()
         # verify: the CA bundle if one is configured, else the system's; never off.
-        verify: Any = str(settings.nomad_cacert) if settings.nomad_cacert else True
-        # import_module: for mypy, the repository's nomad/ folder (operator configuration) shadows
-        # python-nomad's package of the same name; at run time the installed package wins (PEP 420).
-        self.client = client if client is not None else importlib.import_module("nomad").Nomad(
-            address=settings.nomad_addr, token=settings.nomad_token or None, namespace=self.namespace,
+        verify: Any = str(config.cacert) if config.cacert else True
+        self.client = client if client is not None else nomad.Nomad(
+            address=config.addr, token=config.token or None, namespace=self.namespace,
             verify=verify, cert=cert, timeout=REQUEST_TIMEOUT)
 
     def __repr__(self) -> str:

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Write and check the manifest.json of a built base image.
+"""Write and check the manifest.json of a built base image (the format: jobspecs/manifest.py).
 
     manifest.py check DIR
         exit 0 when DIR/manifest.json exists and every file it lists exists with
@@ -8,56 +8,27 @@
     manifest.py write DIR NAME KERNEL_RELEASE FILE[,FILE...] PKG=VERSION [PKG=VERSION...]
         hash FILEs (relative to DIR) and write DIR/manifest.json.
 
-The format (read by the gateway):
-    {"name": "tiny", "built_at": "2025-01-01T00:00:00Z",
-     "files": {"vmlinuz": {"sha256": "...", "size": 123}, ...},
-     "sources": {"linux-image-6.1.0-56-cloud-amd64": "6.1.192-2", ...},
-     "kernel_release": "6.1.0-56-cloud-amd64"}
+images/build-tiny.sh runs this file as a script with the system's python3, and images/check-tiny.py imports
+it as its sibling ``manifest``: in both, the repository root is not on sys.path, so it is put there first.
 """
 
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import sys
 from pathlib import Path
-from typing import Any
 
-MANIFEST = "manifest.json"
+if not __package__:  # a script, or a sibling import: jobspecs/ is found from the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from jobspecs.manifest import MANIFEST, check, sha256_of
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def check(directory: Path) -> tuple[bool, str]:
-    manifest_path = directory / MANIFEST
-    if not manifest_path.is_file():
-        return False, f"{manifest_path} does not exist"
-    try:
-        manifest: dict[str, Any] = json.loads(manifest_path.read_text())
-        files: dict[str, dict[str, Any]] = manifest["files"]
-    except (ValueError, KeyError, TypeError) as exc:
-        return False, f"{manifest_path} is unreadable: {exc}"
-    if not files:
-        return False, f"{manifest_path} lists no files"
-    for name, entry in files.items():
-        path = directory / name
-        if not path.is_file():
-            return False, f"{path} is missing"
-        if path.stat().st_size != entry.get("size"):
-            return False, f"{path} has the wrong size"
-        if sha256_of(path) != entry.get("sha256"):
-            return False, f"{path} does not match its sha256"
-    return True, "ok"
+__all__ = ["MANIFEST", "check", "sha256_of", "write"]
 
 
 def write(directory: Path, name: str, kernel_release: str, files: list[str], sources: dict[str, str]) -> None:
+    """Hash ``files`` (relative to ``directory``) and write its manifest.json."""
     manifest = {
         "name": name,
         "built_at": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),

@@ -5,8 +5,8 @@
 For each such template whose base image is built, this boots the template once on a fresh overlay of
 its base disk, with exactly the QEMU command line a VM of the template's default size gets (the job
 ``jobspecs.render_job`` renders, run by ``drivers.local.LocalDriver``), waits for the guest's ready line
-and prompt, pauses it (QMP ``stop``), saves its memory state (QMP ``migrate`` to ``exec:cat > state``,
-waiting on ``query-migrate``), quits QEMU and freezes the overlay. The result:
+and prompt, saves its memory state with the driver's own suspend (``LocalDriver.suspend_to``: QMP ``stop``,
+``migrate`` to the state file, QEMU ended), and freezes the overlay. The result:
 
     IMAGES_DIR/warm/<template>/<id>/disk.qcow2     the disk layer (backing file: the base's disk.qcow2)
     IMAGES_DIR/warm/<template>/<id>/state          the memory state, saved at the same moment
@@ -38,11 +38,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from qemu.qmp import QMPClient
-
-from drivers.local import LocalDriver, build_task
-from images.manifest import check as check_manifest
-from images.manifest import sha256_of
+from drivers.base import DriverError
+from drivers.local import LocalDriver
 from jobspecs.catalog import (
     DEFAULT_CATALOG,
     WARM_CURRENT,
@@ -51,14 +48,15 @@ from jobspecs.catalog import (
     Template,
     load_catalog,
 )
-from jobspecs.render import FW_CFG_HOSTNAME, JobSettings, VMSpec, render_job
+from jobspecs.manifest import check as check_manifest
+from jobspecs.manifest import sha256_of
+from jobspecs.render import ACCELERATORS, FW_CFG_HOSTNAME, JobSettings, VMSpec, render_job
 
 FORMAT = 1  # bump when the way a layer is made changes: every layer is then rebuilt
 READY = "vmgate-tiny: ready"
 PROMPT = "~ # "
 BOOT_TIMEOUT = 120.0  # seconds to the ready line (a cold boot takes 3-9 s under TCG on a busy host)
 SETTLE = 1.5  # seconds after the prompt, so the shells have drawn and the guest is idle when saved
-MIGRATE_TIMEOUT = 120.0
 # What the template boot finds in fw_cfg opt/vmgate/hostname: as long as any hostname (63, a clone
 # reads the entry with the size its kernel saw at boot) and never one (':' and '.'), so every clone,
 # whatever its name, sees a different entry and renames itself (images/tiny/rootfs/sbin/vmgate-clone-watch).
@@ -103,10 +101,6 @@ def inputs_of(template: Template, settings: JobSettings, qemu: str) -> dict[str,
     }
 
 
-async def _qmp(client: QMPClient, command: str, arguments: dict[str, Any] | None = None) -> Any:
-    return await asyncio.wait_for(client.execute(command, arguments), 30)
-
-
 async def _wait_serial(path: Path, needles: tuple[str, ...], timeout: float, pid_alive: Any) -> None:
     deadline = time.monotonic() + timeout
     while True:
@@ -129,7 +123,6 @@ async def boot_and_save(template: Template, settings: JobSettings, qemu_binary: 
     # with no one to send QMP `cont` (Nomad starts QEMU and leaves it). This is a property of QEMU's
     # migration object, not of the machine: the guest sees the same hardware.
     job["TaskGroups"][0]["Tasks"][0]["Config"]["args"] += ["-global", "migration.store-global-state=off"]
-    task = build_task(VM_ID, job, driver.task_dir(VM_ID), shutil.which(qemu_binary) or qemu_binary)
     state = out / WARM_STATE
     timings: dict[str, float] = {}
     began = time.monotonic()
@@ -144,29 +137,10 @@ async def boot_and_save(template: Template, settings: JobSettings, qemu_binary: 
         timings["ready_s"] = round(time.monotonic() - began, 2)
         await _wait_serial(serial, (READY, PROMPT), 30.0, alive)
         await asyncio.sleep(SETTLE)
-        client = QMPClient("vmgate-warm")
-        await asyncio.wait_for(client.connect(str(task.qmp_socket)), 10)
-        try:
-            saving = time.monotonic()
-            await _qmp(client, "stop")
-            # The VM is paused: nothing is dirtied while it is saved, so no bandwidth limit is needed.
-            await _qmp(client, "migrate-set-parameters", {"max-bandwidth": 1 << 40})
-            await _qmp(client, "migrate", {"uri": f"exec:cat > {state}"})
-            deadline = time.monotonic() + MIGRATE_TIMEOUT
-            while True:
-                info = await _qmp(client, "query-migrate")
-                if info.get("status") == "completed":
-                    break
-                if info.get("status") in ("failed", "cancelled") or time.monotonic() > deadline:
-                    raise RuntimeError(f"saving the memory state failed: {info}")
-                await asyncio.sleep(0.05)
-            timings["save_s"] = round(time.monotonic() - saving, 2)
-            with contextlib.suppress(Exception):
-                await _qmp(client, "quit")
-        finally:
-            with contextlib.suppress(Exception):
-                await client.disconnect()
-        await driver.stop(VM_ID, timeout=0)  # gone already after quit; waits for it otherwise
+        saving = time.monotonic()
+        # The driver's own suspend: pause, save the memory to a file, end QEMU (the VMs' suspend path).
+        await driver.suspend_to(VM_ID, str(state))
+        timings["save_s"] = round(time.monotonic() - saving, 2)
     finally:
         await driver.destroy(VM_ID)
         await driver.close()
@@ -243,19 +217,25 @@ def _point_current(root: Path, layer_id: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from gateway.config import ConfigError, Settings
-
     parser = argparse.ArgumentParser(prog="python -m images.warm", description=__doc__.split("\n\n")[0])
     parser.add_argument("--force", action="store_true", help="rebuild even when the layer is up to date")
     parser.add_argument("--template", action="append", help="only this template (repeatable)")
+    # The gateway's settings of the same names; make images passes them in the environment (deploy/with-env.sh).
+    parser.add_argument("--images-dir", type=Path, default=os.environ.get("IMAGES_DIR") or None,
+                        help="the built images, where the warm layers go (default: $IMAGES_DIR)")
+    parser.add_argument("--qemu-binary", default=os.environ.get("QEMU_BINARY") or "qemu-system-x86_64",
+                        help="the QEMU system emulator (default: $QEMU_BINARY or qemu-system-x86_64)")
+    parser.add_argument("--accelerator", default=os.environ.get("QEMU_ACCELERATOR") or "tcg",
+                        help="tcg or kvm, what the VMs run with (default: $QEMU_ACCELERATOR or tcg)")
     args = parser.parse_args(argv)
-    try:
-        settings = Settings.load()
-    except ConfigError as exc:
-        print(f"warm: {exc}", file=sys.stderr)
-        return 2
-    job_settings = dataclasses.replace(JobSettings.from_settings(settings), target="local")
-    templates = load_catalog(DEFAULT_CATALOG, settings.images_dir)
+    if args.images_dir is None:
+        parser.error("no images directory: pass --images-dir or set IMAGES_DIR "
+                     "(deploy/with-env.sh .venv/bin/python -m images.warm sets it from .env)")
+    if args.accelerator not in ACCELERATORS:
+        parser.error(f"--accelerator {args.accelerator!r}: expected one of {', '.join(ACCELERATORS)}")
+    # Only the accelerator and the target reach the task's config (what the saved state depends on).
+    job_settings = JobSettings(accelerator=args.accelerator, target="local")
+    templates = load_catalog(DEFAULT_CATALOG, args.images_dir)
     failed = 0
     for template in templates.values():
         if args.template and template.name not in args.template:
@@ -268,11 +248,12 @@ def main(argv: list[str] | None = None) -> int:
             failed += 1
             continue
         try:
-            build(template, job_settings, settings.qemu_binary, force=args.force)
-        except (RuntimeError, OSError, subprocess.CalledProcessError) as exc:
+            build(template, job_settings, args.qemu_binary, force=args.force)
+        except (RuntimeError, OSError, subprocess.CalledProcessError, DriverError) as exc:
             say(f"{template.name}: {exc}")
             failed += 1
     return 1 if failed else 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

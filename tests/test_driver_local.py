@@ -1,6 +1,7 @@
 """LocalDriver against real QEMU (TCG) booting the real tiny image: the whole life of a VM, typing on its
 console, disk changes surviving a graceful stop, re-adoption by a new driver, and failed starts that
-leave nothing behind. Skips when the tiny image is not built (images/build-tiny.sh)."""
+leave nothing behind. Skips when the tiny image is not built (images/build-tiny.sh). The contract checks
+every driver passes run against it in tests/test_driver_contract.py."""
 
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ import pytest
 from drivers.base import DriverError, JobInvalid
 from drivers.local import SERIAL_LOG_KEEP, LocalDriver
 from tests.fixtures.qemu import destroy_all, qemu_pids_under, qmp, type_text, wait_for_serial, zombie_children
-from tests.test_driver_fake import contract_bad_jobs, contract_idempotency, contract_logs_and_health
 
 pytestmark = pytest.mark.qemu
 
@@ -94,18 +94,6 @@ async def test_life_of_a_vm(local_driver: LocalDriver, make_overlay: MakeOverlay
     assert qemu_pids_under(vms_root) == []
     assert (await driver.status("life")).state == "missing"
     await driver.destroy("life")
-    assert zombie_children() == []
-
-
-async def test_contract(local_driver: LocalDriver, make_overlay: MakeOverlay, render_tiny: Render,
-                        vms_root: Path) -> None:
-    """The checks FakeDriver passes, with QEMU; and only ever one QEMU per VM."""
-    job = render_tiny("contract", make_overlay("contract"))
-    await contract_bad_jobs(local_driver, "contract", job)
-    assert not local_driver.task_dir("contract").exists()
-    await contract_idempotency(local_driver, "contract", job)
-    await contract_logs_and_health(local_driver, "contract", job)
-    assert qemu_pids_under(vms_root) == []
     assert zombie_children() == []
 
 

@@ -19,6 +19,7 @@ from nomad.api import exceptions as nomad_exc
 from drivers.base import DriverError, JobInvalid, VncTarget
 from drivers.local import build_task
 from drivers.nomad import (
+    NomadConfig,
     NomadDriver,
     NomadNotFound,
     NomadRefused,
@@ -292,10 +293,7 @@ class FakeNomad:
 
 
 def driver_with(fake: FakeNomad) -> NomadDriver:
-    settings = type("S", (), {"nomad_namespace": "vmgate", "nomad_addr": "http://127.0.0.1:4646",
-                              "nomad_token": "", "nomad_cacert": None, "nomad_client_cert": None,
-                              "nomad_client_key": None})()
-    return NomadDriver(settings, client=fake)
+    return NomadDriver(NomadConfig(addr="http://127.0.0.1:4646", namespace="vmgate"), client=fake)
 
 
 async def test_driver_start_stop_destroy_against_recorded_answers() -> None:

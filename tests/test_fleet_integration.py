@@ -29,7 +29,7 @@ import pytest
 from gateway.cli.jobspec import client_allowlist
 from gateway.config import Settings
 from gateway.engine.lifecycle import engine_of
-from gateway.web.app import create_app
+from gateway.web.app import create_app, driver_from_settings
 from tests.conftest import VM, Session, kill_qemu_under, truncate_all
 from tests.fixtures.websockify import WebsockifyServer, free_port
 from tests.test_e2e import READY, open_console, wait_for_screen, wait_for_serial
@@ -344,7 +344,6 @@ def _tls_files(directory: Path) -> dict[str, Path]:
 async def test_the_nomad_driver_speaks_verified_tls(agent_dir: Path, app_settings: Settings) -> None:
     """NOMAD_CACERT / NOMAD_CLIENT_CERT / NOMAD_CLIENT_KEY against an agent that requires client certificates."""
     from drivers.base import DriverError
-    from drivers.nomad import NomadDriver
 
     tls = _tls_files(agent_dir)
     head = _agent_head(agent_dir / "nomad-tls")
@@ -369,8 +368,8 @@ tls {{
                    agent_dir / "nomad-tls.log", head.http.replace("http://", "https://"))
     try:
         base = dataclasses.replace(app_settings, driver="nomad", nomad_addr=agent.http)
-        verified = NomadDriver(dataclasses.replace(base, nomad_cacert=tls["ca"], nomad_client_cert=tls["client_cert"],
-                                                   nomad_client_key=tls["client_key"]))
+        verified = driver_from_settings(dataclasses.replace(
+            base, nomad_cacert=tls["ca"], nomad_client_cert=tls["client_cert"], nomad_client_key=tls["client_key"]))
 
         async def leader() -> Any:
             try:
@@ -381,14 +380,14 @@ tls {{
         await _until("the TLS agent answering its health check", leader, AGENT_TIMEOUT, agent)
         assert await verified.list_vms() == {}
         # The system's CAs do not know this CA: refused, never silently unverified.
-        unverified = NomadDriver(dataclasses.replace(base, nomad_client_cert=tls["client_cert"],
-                                                     nomad_client_key=tls["client_key"]))
+        unverified = driver_from_settings(dataclasses.replace(base, nomad_client_cert=tls["client_cert"],
+                                                              nomad_client_key=tls["client_key"]))
         with pytest.raises(DriverError):
             await unverified.list_vms()
         health = await unverified.health()
         assert health["ok"] is False
         # Without a client certificate, an agent with verify_https_client refuses the connection.
-        anonymous = NomadDriver(dataclasses.replace(base, nomad_cacert=tls["ca"]))
+        anonymous = driver_from_settings(dataclasses.replace(base, nomad_cacert=tls["ca"]))
         with pytest.raises(DriverError):
             await anonymous.list_vms()
         for driver in (verified, unverified, anonymous):
@@ -507,9 +506,7 @@ consul {{
 async def test_nomad_blocking_query_returns_on_a_change(fleet_gateway: Any, sessions: Any, nomad_agent: Agent,
                                                         app_settings: Settings) -> None:
     """The Nomad driver's wait_for_change (what wakes the reconciler) answers when an allocation appears."""
-    from drivers.nomad import NomadDriver
-
-    driver = NomadDriver(dataclasses.replace(app_settings, driver="nomad", nomad_addr=nomad_agent.http))
+    driver = driver_from_settings(dataclasses.replace(app_settings, driver="nomad", nomad_addr=nomad_agent.http))
     try:
         index = await driver.wait_for_change(0, 5)
         assert index is not None and index >= 1

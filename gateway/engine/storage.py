@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.errors import ServiceUnavailable
-from images.manifest import MANIFEST, sha256_of
+from jobspecs.manifest import MANIFEST, sha256_of
 
 
 class ImageUnavailable(ServiceUnavailable):

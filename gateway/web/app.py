@@ -16,9 +16,9 @@ import jinja2
 import redis.asyncio as aioredis
 from aiohttp import web
 
-from drivers import load_driver
+from drivers import DriverConfigError, load_driver
 from drivers.base import Driver
-from gateway.config import REPO_ROOT, Settings
+from gateway.config import REPO_ROOT, ConfigError, Settings
 from gateway.engine import lifecycle
 from gateway.engine.templates import Templates
 from gateway.metrics import Metrics
@@ -53,6 +53,21 @@ async def _keep_in_memory(catalog: Templates, settings: Settings) -> None:
         await asyncio.sleep(PIN_RECHECK)
 
 
+def driver_from_settings(settings: Settings) -> Driver:
+    """The driver VMGATE_DRIVER names, given its part of the settings; a problem with them is a ConfigError."""
+    nomad = None
+    if settings.driver == "nomad":
+        from drivers.nomad import NomadConfig
+
+        nomad = NomadConfig(addr=settings.nomad_addr, token=settings.nomad_token, namespace=settings.nomad_namespace,
+                            cacert=settings.nomad_cacert, client_cert=settings.nomad_client_cert,
+                            client_key=settings.nomad_client_key)
+    try:
+        return load_driver(settings.driver, vms_root=settings.vms_root, qemu_binary=settings.qemu_binary, nomad=nomad)
+    except DriverConfigError as exc:
+        raise ConfigError(exc.key, exc.problem) from exc
+
+
 def create_app(settings: Settings, *, driver: Driver | None = None) -> web.Application:
     """Build the gateway. ``driver`` overrides the one VMGATE_DRIVER names (tests pass a fake)."""
     app = web.Application(middlewares=[metrics_middleware, error_middleware], client_max_size=MAX_BODY)
@@ -83,7 +98,7 @@ def create_app(settings: Settings, *, driver: Driver | None = None) -> web.Appli
             await client.aclose()
 
     async def driver_ctx(app: web.Application) -> AsyncIterator[None]:
-        app[driver_key] = driver if driver is not None else load_driver(settings)
+        app[driver_key] = driver if driver is not None else driver_from_settings(settings)
         try:
             yield
         finally:

@@ -1,0 +1,107 @@
+"""Talking to a running QEMU over its QMP socket: single commands, HMP snapshot commands, saving memory.
+
+QEMU serves one QMP client at a time, so nothing here holds a connection: each call opens its own and
+closes it. Every failure of the transport is one of ``QMP_ERRORS``; the helpers that the driver's
+saved-state calls use turn those into ``DriverError`` with a message a user may see.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp import QMPClient, QMPError
+
+from drivers.base import DriverError
+
+QMP_TIMEOUT = 5.0  # per QMP connect and per command
+SAVE_TIMEOUT = 120.0  # savevm / loadvm / delvm / a memory save of one VM (a few hundred ms for the tiny image)
+RESTORE_POLL = 0.01  # while a restore or a save runs: it takes about 0.1 s, so look often
+
+QMP_ERRORS = (QMPError, OSError, EOFError, TimeoutError)
+
+
+async def qmp(socket_path: Path, command: str, arguments: dict[str, Any] | None = None,
+              timeout: float = QMP_TIMEOUT) -> Any:
+    """One QMP command on a fresh connection (QEMU serves one QMP client at a time: never hold one)."""
+    client = QMPClient("vmgate")
+    try:
+        await asyncio.wait_for(client.connect(str(socket_path)), timeout)
+        return await asyncio.wait_for(client.execute(command, arguments), timeout)
+    finally:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(client.disconnect(), timeout)
+
+
+async def hmp(socket_path: Path, command: str) -> None:
+    """One HMP command through QMP (human-monitor-command). savevm, loadvm and delvm answer nothing
+    when they worked and their error text when not. (QMP's own snapshot-save/-load jobs need the
+    block node names and a job to poll; in QEMU 7.2 the HMP commands do the same, synchronously.)"""
+    try:
+        out = await qmp(socket_path, "human-monitor-command", {"command-line": command}, timeout=SAVE_TIMEOUT)
+    except QMP_ERRORS as exc:
+        raise DriverError(f"{command.split()[0]} failed: {type(exc).__name__}: {exc}") from exc
+    text = str(out or "").strip()
+    if text:
+        raise DriverError(f"{command.split()[0]} failed: {text[:500]}")
+
+
+async def snapshot_sizes(socket_path: Path, image_path: str) -> dict[str, int]:
+    """The tags of the internal snapshots of the VM's disk (image0), with their saved memory in bytes."""
+    try:
+        devices = await qmp(socket_path, "query-block")
+    except QMP_ERRORS as exc:
+        raise DriverError(f"query-block failed: {exc}") from exc
+    for device in devices or []:
+        inserted = device.get("inserted") or {}
+        if device.get("device") == "image0" or inserted.get("file") == image_path:
+            return {str(s["name"]): int(s.get("vm-state-size") or 0)
+                    for s in (inserted.get("image") or {}).get("snapshots") or []}
+    raise DriverError("the VM's disk image0 is not in query-block")
+
+
+async def save_memory(socket_path: Path, path: Path) -> None:
+    """Pause the VM (QMP ``stop``) and write its memory, a migration stream, to ``path``; the VM stays
+    paused. On failure the VM runs on (``cont``), ``path`` is removed and DriverError says why."""
+    # QEMU runs as nobody and cannot open a file in the VM's folder: it gets ours (getfd).
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    client = QMPClient("vmgate-suspend")
+    try:
+        await asyncio.wait_for(client.connect(str(socket_path)), QMP_TIMEOUT)
+        await asyncio.wait_for(client.execute("stop"), QMP_TIMEOUT)
+        try:
+            client.send_fd_scm(fd)
+            await asyncio.wait_for(client.execute("getfd", {"fdname": "vmgate-suspend"}), QMP_TIMEOUT)
+            # Unthrottled (the default limit is a network's, 128 MiB/s): the VM is paused anyway.
+            await asyncio.wait_for(client.execute("migrate-set-parameters", {"max-bandwidth": 1 << 40}),
+                                   QMP_TIMEOUT)
+            await asyncio.wait_for(client.execute("migrate", {"uri": "fd:vmgate-suspend"}), QMP_TIMEOUT)
+            deadline = time.monotonic() + SAVE_TIMEOUT
+            while True:
+                info = await asyncio.wait_for(client.execute("query-migrate"), QMP_TIMEOUT)
+                status = info.get("status") if isinstance(info, dict) else None
+                if status == "completed":
+                    break
+                if status in ("failed", "cancelled") or time.monotonic() > deadline:
+                    raise DriverError(f"saving the memory {status or 'timed out'}: "
+                                      f"{info.get('error-desc', '') if isinstance(info, dict) else ''}")
+                await asyncio.sleep(RESTORE_POLL)
+            os.fsync(fd)
+        except BaseException:
+            with contextlib.suppress(*QMP_ERRORS):
+                await asyncio.wait_for(client.execute("cont"), QMP_TIMEOUT)
+            raise
+    except QMP_ERRORS as exc:
+        path.unlink(missing_ok=True)
+        raise DriverError(f"suspend failed: {type(exc).__name__}: {exc}") from exc
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    finally:
+        os.close(fd)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(client.disconnect(), QMP_TIMEOUT)
