@@ -16,8 +16,10 @@ bad job, a missing ACL capability).
     status   the job and its allocations, mapped by ``status_of`` (a pure function)
     logs     the allocation's stdout: the serial console under -nographic
 
-docs/DRIVERS.md ("The Nomad driver") has the details and the storage choice. (A little over 400 lines
-on purpose: this is the one module that speaks to Nomad, its configuration, errors and answers included.)
+docs/DRIVERS.md ("The Nomad driver") has the details and the storage choice.
+
+Over 400 lines: on purpose, this is the one module that speaks to Nomad (STYLE 8), its configuration,
+the mapping of its errors and the reading of its answers included.
 """
 
 from __future__ import annotations

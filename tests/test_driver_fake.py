@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from gateway.app import driver_from_settings
 
 from drivers import load_driver
 from drivers.base import DriverConfigError, DriverError
@@ -17,6 +16,7 @@ from drivers.fake import FakeDriver
 from drivers.local import LocalDriver
 from drivers.nomad import NomadConfig, NomadDriver
 from gateway.config import ConfigError, Settings
+from gateway.web.app import driver_from_settings
 from tests.test_driver_contract import fake_job
 
 JobFactory = Callable[[str], dict[str, Any]]

@@ -246,6 +246,10 @@ class LocalDriver(Driver):
         async with self._locks.hold(vm_id, remove=True):
             task_dir = self.tasks_root / vm_id
             pid = read_pid(task_dir)
+            if (pid is None or not self._procs.alive(pid, task_dir)) and task_dir.is_dir():
+                # No pid file, or a stale one: a QEMU whose starter died before writing it (or whose file an
+                # earlier, interrupted removal took) still writes into the directory, and rmtree would race it.
+                pid = await asyncio.to_thread(self._procs.find, task_dir) or pid
             self._procs.busy.add(vm_id)
             try:
                 if pid is not None and self._procs.alive(pid, task_dir):
