@@ -17,11 +17,11 @@ import pytest
 import redis
 
 from console import keys
+from console.rfb import RFBClient
 from gateway.app import create_app
 from gateway.config import Settings
 from gateway.keys import driver_key
 from tests.conftest import Session, truncate_all
-from tests.rfb import RFBClient
 
 pytestmark = pytest.mark.qemu
 
