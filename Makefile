@@ -17,10 +17,12 @@ help: ## list the targets
 deps: ## install missing Debian packages (apt-get; sudo when not root)
 	@deploy/deps.sh
 
-venv: $(VENV_STAMP) ## create .venv from requirements-dev.txt (again when a requirements file changes)
-$(VENV_STAMP): requirements.txt requirements-dev.txt | deps
+venv: $(VENV_STAMP) ## create .venv from requirements-dev.txt and install vmgate editable (pip install -e .)
+# --no-deps: the pinned requirements are already in; pyproject.toml reads its dependencies from requirements.txt.
+$(VENV_STAMP): requirements.txt requirements-dev.txt pyproject.toml | deps
 	@[ -x $(PY) ] || python3 -m venv .venv
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements-dev.txt
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps -e .
 	@touch $@
 
 novnc: $(NOVNC_STAMP) ## install noVNC 1.7.0 and Tailwind CSS from npm into node_modules (pinned by package-lock.json)
