@@ -9,7 +9,7 @@ NOVNC_STAMP := node_modules/.package-lock.json
 CSS_OUT := gateway/static/build/app.css
 export PYTEST_ARGS
 
-.PHONY: help deps venv novnc css env images services status migrate admin run down test bench lint typecheck clean
+.PHONY: help deps venv novnc css env images services status migrate admin run down test test-fast bench lint typecheck clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z][a-z-]*:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -63,6 +63,10 @@ down: ## stop what make run started, the servers and every VM
 
 test: deps venv novnc css env images services ## ruff, mypy and pytest (PYTEST_ARGS='-k foo' passes arguments)
 	@deploy/test.sh
+
+# No images, noVNC or stylesheet: the tests that would need them are the ones this tier leaves out.
+test-fast: deps venv env services ## ruff, mypy and the tests that boot no VM, no Chromium, no Nomad (seconds)
+	@deploy/test.sh --fast
 
 bench: deps venv env images services ## measure console start, throughput, density, API and relay (BENCH_QUICK=1: short)
 	@deploy/bench.sh
