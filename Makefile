@@ -9,7 +9,7 @@ NOVNC_STAMP := node_modules/.package-lock.json
 CSS_OUT := gateway/web/static/build/app.css
 export PYTEST_ARGS
 
-.PHONY: help deps venv novnc css env images services status migrate admin run down test bench lint typecheck clean
+.PHONY: help deps venv novnc css env images services status migrate admin run down test test-fast bench lint typecheck clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z][a-z-]*:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -17,10 +17,12 @@ help: ## list the targets
 deps: ## install missing Debian packages (apt-get; sudo when not root)
 	@deploy/deps.sh
 
-venv: $(VENV_STAMP) ## create .venv from requirements-dev.txt (again when a requirements file changes)
-$(VENV_STAMP): requirements.txt requirements-dev.txt | deps
+venv: $(VENV_STAMP) ## create .venv from requirements-dev.txt and install vmgate editable (pip install -e .)
+# --no-deps: the pinned requirements are already in; pyproject.toml reads its dependencies from requirements.txt.
+$(VENV_STAMP): requirements.txt requirements-dev.txt pyproject.toml | deps
 	@[ -x $(PY) ] || python3 -m venv .venv
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements-dev.txt
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps -e .
 	@touch $@
 
 novnc: $(NOVNC_STAMP) ## install noVNC 1.7.0 and Tailwind CSS from npm into node_modules (pinned by package-lock.json)
@@ -61,6 +63,10 @@ down: ## stop what make run started, the servers and every VM
 
 test: deps venv novnc css env images services ## ruff, mypy and pytest (PYTEST_ARGS='-k foo' passes arguments)
 	@deploy/test.sh
+
+# No images, noVNC or stylesheet: the tests that would need them are the ones this tier leaves out.
+test-fast: deps venv env services ## ruff, mypy and the tests that boot no VM, no Chromium, no Nomad (seconds)
+	@deploy/test.sh --fast
 
 bench: deps venv env images services ## measure console start, throughput, density, API and relay (BENCH_QUICK=1: short)
 	@deploy/bench.sh

@@ -1,5 +1,5 @@
 """What the bench talks with: the gateway's API as a logged-in user, a closed-loop HTTP load generator,
-and an RFB client (tests/rfb.py's) that can also ask for a single pixel."""
+and an RFB client (console/rfb.py's) that can also ask for a single pixel."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from urllib.parse import parse_qs, urlsplit
 import aiohttp
 
 from bench.stats import percentile
-from tests.rfb import RFBClient
+from console.rfb import RFBClient
 
 SESSION_COOKIE = "vmgate_session"
 # What QEMU's VNC server shows before the guest's display is up: a 640x480 placeholder surface with the
@@ -203,7 +203,7 @@ async def hammer(url: str, *, concurrency: int, cookie: str = "", duration: floa
 
 
 class BenchRFB(RFBClient):
-    """tests/rfb.py's client plus a request for any rectangle (the relay latency uses one pixel)."""
+    """console/rfb.py's client plus a request for any rectangle (the relay latency uses one pixel)."""
 
     async def request_rect(self, x: int, y: int, w: int, h: int, incremental: bool = False) -> int:
         """Ask for one rectangle; ``wait_for_update`` then waits for the answer."""

@@ -38,6 +38,27 @@ pytest_plugins: list[str] = ["tests.fixtures.websockify", "tests.fixtures.qemu",
 
 REPO = Path(__file__).resolve().parent.parent
 
+# The tiers (docs/TESTING.md) select by mark, so marks follow from fixtures too: a test that uses one of
+# these gets the mark even if its module forgot the decorator. item.fixturenames is the closure of
+# what a test uses, so the fixtures that do the work are enough (local_gateway, browser_gateway,
+# fleet_gateway, _warm_layer ... all reach tiny_images_dir).
+# qemu: the images `make images` builds (their users boot them), the local driver, gateway processes on
+# the local driver, and the bare SeaBIOS QEMUs of the console tests.
+QEMU_FIXTURES = frozenset({"tiny_images_dir", "local_driver", "gateway_processes", "vm_a", "vm_b"})
+# nomad: real Nomad and Consul agents (every one the fleet tests start, TLS ones too, lives in agent_dir).
+NOMAD_FIXTURES = frozenset({"agent_dir", "nomad_agent", "consul_agent"})
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest's own hook deselects by -m
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark `qemu` and `nomad` every test that uses a fixture booting QEMU or starting Nomad/Consul."""
+    for item in items:
+        used = set(getattr(item, "fixturenames", ()))
+        if used & QEMU_FIXTURES:
+            item.add_marker(pytest.mark.qemu)
+        if used & NOMAD_FIXTURES:
+            item.add_marker(pytest.mark.nomad)
+
 
 @pytest.fixture(scope="session")
 def base_settings() -> Settings:

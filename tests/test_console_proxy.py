@@ -1,5 +1,5 @@
 """The console path end to end: a token in Redis → websockify with console.token_plugin.RedisTokens
-→ a real QEMU's VNC unix socket, spoken to with the RFB client in tests/rfb.py.
+→ a real QEMU's VNC unix socket, spoken to with the RFB client in console/rfb.py.
 
 The QEMUs have no disk and no NIC: they show SeaBIOS's text screen ("No bootable device."), which
 is enough to prove pixels flow. Each runs with ``-name`` so its VNC server calls itself
@@ -32,6 +32,7 @@ import redis
 from qemu.qmp import QMPClient
 
 from console import redis_keys
+from console.rfb import RFBClient
 from console.token_plugin import RedisTokens, mask_tokens
 from tests.fixtures.websockify import (
     WebsockifyServer,
@@ -39,7 +40,6 @@ from tests.fixtures.websockify import (
     start_websockify,
     stop_websockify,
 )
-from tests.rfb import RFBClient
 
 qemu = pytest.mark.qemu  # on every test that boots QEMU; the plugin's own tests run without it
 

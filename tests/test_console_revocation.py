@@ -27,6 +27,7 @@ import redis
 import redis.asyncio as aioredis
 
 from console import redis_keys
+from console.rfb import RFBClient, RFBClosed
 from console.token_plugin import END_GRACE, RedisTokens, SessionWatcher
 from console.token_plugin import Session as ConsoleSession
 from drivers.fake import FakeDriver
@@ -40,7 +41,6 @@ from tests.fixtures.websockify import (
     start_websockify,
     stop_websockify,
 )
-from tests.rfb import RFBClient, RFBClosed
 from tests.test_console_proxy import (
     Vm,
     issue,

@@ -17,11 +17,11 @@ import pytest
 import redis
 
 from console import redis_keys
+from console.rfb import RFBClient
 from gateway.config import Settings
 from gateway.web.app import create_app
 from gateway.web.appkeys import driver_key
 from tests.conftest import Session, truncate_all
-from tests.rfb import RFBClient
 
 pytestmark = pytest.mark.qemu
 

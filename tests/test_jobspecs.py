@@ -453,6 +453,7 @@ def test_the_cli_renders_every_template() -> None:
     assert result.returncode == 1 and "memory_mb: 64 is outside" in result.stderr
 
 
+@pytest.mark.nomad
 @pytest.mark.skipif(shutil.which("nomad") is None, reason="nomad is not on PATH (a real agent binary is needed)")
 def test_nomad_parses_the_hcl_into_the_same_job(templates: dict[str, Template], tmp_path: Path) -> None:
     job = render_job(spec(templates["tiny"], owner='${x} "q"'), templates["tiny"], JobSettings())

@@ -1,9 +1,10 @@
-"""A minimal asynchronous RFB 3.8 (VNC) client for tests.
+"""A minimal asynchronous RFB 3.8 (VNC) client for the tests and the bench.
 
 No Python library speaks RFB over a WebSocket, which is what websockify (and so the browser's
-noVNC) offers, so the tests carry this small client. It talks either to a WebSocket URL (through
-websockify; one binary message carries any number of RFB bytes, with no relation to message
-boundaries) or to a raw stream (QEMU's VNC unix socket or a TCP host and port).
+noVNC) offers, so vmgate carries this small client. It lives in ``console/`` because the bench
+uses it at run time, and ``bench/`` imports nothing from ``tests/``. It talks either to a WebSocket
+URL (through websockify; one binary message carries any number of RFB bytes, with no relation to
+message boundaries) or to a raw stream (QEMU's VNC unix socket or a TCP host and port).
 
 What it does: the 3.8 handshake with security type None (vmgate's VNC servers listen on loopback
 or a unix socket and have no password), a shared ClientInit, ServerInit, a 32-bit true-colour
