@@ -28,8 +28,8 @@ import pytest
 
 from gateway.cli.jobspec import client_allowlist
 from gateway.config import Settings
-from gateway.engine.lifecycle import engine_of
 from gateway.web.app import create_app, driver_from_settings
+from gateway.web.appkeys import engine_key
 from tests.conftest import VM, Session, kill_qemu_under, truncate_all
 from tests.fixtures.websockify import WebsockifyServer, free_port
 from tests.test_e2e import READY, open_console, wait_for_screen, wait_for_serial
@@ -519,7 +519,7 @@ async def test_nomad_blocking_query_returns_on_a_change(fleet_gateway: Any, sess
         assert status == 201, vm
         changed = await asyncio.wait_for(waiting, 30)  # well before its 60 s
         assert changed is not None and changed > index
-        assert engine_of(fleet_gateway.app).watch_wakeups >= 1  # the gateway's own watch saw it too
+        assert fleet_gateway.app[engine_key].watch_wakeups >= 1  # the gateway's own watch saw it too
         assert (await s.request("DELETE", f"/api/vms/{vm['vm_id']}?wait=60"))[0] == 200
     finally:
         await driver.close()

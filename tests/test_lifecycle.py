@@ -30,9 +30,9 @@ from console import redis_keys
 from drivers.base import VncTarget
 from drivers.fake import FakeDriver
 from gateway.config import Settings
-from gateway.engine.lifecycle import engine_of
 from gateway.engine.queue import WorkQueue
 from gateway.web.app import create_app
+from gateway.web.appkeys import engine_key
 from tests.conftest import VM, Session, assert_envelope, fake_gateway, truncate_all
 from tests.fixtures.redis_server import RedisServer
 from tests.test_api_tokens import sql
@@ -382,7 +382,7 @@ async def test_collector_removes_orphans_and_leaves_live_vms(aiohttp_server: Any
     sql(database_url, "UPDATE vms SET state = 'starting', desired_state = 'running',"
         " updated_at = now() - interval '1 hour' WHERE id = %s", stuck)
 
-    report = await engine_of(srv.app).collect_once()
+    report = await srv.app[engine_key].collect_once()
     assert report["overlays"] == [str(old)]
     assert report["processes"] == [orphan_vm]
     assert redis_keys.vnc_target_key(gone) in report["console_records"]
@@ -466,7 +466,7 @@ async def test_a_driver_change_is_reconciled_at_once(aiohttp_server: Any, restar
         return current not in (None, pid) and (await vm_state(alice, vm["vm_id"]))["state"] == "running"
 
     await eventually(restarted, 10, "a restart started by the driver's change notification")
-    assert engine_of(srv.app).watch_wakeups >= 1
+    assert srv.app[engine_key].watch_wakeups >= 1
 
 
 # ---- Postgres away ---------------------------------------------------------------------------------

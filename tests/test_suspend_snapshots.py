@@ -22,10 +22,9 @@ import psycopg2
 import pytest
 
 from gateway.config import Settings
-from gateway.engine.lifecycle import engine_of
 from gateway.engine.storage import state_path
 from gateway.web.app import create_app
-from gateway.web.appkeys import driver_key
+from gateway.web.appkeys import driver_key, engine_key
 from tests.conftest import VM, Session, assert_envelope, truncate_all
 from tests.fixtures.qemu import type_text
 from tests.test_e2e import READY, open_console, wait_for_screen, wait_for_serial
@@ -298,7 +297,7 @@ async def test_snapshot_quota_retention_and_bad_input(gateway: Any, sessions: An
     with psycopg2.connect(database_url) as conn, conn.cursor() as cur:
         cur.execute("UPDATE snapshots SET created_at = now() - interval '40 days' WHERE id = %s",
                     (made[1]["snapshot_id"],))
-    engine = engine_of(gateway.app)
+    engine = gateway.app[engine_key]
     engine.settings = dataclasses.replace(engine.settings, snapshot_max_age=30 * 86400)
     expired = await engine.apply_retention()
     assert expired == [made[1]["snapshot_id"]]

@@ -16,11 +16,11 @@ from aiohttp import web
 
 from gateway import states
 from gateway.config import Settings
-from gateway.engine import console_grants, lifecycle
+from gateway.engine import console_grants
 from gateway.errors import ApiError, BadRequest, Conflict, ServiceUnavailable, ValidationFailed
 from gateway.store import db
 from gateway.web import api, auth, paging, validation, vms
-from gateway.web.appkeys import db_key, redis_key, settings_key
+from gateway.web.appkeys import db_key, engine_key, redis_key, settings_key
 
 log = logging.getLogger("vmgate.admin")
 routes = web.RouteTableDef()
@@ -219,7 +219,7 @@ async def audit(request: web.Request) -> web.Response:
 async def queue(request: web.Request) -> web.Response:
     """The lifecycle engine's queue: depth, jobs taken but unfinished, the oldest job's age, consumers."""
     await auth.require_admin(request)
-    engine = lifecycle.engine_of(request.app)
+    engine = request.app[engine_key]
     try:
         stats = await engine.update_metrics()
     except (redis.exceptions.RedisError, OSError) as exc:

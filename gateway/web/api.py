@@ -201,7 +201,7 @@ async def _owned_vm(request: web.Request) -> tuple[dict[str, Any], dict[str, Any
     user = await auth.current_user(request)
     async with db.cursor(request.app[db_key]) as cur:
         vm = await db.vm_for_owner(cur, request.match_info["vm_id"], str(user["id"]))
-    if not activity.is_background(request) and states.holds_quota(vm):
+    if not vms.is_background(request) and states.holds_quota(vm):
         await activity.touch(request.app[redis_key], str(vm["id"]))
     return user, vm
 

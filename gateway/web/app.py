@@ -19,12 +19,12 @@ from aiohttp import web
 from drivers import DriverConfigError, load_driver
 from drivers.base import Driver
 from gateway.config import REPO_ROOT, ConfigError, Settings
-from gateway.engine import lifecycle
+from gateway.engine.engine import Engine
 from gateway.engine.templates import Templates
 from gateway.metrics import Metrics
 from gateway.store.migrate import migrate
 from gateway.web import accounts, admin, api, api_tokens, events, pages, snapshots
-from gateway.web.appkeys import db_key, driver_key, metrics_key, redis_key, settings_key, templates_key
+from gateway.web.appkeys import db_key, driver_key, engine_key, metrics_key, redis_key, settings_key, templates_key
 from gateway.web.envelope import error_middleware
 from gateway.web.metrics import metrics_handler, metrics_middleware
 
@@ -118,8 +118,18 @@ def create_app(settings: Settings, *, driver: Driver | None = None) -> web.Appli
                     await keeper
             await asyncio.to_thread(catalog.release_memory)
 
+    async def engine_ctx(app: web.Application) -> AsyncIterator[None]:
+        engine = Engine(pool=app[db_key], redis=app[redis_key], driver=app[driver_key], templates=app[templates_key],
+                        settings=settings, metrics=app[metrics_key])
+        app[engine_key] = engine
+        await engine.start()
+        try:
+            yield
+        finally:
+            await engine.stop()
+
     # The lifecycle engine last: its first reconciler pass re-adopts the VMs that still run.
-    app.cleanup_ctx.extend([postgres_ctx, redis_ctx, driver_ctx, catalog_ctx, lifecycle.engine_ctx])
+    app.cleanup_ctx.extend([postgres_ctx, redis_ctx, driver_ctx, catalog_ctx, engine_ctx])
 
     app.router.add_routes(api.routes)
     app.router.add_routes(api_tokens.routes)

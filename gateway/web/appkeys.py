@@ -8,6 +8,7 @@ from aiohttp import web
 
 from drivers.base import Driver
 from gateway.config import Settings
+from gateway.engine.engine import Engine
 from gateway.engine.templates import Templates
 from gateway.metrics import Metrics
 from gateway.web.mail import Mailer
@@ -19,3 +20,4 @@ driver_key = web.AppKey("driver", Driver)
 templates_key = web.AppKey("catalog", Templates)
 mailer_key = web.AppKey("mailer", Mailer)
 metrics_key = web.AppKey("metrics", Metrics)
+engine_key = web.AppKey("engine", Engine)

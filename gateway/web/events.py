@@ -19,7 +19,7 @@ from typing import Any
 import redis.exceptions
 from aiohttp import web
 
-from gateway.engine import lifecycle
+from gateway.engine import publish
 from gateway.errors import ServiceUnavailable
 from gateway.store import db
 from gateway.web import auth
@@ -61,13 +61,13 @@ async def _current(request: web.Request, vm_id: str | None, user_id: str) -> lis
             " WHERE v.user_id = %(user)s AND (%(vm)s::uuid IS NULL AND v.state <> 'destroyed' OR v.id = %(vm)s)"
             " ORDER BY v.created_at, v.id", {"user": user_id, "vm": vm_id})
         rows = [dict(r) for r in await cur.fetchall()]
-    return [lifecycle.event_of(row) for row in rows]
+    return [publish.event_of(row) for row in rows]
 
 
 async def _missed(request: web.Request, after: int, vm_id: str | None, user_id: str) -> list[dict[str, Any]]:
     async with db.cursor(request.app[db_key]) as cur:
         rows = await db.events_after(cur, after, vm_id=vm_id, user_id=user_id)
-    return [lifecycle.event_of({**row, "id": row["vm_id"]}) for row in rows]
+    return [publish.event_of({**row, "id": row["vm_id"]}) for row in rows]
 
 
 async def _stream(request: web.Request, channel: str, vm_id: str | None, user_id: str) -> web.StreamResponse:
@@ -124,10 +124,10 @@ async def vm_events(request: web.Request) -> web.StreamResponse:
     async with db.cursor(request.app[db_key]) as cur:
         vm = await db.vm_for_owner(cur, request.match_info["vm_id"], str(user["id"]))
     vm_id = str(vm["id"])
-    return await _stream(request, lifecycle.vm_channel(vm_id), vm_id, str(user["id"]))
+    return await _stream(request, publish.vm_channel(vm_id), vm_id, str(user["id"]))
 
 
 @routes.get("/api/me/events")
 async def my_events(request: web.Request) -> web.StreamResponse:
     user = await auth.current_user(request)
-    return await _stream(request, lifecycle.user_channel(str(user["id"])), None, str(user["id"]))
+    return await _stream(request, publish.user_channel(str(user["id"])), None, str(user["id"]))

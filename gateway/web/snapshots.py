@@ -17,13 +17,13 @@ from typing import Any
 from aiohttp import web
 
 from gateway import states
-from gateway.engine import lifecycle
+from gateway.engine.publish import publish
 from gateway.errors import Conflict, ServiceUnavailable, ValidationFailed
 from gateway.states import VmState
 from gateway.store import db
 from gateway.web import validation, vms
 from gateway.web.api import _json, _owned_vm, _wait, client_ip
-from gateway.web.appkeys import db_key, driver_key, redis_key, settings_key
+from gateway.web.appkeys import db_key, driver_key, engine_key, redis_key, settings_key
 
 routes = web.RouteTableDef()
 
@@ -94,7 +94,7 @@ async def create_snapshot(request: web.Request) -> web.Response:
     async with db.cursor(app[db_key]) as cur:
         row = await db.request_snapshot(cur, str(user["id"]), str(vm["id"]), name, app[settings_key].snapshot_quota)
     await _audit(request, user, vm, "vm.snapshot", snapshot_id=str(row["id"]), name=name)
-    await lifecycle.engine_of(app).enqueue(str(vm["id"]), "snapshot")
+    await app[engine_key].enqueue(str(vm["id"]), "snapshot")
     if wait > 0:
         row = await _snapshot_settled(app, str(row["id"]), wait, until=("ready", "error", "deleting", "deleted"))
         if row["state"] == "error":
@@ -130,7 +130,7 @@ async def delete_snapshot(request: web.Request) -> web.Response:
         moved = await db.set_snapshot(cur, str(row["id"]), "deleting", only_from=("ready",), deleted_by="user")
     row = moved or row
     await _audit(request, user, vm, "vm.snapshot.delete", snapshot_id=str(row["id"]), name=row["name"])
-    await lifecycle.engine_of(app).enqueue(str(vm["id"]), "snapshot delete")
+    await app[engine_key].enqueue(str(vm["id"]), "snapshot delete")
     if wait > 0:
         row = await _snapshot_settled(app, str(row["id"]), wait, until=("deleted",))
     return _json(public_snapshot(row), status=200 if row["state"] == "deleted" else 202)
@@ -157,8 +157,8 @@ async def restore_snapshot(request: web.Request) -> web.Response:
                                           extra={"restore_snapshot": str(snap["id"]), "crash_times": [],
                                                  "restart_after": None})
     await _audit(request, user, vm, "vm.restore", snapshot_id=str(snap["id"]), name=snap["name"])
-    await lifecycle.publish(app[redis_key], row)
-    await lifecycle.engine_of(app).enqueue(str(vm["id"]), "restore")
+    await publish(app[redis_key], row)
+    await app[engine_key].enqueue(str(vm["id"]), "restore")
     done = False
     if wait > 0:
         row = await vms.settle(app, str(vm["id"]), wait)

@@ -1,5 +1,5 @@
 """The API's side of the VM lifecycle: admit a create, record a stop, start or destroy, and queue
-the VM for the lifecycle engine (gateway.lifecycle), which does the work.
+the VM for the lifecycle engine (gateway/engine), which does the work.
 
 Postgres holds the desired state and the state machine; every request is a compare-and-set on the
 row, so two requests racing on one VM cannot both act (the loser gets 409). A create that fails at
@@ -19,18 +19,26 @@ import redis.exceptions
 from aiohttp import web
 
 from gateway import states
-from gateway.engine import activity, console_grants, lifecycle, storage
+from gateway.engine import activity, console_grants, storage
+from gateway.engine.publish import publish
 from gateway.engine.templates import Templates
 from gateway.errors import ApiError, Conflict, NotFound, ServiceUnavailable
 from gateway.states import Desired, VmState
 from gateway.store import db
-from gateway.web.appkeys import db_key, driver_key, redis_key, settings_key, templates_key
+from gateway.web.appkeys import db_key, driver_key, engine_key, redis_key, settings_key, templates_key
 
 log = logging.getLogger("vmgate.vms")
 
 MAX_USERDATA = 64 * 1024
 MAX_WAIT = 120  # seconds a request may ask to wait for its VM to settle (?wait=)
 SETTLE_POLL = 0.1
+BACKGROUND_HEADER = "X-Vmgate-Background"
+
+
+def is_background(request: web.Request) -> bool:
+    """A request the web console sends by itself (a poll, ``X-Vmgate-Background: 1``): not use of the VM,
+    or a page left open would keep its VM awake for ever."""
+    return request.headers.get(BACKGROUND_HEADER) == "1"
 
 
 class ProvisioningFailed(ServiceUnavailable):
@@ -126,8 +134,8 @@ async def create(app: web.Application, user: dict[str, Any], request: dict[str, 
         await db.audit(cur, action="vm.create", outcome="accepted", user_id=user_id, ip=ip, vm_id=vm_id,
                        details={"template": template.name, "cpu": vm["cpu"], "memory_mb": vm["memory_mb"],
                                 "disk_gb": vm["disk_gb"]})
-    await lifecycle.publish(app[redis_key], row)
-    await lifecycle.engine_of(app).enqueue(vm_id, "create")
+    await publish(app[redis_key], row)
+    await app[engine_key].enqueue(vm_id, "create")
     if wait <= 0:
         return row, False
     row = await settle(app, vm_id, wait)
@@ -147,8 +155,8 @@ async def wake(app: web.Application, vm_id: str) -> dict[str, Any] | None:
     if row is None:
         return None
     if row.get("event_id") is not None:
-        await lifecycle.publish(app[redis_key], row)
-    await lifecycle.engine_of(app).enqueue(vm_id, "resume")
+        await publish(app[redis_key], row)
+    await app[engine_key].enqueue(vm_id, "resume")
     return row
 
 
@@ -179,7 +187,7 @@ async def request_action(app: web.Application, user: dict[str, Any], vm_id: str,
         row = await db.require_transition(cur, vm, wanted.enters, wanted.allowed_from, action, desired=wanted.desired,
                                           extra=extra)
         await db.audit(cur, action=f"vm.{action}", outcome="accepted", user_id=str(user["id"]), ip=ip, vm_id=vm_id)
-    await lifecycle.publish(app[redis_key], row)
+    await publish(app[redis_key], row)
     if action != "start":
         # The console goes at once, not when a worker gets to the VM (which revokes again: with Redis
         # away now, that is when it happens; websockify cannot redeem tokens without Redis meanwhile).
@@ -188,7 +196,7 @@ async def request_action(app: web.Application, user: dict[str, Any], vm_id: str,
             await console_grants.revoke_vm(app[redis_key], vm_id, reason)
         except (redis.exceptions.RedisError, OSError) as exc:
             log.warning("could not revoke the consoles of VM %s yet: %s", vm_id, exc)
-    await lifecycle.engine_of(app).enqueue(vm_id, action)
+    await app[engine_key].enqueue(vm_id, action)
     return await _settled(app, vm_id, row, wait, wanted)
 
 
