@@ -3,9 +3,9 @@
 A VM is in use while a console session is open on it (websockify's plugin keeps
 ``console_live_key`` alive for each session, console/token_plugin.py) and for IDLE_SUSPEND_AFTER
 seconds after its owner's last API request on it (``touch``, from the API's VM routes; the web
-console's own polls say ``X-Vmgate-Background: 1`` and do not count) or the end of its last console
-session. Both live in Redis: losing them only makes a VM look idle since it last
-changed state (the reconciler counts from the row's ``updated_at`` at the least).
+console's own polls say ``X-Vmgate-Background: 1`` and do not count, ``gateway.web.http.is_background``)
+or the end of its last console session. Both live in Redis: losing them only makes a VM look idle since
+it last changed state (the reconciler counts from the row's ``updated_at`` at the least).
 """
 
 from __future__ import annotations
@@ -16,21 +16,11 @@ from typing import Any
 
 import redis.asyncio as aioredis
 import redis.exceptions
-from aiohttp import web
 
 from console import redis_keys
 
 log = logging.getLogger("vmgate.activity")
 ACTIVITY_TTL = 31 * 86400  # longer than the longest IDLE_SUSPEND_AFTER
-
-
-BACKGROUND_HEADER = "X-Vmgate-Background"
-
-
-def is_background(request: web.Request) -> bool:
-    """A request the web console sends by itself (a poll, ``X-Vmgate-Background: 1``): not use of the VM,
-    or a page left open would keep its VM awake for ever."""
-    return request.headers.get(BACKGROUND_HEADER) == "1"
 
 
 async def touch(redis_client: aioredis.Redis, vm_id: str) -> None:

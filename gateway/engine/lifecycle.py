@@ -26,7 +26,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -38,14 +38,13 @@ from aiohttp import web
 
 from console import redis_keys
 from drivers.base import Driver, DriverError, NotSupported, VMStatus
-from gateway import states
+from gateway import states, store
 from gateway.config import Settings
 from gateway.engine import activity, console_grants, storage
 from gateway.engine.queue import Job, WorkQueue
 from gateway.engine.templates import Templates
 from gateway.errors import ApiError
 from gateway.faults import crash_point
-from gateway.store import db
 from gateway.web.appkeys import db_key, driver_key, metrics_key, redis_key, settings_key, templates_key
 from jobspecs import is_warm
 
@@ -77,7 +76,7 @@ def user_channel(user_id: str) -> str:
     return f"{redis_keys.PREFIX}events:user:{user_id}"
 
 
-def event_of(row: dict[str, Any]) -> dict[str, Any]:
+def event_of(row: Mapping[str, Any]) -> dict[str, Any]:
     """The JSON of one state change (the ``data`` of a server-sent ``state`` event)."""
     at = row.get("at") or row.get("updated_at") or now()
     return {"id": row.get("event_id"), "vm_id": str(row.get("vm_id") or row["id"]), "state": row["state"],
@@ -85,7 +84,7 @@ def event_of(row: dict[str, Any]) -> dict[str, Any]:
             "at": at.isoformat() if isinstance(at, dt.datetime) else str(at)}
 
 
-async def publish(redis_client: aioredis.Redis, row: dict[str, Any]) -> None:
+async def publish(redis_client: aioredis.Redis, row: Mapping[str, Any]) -> None:
     """Tell live event streams about a state change. A Redis outage loses nothing: streams replay
     missed changes from Postgres (Last-Event-ID)."""
     payload = json.dumps(event_of(row))
@@ -101,13 +100,13 @@ async def publish(redis_client: aioredis.Redis, row: dict[str, Any]) -> None:
 async def set_state(app: web.Application, vm_id: str, to_state: str, *, only_from: tuple[str, ...] | None = None,
                     reason: str | None = None, desired: str | None = None,
                     extra: dict[str, Any] | None = None) -> dict[str, Any] | None:
-    """``db.transition`` then ``publish``; None when the VM was not in ``only_from``."""
-    async with db.cursor(app[db_key]) as cur:
-        row = await db.transition(cur, vm_id, to_state, only_from=only_from, reason=reason, desired=desired,
-                                  extra=extra)
+    """``store.vms.transition`` then ``publish``; None when the VM was not in ``only_from``."""
+    async with store.db.cursor(app[db_key]) as cur:
+        row = await store.vms.transition(cur, vm_id, to_state, only_from=only_from, reason=reason, desired=desired,
+                                         extra=extra)
     if row is not None:
         await publish(app[redis_key], row)
-    return row
+    return dict(row) if row is not None else None
 
 
 # ---- the restart policy ----------------------------------------------------------------------------
@@ -246,7 +245,7 @@ class Engine:
             await locker.close()
 
     async def _handle(self, consumer: str, job: Job, locker: VmLocker) -> None:
-        if not db.is_uuid(job.vm_id):
+        if not store.db.is_uuid(job.vm_id):
             await self.queue.done(job)
             return
         if job.deliveries > MAX_DELIVERIES:
@@ -280,8 +279,9 @@ class Engine:
     # ---- converging one VM
 
     async def _row(self, vm_id: str) -> dict[str, Any] | None:
-        async with db.cursor(self.pool) as cur:
-            return await db.vm_by_id(cur, vm_id)
+        async with store.db.cursor(self.pool) as cur:
+            row = await store.vms.vm_by_id(cur, vm_id)
+        return dict(row) if row is not None else None
 
     async def converge(self, vm_id: str) -> None:
         """Bring one VM towards its desired state. The caller holds the VM's lock."""
@@ -334,9 +334,9 @@ class Engine:
         return await set_state(self.app, str(row["id"]), to_state, only_from=(row["state"],), **kwargs)
 
     async def _audit(self, row: dict[str, Any], action: str, reason: str) -> None:
-        async with db.cursor(self.pool) as cur:
-            await db.audit(cur, action=action, outcome="error", user_id=str(row["user_id"]), vm_id=str(row["id"]),
-                           details={"reason": reason})
+        async with store.db.cursor(self.pool) as cur:
+            await store.audit.record(cur, action=action, outcome="error", user_id=str(row["user_id"]),
+                                     vm_id=str(row["id"]), details={"reason": reason})
         self.app[metrics_key].vm_ops.labels(action.removeprefix("vm."), "error").inc()
 
     async def _provision(self, row: dict[str, Any]) -> bool:
@@ -349,8 +349,8 @@ class Engine:
             if not job:
                 vm = {**row, "id": vm_id}
                 job = self.catalog.render(template, vm, owner=str(row["user_id"]), settings=self.settings)
-                async with db.cursor(self.pool) as cur:
-                    await db.set_jobspec(cur, vm_id, job)
+                async with store.db.cursor(self.pool) as cur:
+                    await store.vms.set_jobspec(cur, vm_id, job)
             # A warm job's overlay sits on the template's warm disk layer, a cold one's on the base disk.
             await storage.create_overlay(self.catalog.overlay_base(template, job), Path(row["overlay_path"]),
                                          row["disk_gb"])
@@ -395,8 +395,8 @@ class Engine:
                 # moved on. The cold job is stored before QEMU starts, so a retry or any later start
                 # boots from the VM's own disk (docs/LIFECYCLE.md, "Warm starts").
                 await self.catalog.verify_warm(template, job)
-                async with db.cursor(self.pool) as cur:
-                    await db.set_jobspec(cur, vm_id, self.catalog.cold(job, self.settings))
+                async with store.db.cursor(self.pool) as cur:
+                    await store.vms.set_jobspec(cur, vm_id, self.catalog.cold(job, self.settings))
             status = await self.driver.start(vm_id, job)
             if status.state != "running":
                 raise DriverError(f"the VM stopped as soon as it started: {status.reason or 'no reason given'}")
@@ -507,7 +507,7 @@ class Engine:
             log.warning("VM %s: its saved memory could not be loaded to shut it down: %s", vm_id, _reason(exc))
             with contextlib.suppress(DriverError):
                 await self.driver.stop(vm_id, timeout=0)
-        async with db.cursor(self.pool) as cur:
+        async with store.db.cursor(self.pool) as cur:
             await cur.execute("UPDATE vms SET suspended_at = NULL WHERE id = %s", (vm_id,))
         return {**row, "suspended_at": None}
 
@@ -533,8 +533,8 @@ class Engine:
             await self.driver.destroy(str(row["id"]))
             if row["overlay_path"]:
                 storage.remove_overlay(Path(row["overlay_path"]))
-            async with db.cursor(self.pool) as cur:
-                await db.forget_snapshots(cur, str(row["id"]), "vm destroyed")
+            async with store.db.cursor(self.pool) as cur:
+                await store.snapshots.forget_snapshots(cur, str(row["id"]), "vm destroyed")
         except (DriverError, OSError) as exc:
             reason = f"destroy failed: {_reason(exc)}"
             if row["state"] != "error" and await self._cas(row, "error", reason=reason) is not None:
@@ -652,8 +652,8 @@ class Engine:
     async def _snapshot_work(self, row: dict[str, Any]) -> bool:
         """Make or delete the VM's next pending snapshot. True: one was done (look again)."""
         vm_id = str(row["id"])
-        async with db.cursor(self.pool) as cur:
-            work = await db.snapshot_work(cur, vm_id)
+        async with store.db.cursor(self.pool) as cur:
+            work = [dict(snap) for snap in await store.snapshots.snapshot_work(cur, vm_id)]
         for snap in work:
             if snap["state"] == "creating":
                 if row["state"] == "suspended":  # its memory is in the suspend state: resume, then snapshot
@@ -665,7 +665,7 @@ class Engine:
         return False
 
     async def _make_snapshot(self, row: dict[str, Any], snap: dict[str, Any]) -> bool:
-        vm_id, tag = str(row["id"]), db.snapshot_tag(str(snap["id"]))
+        vm_id, tag = str(row["id"]), store.snapshots.snapshot_tag(str(snap["id"]))
         try:
             if row["state"] == "running":
                 memory = await self.driver.save_state(vm_id, tag)
@@ -680,13 +680,14 @@ class Engine:
                 reason += "; stop the VM and take the snapshot then"
             log.warning("VM %s: snapshot %s failed: %s", vm_id, snap["id"], reason)
             await self._drop_snapshot_tag(row, tag)
-            async with db.cursor(self.pool) as cur:
-                await db.set_snapshot(cur, str(snap["id"]), "error", only_from=("creating",), error_reason=reason)
+            async with store.db.cursor(self.pool) as cur:
+                await store.snapshots.set_snapshot(cur, str(snap["id"]), "error", only_from=("creating",),
+                                                   error_reason=reason)
             await self._audit(row, "vm.snapshot", reason)
             return True
-        async with db.cursor(self.pool) as cur:
-            done = await db.set_snapshot(cur, str(snap["id"]), "ready", only_from=("creating",),
-                                         has_memory=memory > 0, memory_bytes=memory)
+        async with store.db.cursor(self.pool) as cur:
+            done = await store.snapshots.set_snapshot(cur, str(snap["id"]), "ready", only_from=("creating",),
+                                                      has_memory=memory > 0, memory_bytes=memory)
         if done is None:  # deleted (with its VM) while it was being made
             await self._drop_snapshot_tag(row, tag)
         self.app[metrics_key].vm_ops.labels("snapshot", "ok").inc()
@@ -709,27 +710,28 @@ class Engine:
     async def _delete_snapshot(self, row: dict[str, Any], snap: dict[str, Any]) -> bool:
         vm_id = str(row["id"])
         try:
-            await self._delete_tag(row, db.snapshot_tag(str(snap["id"])))
+            await self._delete_tag(row, store.snapshots.snapshot_tag(str(snap["id"])))
         except (DriverError, storage.StorageError, OSError) as exc:
             log.warning("VM %s: deleting snapshot %s failed: %s; tried again later", vm_id, snap["id"], _reason(exc))
             return False
-        async with db.cursor(self.pool) as cur:
-            await db.set_snapshot(cur, str(snap["id"]), "deleted", only_from=("deleting",))
+        async with store.db.cursor(self.pool) as cur:
+            await store.snapshots.set_snapshot(cur, str(snap["id"]), "deleted", only_from=("deleting",))
         return True
 
     async def _restore(self, row: dict[str, Any]) -> bool:
         """Put the VM back to the snapshot ``restore_snapshot``: with its memory, the VM runs on from that
         moment; disk only, the disk goes back and the VM boots from it (or stays stopped)."""
         vm_id = str(row["id"])
-        async with db.cursor(self.pool) as cur:
-            snap = await db.snapshot_by_id(cur, str(row["restore_snapshot"])) if row["restore_snapshot"] else None
+        async with store.db.cursor(self.pool) as cur:
+            snap = (await store.snapshots.snapshot_by_id(cur, str(row["restore_snapshot"]))
+                    if row["restore_snapshot"] else None)
         running = (await self.driver.status(vm_id)).state == "running"
         settled = "running" if running else "stopped"
         clear = {"restore_snapshot": None}
         if snap is None or snap["state"] != "ready":
             return await self._cas(row, settled, reason="restore: the snapshot is gone", desired=settled,
                                    extra=clear) is not None
-        tag = db.snapshot_tag(str(snap["id"]))
+        tag = store.snapshots.snapshot_tag(str(snap["id"]))
         try:
             if snap["has_memory"]:
                 if running:
@@ -768,8 +770,9 @@ class Engine:
 
     async def apply_retention(self) -> list[str]:
         """Mark for deletion the snapshots SNAPSHOT_KEEP and SNAPSHOT_MAX_AGE no longer keep, and queue their VMs."""
-        async with db.cursor(self.pool) as cur:
-            expired = await db.expire_snapshots(cur, self.settings.snapshot_keep, self.settings.snapshot_max_age)
+        async with store.db.cursor(self.pool) as cur:
+            expired = await store.snapshots.expire_snapshots(cur, self.settings.snapshot_keep,
+                                                             self.settings.snapshot_max_age)
         for vm_id in sorted({str(snap["vm_id"]) for snap in expired}):
             await self.enqueue(vm_id, "retention")
         return [str(snap["id"]) for snap in expired]
@@ -778,12 +781,12 @@ class Engine:
 
     async def reconcile_once(self) -> list[str]:
         """Queue every VM whose row and actual state disagree; returns their ids. One gateway at a time."""
-        async with self.pool.acquire() as conn, conn.cursor(cursor_factory=db.DictCursor) as cur:
+        async with self.pool.acquire() as conn, conn.cursor(cursor_factory=store.db.DictCursor) as cur:
             async with cur.begin():
                 await cur.execute("SELECT pg_try_advisory_xact_lock(%s) AS leader", (RECONCILER_LOCK,))
                 if not (await cur.fetchone())["leader"]:
                     return []
-                rows = await db.live_vms(cur)
+                rows = [dict(r) for r in await store.vms.live_vms(cur)]
                 actual = await self.driver.list_vms()
                 queued = await self._needing_work(rows, actual)
                 for vm_id in queued:
@@ -843,8 +846,8 @@ class Engine:
         report: dict[str, list[str]] = {"overlays": [], "processes": [], "console_records": [], "stuck": [],
                                         "snapshots": []}
         grace = self.settings.orphan_grace
-        async with db.cursor(self.pool) as cur:
-            rows = {str(r["id"]): r for r in await db.live_vms(cur)}
+        async with store.db.cursor(self.pool) as cur:
+            rows = {str(r["id"]): dict(r) for r in await store.vms.live_vms(cur)}
 
         def owned(vm_id: str) -> bool:
             return states.holds_quota(rows.get(vm_id))
@@ -878,7 +881,7 @@ class Engine:
             await self.driver.destroy(vm_id)
             report["processes"].append(vm_id)
         report["console_records"] = await self._collect_console_records(rows)
-        async with db.cursor(self.pool) as cur:
+        async with store.db.cursor(self.pool) as cur:
             await cur.execute("DELETE FROM revoked_sessions WHERE expires_at < now()")
         report["stuck"] = await self._settle_stuck(list(rows.values()))
         report["snapshots"] = await self.apply_retention()
@@ -889,10 +892,10 @@ class Engine:
 
     async def _still_orphan(self, vm_id: str) -> bool:
         """Look again, in Postgres, just before removing: a create may have begun since the scan."""
-        if not db.is_uuid(vm_id):
+        if not store.db.is_uuid(vm_id):
             return True
-        async with db.cursor(self.pool) as cur:
-            return not states.holds_quota(await db.vm_by_id(cur, vm_id))
+        async with store.db.cursor(self.pool) as cur:
+            return not states.holds_quota(await store.vms.vm_by_id(cur, vm_id))
 
     async def _collect_console_records(self, rows: dict[str, dict[str, Any]]) -> list[str]:
         removed: list[str] = []
@@ -961,7 +964,7 @@ def _age_of(path: Path) -> float:
 
 
 def _is_outage(exc: BaseException) -> bool:
-    return db.is_db_down(exc) or isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError)
+    return store.db.is_db_down(exc) or isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError)
 
 
 class VmLocker:
@@ -975,7 +978,7 @@ class VmLocker:
     async def _cursor(self) -> Any:
         if self.conn is None or self.conn.closed:
             self.conn = await aiopg.connect(self.dsn, timeout=10)
-        return await self.conn.cursor(cursor_factory=db.DictCursor)
+        return await self.conn.cursor(cursor_factory=store.db.DictCursor)
 
     @contextlib.asynccontextmanager
     async def hold(self, vm_id: str, wait: float) -> AsyncIterator[bool]:
