@@ -27,6 +27,8 @@ EMAIL_RE = re.compile(r"^[^@\s]{1,64}@[^@\s]+\.[^@\s]+$")
 MIN_PASSWORD, MAX_PASSWORD = 10, 1024
 JWT_ALGORITHM = "HS256"
 API_TOKEN_PREFIX = "vg_"  # noqa: S105 - a public prefix, not a secret
+# Usable (neither revoked nor expired) API tokens a user may hold at once.
+MAX_LIVE_TOKENS = 50
 
 # argon2-cffi's defaults are Argon2id with RFC 9106's low-memory profile.
 _hasher = PasswordHasher()

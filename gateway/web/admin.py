@@ -15,11 +15,10 @@ import redis.exceptions
 from aiohttp import web
 
 from gateway import states, store
-from gateway.config import Settings
 from gateway.engine import console_grants, lifecycle
 from gateway.errors import ApiError, BadRequest, Conflict, ServiceUnavailable, ValidationFailed
-from gateway.rows import AdminUserRow, UserRow
-from gateway.web import api, auth, paging, validation, vms
+from gateway.rows import UserRow
+from gateway.web import auth, paging, validation, views, vms
 from gateway.web.appkeys import db_key, redis_key, settings_key
 from gateway.web.http import client_ip, json_body, json_response
 
@@ -31,14 +30,6 @@ QUOTA_BOUNDS = {"vms": 10000, "vcpus": 100000, "memory_mb": 10**8, "disk_gb": 10
 # VMs of a disabled user stopped at once: each stop may wait STOP_TIMEOUT for the guest.
 STOP_CONCURRENCY = 4
 STOP_WAIT_MARGIN = 30  # seconds beyond STOP_TIMEOUT to wait for a disabled user's VM to stop
-
-
-def admin_user(row: AdminUserRow, settings: Settings) -> dict[str, Any]:
-    """A user as admins see them: the public view plus quota (effective and overrides) and usage."""
-    return {**auth.public_user(row),
-            "quota": store.users.quota_of(row, settings).to_json(),
-            "quota_overrides": {name: row[column] for name, column in store.users.QUOTA_COLUMNS.items()},
-            "usage": store.users.usage_in(row).to_json()}
 
 
 def _uuid_param(request: web.Request, name: str) -> str | None:
@@ -61,7 +52,7 @@ async def list_users(request: web.Request) -> web.Response:
         rows = await store.users.users_page(cur, size + 1, after, email_contains=email)
     rows, next_cursor = paging.page(rows, size, paging.by_creation)
     settings = request.app[settings_key]
-    return json_response({"users": [admin_user(r, settings) for r in rows], "next_cursor": next_cursor})
+    return json_response({"users": [views.admin_user(r, settings) for r in rows], "next_cursor": next_cursor})
 
 
 @routes.get("/api/admin/users/{user_id}")
@@ -69,7 +60,7 @@ async def get_user(request: web.Request) -> web.Response:
     await auth.require_admin(request)
     async with store.db.cursor(request.app[db_key]) as cur:
         row = await store.users.user_for_admin(cur, request.match_info["user_id"])
-    return json_response({"user": admin_user(row, request.app[settings_key])})
+    return json_response({"user": views.admin_user(row, request.app[settings_key])})
 
 
 def _quota_changes(body: dict[str, Any]) -> dict[str, int | None]:
@@ -169,7 +160,7 @@ async def update_user(request: web.Request) -> web.Response:
     stopped, failed = await _stop_vms(request.app, owner or before, to_stop, ip) if to_stop else ([], [])
     async with store.db.cursor(request.app[db_key]) as cur:
         row = await store.users.user_for_admin(cur, target_id)
-    return json_response({"user": admin_user(row, request.app[settings_key]), "changed": changed,
+    return json_response({"user": views.admin_user(row, request.app[settings_key]), "changed": changed,
                           "tokens_revoked": tokens_revoked, "stopped_vms": stopped, "failed_vms": failed})
 
 
@@ -191,7 +182,7 @@ async def list_vms(request: web.Request) -> web.Response:
                                         include_destroyed=include == "true" or state == "destroyed")
     rows, next_cursor = paging.page(rows, size, paging.by_creation)
     public_url = request.app[settings_key].public_url
-    return json_response({"vms": [{**vms.public_vm(r, public_url), "user_id": str(r["user_id"]),
+    return json_response({"vms": [{**views.public_vm(r, public_url), "user_id": str(r["user_id"]),
                                    "owner_email": r["owner_email"]} for r in rows],
                           "next_cursor": next_cursor})
 
@@ -207,7 +198,7 @@ async def audit(request: web.Request) -> web.Response:
     async with store.db.cursor(request.app[db_key]) as cur:
         rows = await store.audit.audit_page(cur, size + 1, before, user_id=user_id, vm_id=vm_id, action=action)
     rows, next_before = paging.page(rows, size, lambda row: row["id"])
-    return json_response({"entries": [api.audit_entry(r, with_user=True) for r in rows], "next_before": next_before})
+    return json_response({"entries": [views.audit_entry(r, with_user=True) for r in rows], "next_before": next_before})
 
 
 # ---- the lifecycle queue ---------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from aiohttp import web
 from gateway import credentials, states, store
 from gateway.engine import console_grants
 from gateway.errors import BadRequest, Conflict, Forbidden, Unauthorized, ValidationFailed
-from gateway.web import auth, mail, paging, ratelimit, validation, vms
+from gateway.web import auth, mail, paging, ratelimit, validation, views, vms
 from gateway.web.appkeys import db_key, driver_key, mailer_key, redis_key, settings_key, templates_key
 from gateway.web.http import client_ip, json_body, json_response, owned_vm, wait_param
 from jobspecs.render import to_hcl
@@ -41,7 +41,7 @@ async def signup(request: web.Request) -> web.Response:
     # A mail that fails keeps the account: the user logs in and asks for the link again.
     delivery = await mail.send_account_mail(request.app[db_key], request.app[mailer_key], user, "verify",
                                             client_ip(request), reason="signup")
-    return json_response({"user": auth.public_user(user), "verification_mail_sent": delivery.ok}, status=201)
+    return json_response({"user": views.public_user(user), "verification_mail_sent": delivery.ok}, status=201)
 
 
 @routes.post("/api/auth/login")
@@ -63,7 +63,7 @@ async def login(request: web.Request) -> web.Response:
     await attempt.succeeded()
     settings = request.app[settings_key]
     token, claims = credentials.issue_session(settings, user)
-    response = json_response({"user": auth.public_user(user), "csrf_token": claims["csrf"],
+    response = json_response({"user": views.public_user(user), "csrf_token": claims["csrf"],
                               "expires_at": dt.datetime.fromtimestamp(claims["exp"], dt.UTC).isoformat()})
     auth.set_session_cookies(response, settings, token, claims["csrf"])
     return response
@@ -93,7 +93,7 @@ async def me(request: web.Request) -> web.Response:
     async with store.db.cursor(request.app[db_key]) as cur:
         usage = await store.users.usage_of(cur, str(user["id"]))
     quota = store.users.quota_of(user, request.app[settings_key])
-    return json_response({"user": auth.public_user(user), "quota": quota.to_json(), "usage": usage.to_json()})
+    return json_response({"user": views.public_user(user), "quota": quota.to_json(), "usage": usage.to_json()})
 
 
 @routes.get("/api/me/vms")
@@ -105,17 +105,7 @@ async def my_vms(request: web.Request) -> web.Response:
     async with store.db.cursor(request.app[db_key]) as cur:
         rows = await store.vms.vms_of(cur, str(user["id"]), include_destroyed=include == "true")
     public_url = request.app[settings_key].public_url
-    return json_response({"vms": [vms.public_vm(r, public_url) for r in rows]})
-
-
-def audit_entry(row: dict[str, Any], *, with_user: bool = False) -> dict[str, Any]:
-    """The API's view of an audit_log row (``with_user`` adds whose entry it is, for admins)."""
-    entry: dict[str, Any] = {"id": row["id"], "at": row["created_at"].isoformat(), "action": row["action"],
-                             "outcome": row["outcome"], "vm_id": str(row["vm_id"]) if row["vm_id"] else None,
-                             "ip": row["ip"], "details": row["details"]}
-    if with_user:
-        entry["user_id"] = str(row["user_id"]) if row["user_id"] else None
-    return entry
+    return json_response({"vms": [views.public_vm(r, public_url) for r in rows]})
 
 
 @routes.get("/api/me/audit")
@@ -125,7 +115,7 @@ async def my_audit(request: web.Request) -> web.Response:
     async with store.db.cursor(request.app[db_key]) as cur:
         rows = await store.audit.audit_of(cur, str(user["id"]), limit=size + 1, before_id=before)
     rows, next_before = paging.page(rows, size, lambda row: row["id"])
-    return json_response({"entries": [audit_entry(r) for r in rows], "next_before": next_before})
+    return json_response({"entries": [views.audit_entry(r) for r in rows], "next_before": next_before})
 
 
 # ---- templates and VMs -----------------------------------------------------------------------------
@@ -158,7 +148,7 @@ async def create_vm(request: web.Request) -> web.Response:
     wait = wait_param(request)
     await ratelimit.limit(request, "vm_create_user", str(user["id"]))
     row, running = await vms.create(request.app, user, wanted, client_ip(request), wait=wait)
-    response = json_response(vms.public_vm(row, request.app[settings_key].public_url), status=201 if running else 202)
+    response = json_response(views.public_vm(row, request.app[settings_key].public_url), status=201 if running else 202)
     response.headers["Location"] = f"/api/vms/{row['id']}"
     return response
 
@@ -168,9 +158,8 @@ async def get_vm(request: web.Request) -> web.Response:
     _, vm = await owned_vm(request)
     async with store.db.cursor(request.app[db_key]) as cur:
         events = await store.vms.vm_events(cur, str(vm["id"]))
-    data = vms.public_vm(vm, request.app[settings_key].public_url)
-    data["history"] = [{"from": e["from_state"], "to": e["to_state"], "reason": e["reason"],
-                        "at": e["created_at"].isoformat()} for e in events]
+    data = views.public_vm(vm, request.app[settings_key].public_url)
+    data["history"] = views.history(events)
     return json_response(data)
 
 
@@ -179,7 +168,7 @@ async def _vm_action(request: web.Request, action: str) -> web.Response:
     wait = wait_param(request)
     row, done = await vms.request_action(request.app, user, request.match_info["vm_id"], action,
                                          client_ip(request), wait=wait)
-    return json_response(vms.public_vm(row, request.app[settings_key].public_url), status=200 if done else 202)
+    return json_response(views.public_vm(row, request.app[settings_key].public_url), status=200 if done else 202)
 
 
 @routes.post("/api/vms/{vm_id}/stop")

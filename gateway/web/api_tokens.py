@@ -8,13 +8,11 @@ tokens would let a leaked token outlive its own revocation.
 
 from __future__ import annotations
 
-from typing import Any
-
 from aiohttp import web
 
 from gateway import credentials, store
 from gateway.errors import Forbidden, ValidationFailed
-from gateway.web import auth, paging, validation
+from gateway.web import auth, paging, validation, views
 from gateway.web.appkeys import db_key
 from gateway.web.http import client_ip, json_body, json_response
 
@@ -24,28 +22,8 @@ MIN_EXPIRES_IN = 3600
 MAX_EXPIRES_IN = 365 * 86400
 DEFAULT_EXPIRES_IN = 30 * 86400
 MAX_NAME = 64
-# Usable (neither revoked nor expired) tokens a user may hold at once.
-MAX_LIVE_TOKENS = 50
 # Characters of the token kept in clear: "vg_" and 8 of its 43 random ones.
 PREFIX_LENGTH = len(credentials.API_TOKEN_PREFIX) + 8
-
-
-def public_token(row: dict[str, Any], current_id: str | None = None) -> dict[str, Any]:
-    """The listing view of a token: never the token itself."""
-    def iso(value: Any) -> str | None:
-        return value.isoformat() if value is not None else None
-
-    return {
-        "id": str(row["id"]),
-        "name": row["name"],
-        "prefix": row["prefix"],
-        "created_at": iso(row["created_at"]),
-        "expires_at": iso(row["expires_at"]),
-        "last_used_at": iso(row["last_used_at"]),
-        "revoked": row["revoked_at"] is not None,
-        "revoked_at": iso(row["revoked_at"]),
-        "current": current_id is not None and str(row["id"]) == current_id,
-    }
 
 
 @routes.post("/api/me/tokens")
@@ -66,11 +44,11 @@ async def create_token(request: web.Request) -> web.Response:
     async with store.db.cursor(request.app[db_key]) as cur:
         row = await store.tokens.create_api_token(cur, user_id, name=name, token_hash=token_hash,
                                                   prefix=token[:PREFIX_LENGTH], expires_in=expires_in,
-                                                  max_live=MAX_LIVE_TOKENS)
+                                                  max_live=credentials.MAX_LIVE_TOKENS)
         await store.audit.record(cur, action="token.create", outcome="ok", user_id=user_id, ip=client_ip(request),
                                  details={"token_id": str(row["id"]), "name": name, "prefix": row["prefix"],
                                           "expires_at": row["expires_at"].isoformat()})
-    view = public_token(row)
+    view = views.public_token(row)
     return json_response({"id": view["id"], "name": view["name"], "token": token, "prefix": view["prefix"],
                           "created_at": view["created_at"], "expires_at": view["expires_at"]}, status=201)
 
@@ -82,7 +60,7 @@ async def list_tokens(request: web.Request) -> web.Response:
     async with store.db.cursor(request.app[db_key]) as cur:
         rows = await store.tokens.api_tokens_of(cur, str(caller.user["id"]), size + 1, after)
     rows, next_cursor = paging.page(rows, size, paging.by_creation)
-    return json_response({"tokens": [public_token(r, caller.token_id) for r in rows],
+    return json_response({"tokens": [views.public_token(r, caller.token_id) for r in rows],
                           "next_cursor": next_cursor})
 
 
@@ -96,4 +74,4 @@ async def revoke_token(request: web.Request) -> web.Response:
             await store.audit.record(cur, action="token.revoke", outcome="ok", user_id=user_id, ip=client_ip(request),
                                      details={"token_id": str(row["id"]), "name": row["name"], "prefix": row["prefix"],
                                               "via": caller.method})
-    return json_response(public_token(row, caller.token_id))
+    return json_response(views.public_token(row, caller.token_id))

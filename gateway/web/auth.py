@@ -19,7 +19,7 @@ from aiohttp import web
 from gateway import credentials, store
 from gateway.config import Settings
 from gateway.errors import Forbidden, Unauthorized
-from gateway.rows import UserRecord, UserRow
+from gateway.rows import UserRecord
 from gateway.web.appkeys import db_key, settings_key
 
 SESSION_COOKIE = "vmgate_session"
@@ -149,13 +149,3 @@ async def require_admin(request: web.Request) -> UserRecord:
     check_csrf(request, caller)
     return caller.user
 
-
-def public_user(user: UserRow) -> dict[str, Any]:
-    return {
-        "id": str(user["id"]),
-        "email": user["email"],
-        "role": user["role"],
-        "email_verified": user.get("email_verified_at") is not None,
-        "is_active": user.get("is_active", True),
-        "created_at": user["created_at"].isoformat(),
-    }

@@ -16,11 +16,10 @@ from urllib.parse import quote, urlencode
 import aiohttp_jinja2
 from aiohttp import web
 
-from gateway import states, store
+from gateway import credentials, states, store
 from gateway.rows import UserRecord
-from gateway.web import admin, api, api_tokens, auth, paging, vms
+from gateway.web import auth, paging, views
 from gateway.web.appkeys import db_key, driver_key, settings_key, templates_key
-from gateway.web.snapshots import public_snapshot
 from jobspecs.render import to_hcl
 
 routes = web.RouteTableDef()
@@ -67,7 +66,7 @@ async def _dashboard_context(request: web.Request, user: UserRecord) -> dict[str
         rows = await store.vms.vms_of(cur, user_id)
         usage = await store.users.usage_of(cur, user_id)
     quota = store.users.quota_of(user, request.app[settings_key])
-    return {"user": auth.public_user(user), "vms": [vms.public_vm(r, _public_url(request)) for r in rows],
+    return {"user": views.public_user(user), "vms": [views.public_vm(r, _public_url(request)) for r in rows],
             "quota": quota.to_json(), "usage": usage.to_json()}
 
 
@@ -111,15 +110,14 @@ async def _vm_context(request: web.Request, user: UserRecord) -> dict[str, Any]:
     async with store.db.cursor(request.app[db_key]) as cur:
         row = await store.vms.vm_for_owner(cur, request.match_info["vm_id"], str(user["id"]))
         events = await store.vms.vm_events(cur, str(row["id"]))
-    vm = vms.public_vm(row, _public_url(request))
-    history = [{"from": e["from_state"], "to": e["to_state"], "reason": e["reason"],
-                "at": e["created_at"].isoformat()} for e in events]
+    vm = views.public_vm(row, _public_url(request))
+    history = views.history(events)
     jobspec = row.get("jobspec")
     settings = request.app[settings_key]
     async with store.db.cursor(request.app[db_key]) as cur:
-        snapshots = [public_snapshot(s) for s in await store.snapshots.snapshots_of(cur, str(row["id"]))]
+        snapshots = [views.public_snapshot(s) for s in await store.snapshots.snapshots_of(cur, str(row["id"]))]
         used = await store.snapshots.snapshot_usage(cur, str(user["id"]))
-    return {"user": auth.public_user(user), "vm": vm, "history": history,
+    return {"user": views.public_user(user), "vm": vm, "history": history,
             "jobspec_hcl": to_hcl(jobspec) if jobspec else None,
             "saves_memory": request.app[driver_key].saves_memory,
             "idle_suspend_after": request.app[templates_key].idle_suspend_after(row["template"], settings)
@@ -147,7 +145,7 @@ async def console_page(request: web.Request) -> web.StreamResponse:
     async with store.db.cursor(request.app[db_key]) as cur:
         vm = await store.vms.vm_for_owner(cur, request.match_info["vm_id"], str(user["id"]))
     return _render("console.html", request, {
-        "user": auth.public_user(user),
+        "user": views.public_user(user),
         "vm": {"id": str(vm["id"]), "name": vm["name"], "state": vm["state"]}})
 
 
@@ -155,8 +153,8 @@ async def console_page(request: web.Request) -> web.StreamResponse:
 
 async def _tokens_context(request: web.Request, user: UserRecord) -> dict[str, Any]:
     async with store.db.cursor(request.app[db_key]) as cur:
-        rows = await store.tokens.api_tokens_of(cur, str(user["id"]), api_tokens.MAX_LIVE_TOKENS * 4)
-    return {"user": auth.public_user(user), "tokens": [api_tokens.public_token(r) for r in rows]}
+        rows = await store.tokens.api_tokens_of(cur, str(user["id"]), credentials.MAX_LIVE_TOKENS * 4)
+    return {"user": views.public_user(user), "tokens": [views.public_token(r) for r in rows]}
 
 
 @routes.get("/account")
@@ -167,7 +165,7 @@ async def account(request: web.Request) -> web.StreamResponse:
         rows = await store.audit.audit_of(cur, str(user["id"]), limit=AUDIT_PAGE + 1, before_id=before)
     rows, next_before = paging.page(rows, AUDIT_PAGE, lambda row: row["id"])
     context = await _tokens_context(request, user)
-    context.update(entries=[api.audit_entry(r) for r in rows], next_before=next_before, paged=before is not None)
+    context.update(entries=[views.audit_entry(r) for r in rows], next_before=next_before, paged=before is not None)
     return _render("account.html", request, context)
 
 
@@ -197,7 +195,7 @@ async def admin_users(request: web.Request) -> web.StreamResponse:
     next_url = "/admin/users?" + urlencode({"cursor": next_cursor, **({"email": email} if email else {})}) \
         if next_cursor else None
     return _render("admin_users.html", request, {
-        "user": auth.public_user(me), "tab": "users", "users": [admin.admin_user(r, settings) for r in rows],
+        "user": views.public_user(me), "tab": "users", "users": [views.admin_user(r, settings) for r in rows],
         "email": email or "", "next_url": next_url, "paged": after is not None})
 
 
@@ -221,15 +219,15 @@ async def admin_vms(request: web.Request) -> web.StreamResponse:
     next_url = "/admin/vms?" + urlencode({"cursor": next_cursor, **query}) if next_cursor else None
     public_url = _public_url(request)
     return _render("admin_vms.html", request, {
-        "user": auth.public_user(me), "tab": "vms", "states": states.ALL, "state": state or "",
+        "user": views.public_user(me), "tab": "vms", "states": states.ALL, "state": state or "",
         "include_destroyed": include, "next_url": next_url, "paged": after is not None,
-        "vms": [{**vms.public_vm(r, public_url), "owner_email": r["owner_email"]} for r in rows]})
+        "vms": [{**views.public_vm(r, public_url), "owner_email": r["owner_email"]} for r in rows]})
 
 
 @routes.get("/admin/queue")
 async def admin_queue(request: web.Request) -> web.StreamResponse:
     me = await auth.require_admin(request)
-    return _render("admin_queue.html", request, {"user": auth.public_user(me), "tab": "queue"})
+    return _render("admin_queue.html", request, {"user": views.public_user(me), "tab": "queue"})
 
 
 # ---- the pages a mailed link opens ---------------------------------------------------------------

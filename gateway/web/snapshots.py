@@ -21,7 +21,7 @@ from gateway.engine import lifecycle
 from gateway.errors import Conflict, ServiceUnavailable, ValidationFailed
 from gateway.rows import SnapshotRow, UserRow, VmRow
 from gateway.states import VmState
-from gateway.web import validation, vms
+from gateway.web import validation, views, vms
 from gateway.web.appkeys import db_key, driver_key, redis_key, settings_key
 from gateway.web.http import client_ip, json_body, json_response, owned_vm, wait_param
 
@@ -29,25 +29,6 @@ routes = web.RouteTableDef()
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,62}[A-Za-z0-9._-]?$")
 # The VM states a snapshot can be taken in (suspended: the VM is resumed for it, its memory is in use).
-
-
-def public_snapshot(row: SnapshotRow) -> dict[str, Any]:
-    def iso(value: Any) -> str | None:
-        return value.isoformat() if value is not None else None
-
-    return {
-        "snapshot_id": str(row["id"]),
-        "vm_id": str(row["vm_id"]),
-        "name": row["name"],
-        "state": row["state"],
-        "memory": row["has_memory"],
-        "memory_bytes": row["memory_bytes"],
-        "error": row["error_reason"],
-        "deleted_by": row["deleted_by"],
-        "created_at": iso(row["created_at"]),
-        "ready_at": iso(row["ready_at"]),
-        "deleted_at": iso(row["deleted_at"]),
-    }
 
 
 async def _audit(request: web.Request, user: UserRow, vm: VmRow, action: str,
@@ -69,7 +50,7 @@ async def list_snapshots(request: web.Request) -> web.Response:
     async with store.db.cursor(request.app[db_key]) as cur:
         rows = await store.snapshots.snapshots_of(cur, str(vm["id"]))
         used = await store.snapshots.snapshot_usage(cur, str(user["id"]))
-    return json_response({"snapshots": [public_snapshot(r) for r in rows],
+    return json_response({"snapshots": [views.public_snapshot(r) for r in rows],
                           "quota": {"snapshots": settings.snapshot_quota, "used": used},
                           "retention": {"keep": settings.snapshot_keep, "max_age_seconds": settings.snapshot_max_age}})
 
@@ -102,7 +83,7 @@ async def create_snapshot(request: web.Request) -> web.Response:
             raise ServiceUnavailable(f"The snapshot could not be taken: {row['error_reason']}",
                                      code="snapshot_failed", details={"snapshot_id": str(row["id"]),
                                                                       "reason": row["error_reason"]})
-    response = json_response(public_snapshot(row), status=201 if row["state"] == "ready" else 202)
+    response = json_response(views.public_snapshot(row), status=201 if row["state"] == "ready" else 202)
     response.headers["Location"] = f"/api/vms/{vm['id']}/snapshots/{row['id']}"
     return response
 
@@ -112,7 +93,7 @@ async def get_snapshot(request: web.Request) -> web.Response:
     _, vm = await owned_vm(request)
     async with store.db.cursor(request.app[db_key]) as cur:
         row = await store.snapshots.snapshot_of_vm(cur, str(vm["id"]), request.match_info["snapshot_id"])
-    return json_response(public_snapshot(row))
+    return json_response(views.public_snapshot(row))
 
 
 @routes.delete("/api/vms/{vm_id}/snapshots/{snapshot_id}")
@@ -135,7 +116,7 @@ async def delete_snapshot(request: web.Request) -> web.Response:
     await lifecycle.engine_of(app).enqueue(str(vm["id"]), "snapshot delete")
     if wait > 0:
         row = await _snapshot_settled(app, str(row["id"]), wait, until=("deleted",))
-    return json_response(public_snapshot(row), status=200 if row["state"] == "deleted" else 202)
+    return json_response(views.public_snapshot(row), status=200 if row["state"] == "deleted" else 202)
 
 
 @routes.post("/api/vms/{vm_id}/snapshots/{snapshot_id}/restore")
@@ -169,4 +150,4 @@ async def restore_snapshot(request: web.Request) -> web.Response:
             raise ServiceUnavailable(f"The VM could not be restored: {reason}", code="restore_failed",
                                      details={"vm_id": str(vm["id"]), "reason": reason, "state": row["state"]})
         done = states.is_settled(row)
-    return json_response(vms.public_vm(row, app[settings_key].public_url), status=200 if done else 202)
+    return json_response(views.public_vm(row, app[settings_key].public_url), status=200 if done else 202)

@@ -41,31 +41,6 @@ class ProvisioningFailed(ServiceUnavailable):
     code = "provisioning_failed"
 
 
-def public_vm(row: VmRow, public_url: str) -> dict[str, Any]:
-    """The API's view of a VM row."""
-    def iso(value: Any) -> str | None:
-        return value.isoformat() if value is not None else None
-
-    vm_id = str(row["id"])
-    return {
-        "vm_id": vm_id,
-        "name": row["name"],
-        "template": row["template"],
-        "cpu": row["cpu"],
-        "memory_mb": row["memory_mb"],
-        "disk_gb": row["disk_gb"],
-        "state": row["state"],
-        "desired_state": row["desired_state"],
-        "error": row["error_reason"],
-        "vnc_url": f"{public_url}/vms/{vm_id}/console",
-        "created_at": iso(row["created_at"]),
-        "updated_at": iso(row["updated_at"]),
-        "started_at": iso(row["started_at"]),
-        "stopped_at": iso(row["stopped_at"]),
-        "suspended_at": iso(row.get("suspended_at")),
-    }
-
-
 async def audit(app: web.Application, action: str, outcome: str, user: UserRow, ip: str | None,
                 vm_id: str | None = None, **details: Any) -> None:
     """One audit-log entry of a user's action on a VM."""
