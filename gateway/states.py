@@ -96,7 +96,7 @@ def holds_quota(row: Mapping[str, Any] | None) -> bool:
 
 def creation_failed(row: Mapping[str, Any]) -> bool:
     """The VM's creation failed and nothing of it is left to start, snapshot or restore."""
-    return row["state"] == S.ERROR and row["desired_state"] == Desired.DESTROYED
+    return bool(row["state"] == S.ERROR and row["desired_state"] == Desired.DESTROYED)
 
 
 def is_settled(row: Mapping[str, Any]) -> bool:

@@ -15,7 +15,7 @@ import pytest
 from aiohttp import web, web_log
 from aiohttp.test_utils import make_mocked_request
 
-from gateway import logs
+from gateway import credentials, logs
 from gateway.web import auth
 from gateway.web.appkeys import settings_key
 from tests.conftest import Session, assert_envelope
@@ -31,7 +31,7 @@ async def test_each_refusal_takes_effect_on_the_next_request(server: Any, sessio
     await s.signup_and_login()
     user_id = (s.user or {})["id"]
     cookie = next(c.value for c in s.http.cookie_jar if c.key == auth.SESSION_COOKIE)
-    claims = auth.decode_session(server.app[settings_key], cookie)
+    claims = credentials.decode_session(server.app[settings_key], cookie)
     assert claims is not None
     for _ in range(3):  # warm: whatever could be remembered between requests would be by now
         assert (await s.request("GET", "/api/me/vms"))[0] == 200
@@ -59,7 +59,7 @@ async def test_a_revoked_or_disabled_bearer_token_is_refused_at_once(server: Any
     owner: Session = sessions(server)
     await owner.signup_and_login()
     user_id = (owner.user or {})["id"]
-    token, digest = auth.new_api_token()
+    token, digest = credentials.new_api_token()
     token_id = str(uuid.uuid4())
     _sql(database_url, "INSERT INTO api_tokens (id, user_id, name, token_hash, prefix, expires_at)"
          " VALUES (%s, %s, 'perf', %s, %s, %s)",

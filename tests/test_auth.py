@@ -13,8 +13,8 @@ import jwt
 import psycopg2
 
 from drivers.fake import FakeDriver
+from gateway import credentials
 from gateway.config import Settings
-from gateway.web import auth
 from gateway.web.app import create_app
 from tests.conftest import Session, assert_envelope, truncate_all
 
@@ -60,7 +60,7 @@ async def test_sessions_signed_with_a_former_key_stay_valid(aiohttp_server: Any,
     status, me = await t.request("GET", "/api/me", cookies={"vmgate_session": cookie})
     assert status == 200 and me["user"]["id"] == (s.user or {})["id"]
     # New sessions are signed with the current key only.
-    token, _ = auth.issue_session(rotated, {"id": me["user"]["id"], "session_epoch": 0})
+    token, _ = credentials.issue_session(rotated, {"id": me["user"]["id"], "session_epoch": 0})
     assert jwt.decode(token, rotated.jwt_secret, algorithms=["HS256"])["sub"] == me["user"]["id"]
 
     dropped = dataclasses.replace(app_settings, jwt_old_secrets=())
@@ -97,7 +97,7 @@ async def test_ending_all_sessions_refuses_old_cookies(server: Any, sessions: An
 
 
 def _insert_token(database_url: str, user_id: str, *, expires_in: int = 3600, revoked: bool = False) -> str:
-    token, digest = auth.new_api_token()
+    token, digest = credentials.new_api_token()
     now = dt.datetime.now(dt.UTC)
     with psycopg2.connect(database_url) as conn, conn.cursor() as cur:
         cur.execute("INSERT INTO api_tokens (id, user_id, name, token_hash, prefix, expires_at, revoked_at)"

@@ -18,13 +18,13 @@ import redis.asyncio as aioredis
 
 from console import redis_keys
 from drivers.fake import FakeDriver
+from gateway import store
 from gateway.config import Settings
 from gateway.engine import storage
 from gateway.engine.engine import Engine
 from gateway.engine.templates import Templates
 from gateway.metrics import Metrics
 from gateway.states import Desired, VmState
-from gateway.store import db
 from gateway.store.migrate import migrate
 from tests.conftest import truncate_all
 
@@ -50,27 +50,27 @@ async def engine(app_settings: Settings, database_url: str) -> AsyncIterator[Eng
 async def admitted_vm(engine: Engine) -> dict[str, Any]:
     """A VM admitted as the API admits one (``provisioning``, no job yet: the engine renders it)."""
     vm_id = str(uuid.uuid4())
-    async with db.cursor(engine.deps.pool) as cur:
-        owner = await db.create_user(cur, f"u{uuid.uuid4().hex[:10]}@example.test", "not a hash")
+    async with store.db.cursor(engine.deps.pool) as cur:
+        owner = await store.users.create_user(cur, f"u{uuid.uuid4().hex[:10]}@example.test", "not a hash")
         overlay = storage.overlay_path(engine.settings.vms_root, str(owner["id"]), vm_id)
-        return await db.admit_vm(cur, engine.settings, str(owner["id"]), {
+        return await store.vms.admit_vm(cur, engine.settings, str(owner["id"]), {
             "id": vm_id, "name": "unit", "template": "tiny", "cpu": 1, "memory_mb": 256, "disk_gb": 1,
             "userdata": None, "overlay_path": str(overlay)})
 
 
 async def ask(engine: Engine, vm_id: str, to: VmState, came_from: VmState, desired: Desired) -> None:
     """Record a user's request as the API does (a compare-and-set on the row)."""
-    async with db.cursor(engine.deps.pool) as cur:
-        assert await db.transition(cur, vm_id, to, only_from=(came_from,), desired=desired) is not None
+    async with store.db.cursor(engine.deps.pool) as cur:
+        assert await store.vms.transition(cur, vm_id, to, only_from=(came_from,), desired=desired) is not None
 
 
 async def history(engine: Engine, vm_id: str) -> list[str]:
-    async with db.cursor(engine.deps.pool) as cur:
-        return [event["to_state"] for event in await db.vm_events(cur, vm_id)]
+    async with store.db.cursor(engine.deps.pool) as cur:
+        return [event["to_state"] for event in await store.vms.vm_events(cur, vm_id)]
 
 
 async def audit_entries(engine: Engine, vm_id: str) -> list[tuple[str, str, str | None]]:
-    async with db.cursor(engine.deps.pool) as cur:
+    async with store.db.cursor(engine.deps.pool) as cur:
         await cur.execute("SELECT action, outcome, details FROM audit_log WHERE vm_id = %s ORDER BY id", (vm_id,))
         return [(r["action"], r["outcome"], (r["details"] or {}).get("reason")) for r in await cur.fetchall()]
 

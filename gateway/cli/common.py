@@ -7,8 +7,8 @@ from typing import Any, TypeVar
 
 import aiopg
 
+from gateway import store
 from gateway.config import Settings
-from gateway.store import db
 from gateway.store.migrate import migrate
 
 EXIT_REFUSED, EXIT_CONFIG, EXIT_POSTGRES = 1, 2, 3
@@ -29,5 +29,5 @@ async def in_db(settings: Settings, work: Callable[[Any], Awaitable[T]]) -> T:
     """Run ``work(cursor)`` on a migrated database."""
     async with aiopg.create_pool(settings.postgres_url, minsize=1, maxsize=1, timeout=10) as pool:
         await migrate(pool)
-        async with db.cursor(pool) as cur:
+        async with store.db.cursor(pool) as cur:
             return await work(cur)

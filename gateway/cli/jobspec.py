@@ -26,6 +26,7 @@ from typing import Any
 from gateway import states
 from gateway.cli.common import Refused, in_db
 from gateway.config import REPO_ROOT, Settings
+from gateway.rows import VmRow
 
 CLIENT_HCL = REPO_ROOT / "nomad" / "client.hcl"
 EXPORT_RE = re.compile(r"^vm-[0-9a-f-]{36}\.nomad\.hcl$")
@@ -64,14 +65,14 @@ def flags_of(job: dict[str, Any]) -> list[str]:
     return [arg for arg in args if isinstance(arg, str) and arg.startswith("-")]
 
 
-async def _rows(settings: Settings, vm_id: str | None) -> list[dict[str, Any]]:
-    from gateway.store import db
+async def _rows(settings: Settings, vm_id: str | None) -> list[VmRow]:
+    from gateway import store
 
-    async def work(cur: Any) -> list[dict[str, Any]]:
+    async def work(cur: Any) -> list[VmRow]:
         if vm_id is not None:
-            row = await db.vm_by_id(cur, vm_id)
+            row = await store.vms.vm_by_id(cur, vm_id)
             return [row] if row else []
-        return list(await db.vms_in_states(cur, states.HAS_JOB))
+        return await store.vms.vms_in_states(cur, states.HAS_JOB)
 
     return await in_db(settings, work)
 
@@ -97,11 +98,11 @@ def export(settings: Settings, directory: Path) -> str:
     from jobspecs import to_hcl
 
     directory.mkdir(parents=True, exist_ok=True)
-    rows = [row for row in asyncio.run(_rows(settings, None)) if row["jobspec"]]
+    jobs = [(row["id"], job) for row in asyncio.run(_rows(settings, None)) if (job := row["jobspec"])]
     written: set[str] = set()
-    for row in rows:
-        name = f"vm-{row['id']}.nomad.hcl"
-        text = to_hcl(row["jobspec"])
+    for vm_id, job in jobs:
+        name = f"vm-{vm_id}.nomad.hcl"
+        text = to_hcl(job)
         path = directory / name
         if not path.exists() or path.read_text() != text:  # unchanged files keep their mtime
             fd, tmp = tempfile.mkstemp(dir=directory, prefix=".vm-", suffix=".tmp")

@@ -28,12 +28,12 @@ from urllib.parse import urlsplit
 
 import psycopg2
 
+from gateway import credentials, store
 from gateway.cli import jobspec
 from gateway.cli.common import EXIT_CONFIG, EXIT_POSTGRES, EXIT_REFUSED, Refused, apply_migrations, in_db
 from gateway.config import ConfigError, Settings
 from gateway.errors import Conflict
-from gateway.store import db
-from gateway.web import auth, validation
+from gateway.rows import UserRecord, UserRow
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -70,19 +70,19 @@ def _read_password(args: argparse.Namespace) -> tuple[str, bool]:
     else:
         raise Refused("stdin is not a terminal: pass --password-stdin (and pipe the password) "
                       "or --generate-password")
-    if not validation.MIN_PASSWORD <= len(password) <= validation.MAX_PASSWORD:
-        raise Refused(f"the password must be {validation.MIN_PASSWORD} to {validation.MAX_PASSWORD} characters")
+    if not credentials.MIN_PASSWORD <= len(password) <= credentials.MAX_PASSWORD:
+        raise Refused(f"the password must be {credentials.MIN_PASSWORD} to {credentials.MAX_PASSWORD} characters")
     return password, False
 
 
 def create_admin(settings: Settings, args: argparse.Namespace) -> str:
     """Create or promote the admin; returns what to tell the operator."""
     email = args.email.strip()
-    if not validation.EMAIL_RE.match(email) or len(email) > 254:
+    if not credentials.EMAIL_RE.match(email) or len(email) > 254:
         raise Refused(f"{email!r} is not an email address")
 
-    async def lookup(cur: Any) -> dict[str, Any] | None:
-        return await db.user_by_email(cur, email)
+    async def lookup(cur: Any) -> UserRecord | None:
+        return await store.users.user_by_email(cur, email)
 
     existing = asyncio.run(in_db(settings, lookup))
     if existing is not None:
@@ -94,9 +94,9 @@ def create_admin(settings: Settings, args: argparse.Namespace) -> str:
 
         async def promote(cur: Any) -> None:
             async with cur.begin():
-                await db.make_admin(cur, str(existing["id"]))
-                await db.audit(cur, action="admin.promote", outcome="ok", user_id=str(existing["id"]),
-                               details={"via": "cli", "email": existing["email"]})
+                await store.users.make_admin(cur, str(existing["id"]))
+                await store.audit.record(cur, action="admin.promote", outcome="ok", user_id=str(existing["id"]),
+                                         details={"via": "cli", "email": existing["email"]})
 
         asyncio.run(in_db(settings, promote))
         return f"promoted {existing['email']} to admin (id {existing['id']})"
@@ -104,17 +104,17 @@ def create_admin(settings: Settings, args: argparse.Namespace) -> str:
     # Asked only now, so a refused email does not cost the operator a password prompt; and outside
     # the event loop, so Ctrl-C at the prompt ends the command at once.
     password, generated = _read_password(args)
-    password_hash = asyncio.run(auth.hash_password(password))
+    password_hash = asyncio.run(credentials.hash_password(password))
 
-    async def create(cur: Any) -> dict[str, Any]:
+    async def create(cur: Any) -> UserRow:
         async with cur.begin():
             try:
-                user = await db.create_user(cur, email, password_hash, role="admin")
+                user = await store.users.create_user(cur, email, password_hash, role="admin")
             except Conflict:
                 raise Refused(f"an account with the email {email} was created meanwhile") from None
-            await db.make_admin(cur, str(user["id"]))
-            await db.audit(cur, action="admin.create", outcome="ok", user_id=str(user["id"]),
-                           details={"via": "cli", "email": email})
+            await store.users.make_admin(cur, str(user["id"]))
+            await store.audit.record(cur, action="admin.create", outcome="ok", user_id=str(user["id"]),
+                                     details={"via": "cli", "email": email})
         return user
 
     user = asyncio.run(in_db(settings, create))

@@ -3,9 +3,9 @@
 A VM is in use while a console session is open on it (websockify's plugin keeps
 ``console_live_key`` alive for each session, console/token_plugin.py) and for IDLE_SUSPEND_AFTER
 seconds after its owner's last API request on it (``touch``, from the API's VM routes; the web
-console's own polls say ``X-Vmgate-Background: 1`` and do not count: gateway/web/vms.py) or the end of its last console
-session. Both live in Redis: losing them only makes a VM look idle since it last
-changed state (the reconciler counts from the row's ``updated_at`` at the least).
+console's own polls say ``X-Vmgate-Background: 1`` and do not count, ``gateway.web.http.is_background``)
+or the end of its last console session. Both live in Redis: losing them only makes a VM look idle since
+it last changed state (the reconciler counts from the row's ``updated_at`` at the least).
 """
 
 from __future__ import annotations

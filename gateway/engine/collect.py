@@ -14,7 +14,7 @@ from pathlib import Path
 
 from console import redis_keys
 from drivers.base import DriverError
-from gateway import states
+from gateway import states, store
 from gateway.engine import storage
 from gateway.engine.converge import Converger
 from gateway.engine.deps import EngineDeps, now
@@ -22,8 +22,6 @@ from gateway.engine.locks import VmLocker
 from gateway.engine.publish import Row
 from gateway.engine.saves import apply_retention
 from gateway.states import Desired, VmState
-from gateway.store import db
-from gateway.store import lifecycle as store
 
 log = logging.getLogger("vmgate.lifecycle")
 
@@ -49,13 +47,13 @@ class Collector:
 
     async def collect_once(self) -> dict[str, list[str]]:
         """Remove what no VM owns and settle VMs stuck past their deadline. Returns what it did."""
-        async with db.cursor(self.deps.pool) as cur:
-            rows = {str(r["id"]): r for r in await db.live_vms(cur)}
+        async with store.db.cursor(self.deps.pool) as cur:
+            rows = {str(r["id"]): dict(r) for r in await store.vms.live_vms(cur)}
         report: dict[str, list[str]] = {
             "overlays": await self._collect_files(rows), "processes": await self._collect_driver_vms(rows),
             "console_records": await self._collect_console_records(rows)}
-        async with db.cursor(self.deps.pool) as cur:
-            await store.forget_expired_revocations(cur)
+        async with store.db.cursor(self.deps.pool) as cur:
+            await store.lifecycle.forget_expired_revocations(cur)
         report["stuck"] = await self._settle_stuck(list(rows.values()))
         report["snapshots"] = await self.apply_retention()
         for kind, items in report.items():
@@ -103,10 +101,10 @@ class Collector:
 
     async def _still_orphan(self, vm_id: str) -> bool:
         """Look again, in Postgres, just before removing: a create may have begun since the scan."""
-        if not db.is_uuid(vm_id):
+        if not store.db.is_uuid(vm_id):
             return True
-        async with db.cursor(self.deps.pool) as cur:
-            return not states.holds_quota(await db.vm_by_id(cur, vm_id))
+        async with store.db.cursor(self.deps.pool) as cur:
+            return not states.holds_quota(await store.vms.vm_by_id(cur, vm_id))
 
     async def _collect_console_records(self, rows: dict[str, Row]) -> list[str]:
         redis, removed = self.deps.redis, []

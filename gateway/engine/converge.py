@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from drivers.base import DriverError, VMStatus
+from gateway import store
 from gateway.config import Settings
 from gateway.engine import activity, console_grants, storage
 from gateway.engine.deps import EngineDeps, now, reason_of
@@ -24,7 +25,6 @@ from gateway.engine.saves import Saves, disk_missing
 from gateway.errors import ApiError
 from gateway.faults import crash_point
 from gateway.states import Desired, VmState
-from gateway.store import db
 from jobspecs import is_warm
 
 log = logging.getLogger("vmgate.lifecycle")
@@ -63,8 +63,9 @@ class Converger:
 
     async def row(self, vm_id: str) -> Row | None:
         """The VM's row as it is now."""
-        async with db.cursor(self.deps.pool) as cur:
-            return await db.vm_by_id(cur, vm_id)
+        async with store.db.cursor(self.deps.pool) as cur:
+            found = await store.vms.vm_by_id(cur, vm_id)
+        return dict(found) if found is not None else None
 
     async def converge(self, vm_id: str) -> None:
         """Bring one VM towards its desired state. The caller holds the VM's lock."""
@@ -124,8 +125,8 @@ class Converger:
             job = row.get("jobspec")
             if not job:
                 job = templates.render(template, {**row, "id": vm_id}, owner=str(row["user_id"]), settings=settings)
-                async with db.cursor(self.deps.pool) as cur:
-                    await db.set_jobspec(cur, vm_id, job)
+                async with store.db.cursor(self.deps.pool) as cur:
+                    await store.vms.set_jobspec(cur, vm_id, job)
             # A warm job's overlay sits on the template's warm disk layer, a cold one's on the base disk.
             await storage.create_overlay(templates.overlay_base(template, job), Path(row["overlay_path"]),
                                          row["disk_gb"])
@@ -162,8 +163,8 @@ class Converger:
                 # moved on. The cold job is stored before QEMU starts, so a retry or any later start
                 # boots from the VM's own disk (docs/LIFECYCLE.md, "Warm starts").
                 await templates.verify_warm(template, job)
-                async with db.cursor(self.deps.pool) as cur:
-                    await db.set_jobspec(cur, vm_id, templates.cold(job, self.deps.settings))
+                async with store.db.cursor(self.deps.pool) as cur:
+                    await store.vms.set_jobspec(cur, vm_id, templates.cold(job, self.deps.settings))
             status = await driver.start(vm_id, job)
             if status.state != "running":
                 raise DriverError(f"the VM stopped as soon as it started: {status.reason or 'no reason given'}")
@@ -280,8 +281,8 @@ class Converger:
             await self.deps.driver.destroy(vm_id)
             if row["overlay_path"]:
                 storage.remove_overlay(Path(row["overlay_path"]))
-            async with db.cursor(self.deps.pool) as cur:
-                await db.forget_snapshots(cur, vm_id, "vm destroyed")
+            async with store.db.cursor(self.deps.pool) as cur:
+                await store.snapshots.forget_snapshots(cur, vm_id, "vm destroyed")
         except (DriverError, OSError) as exc:
             if row["state"] != S.ERROR:
                 await self.moves.fail(row, "destroy", f"destroy failed: {reason_of(exc)}", to=S.ERROR)

@@ -15,13 +15,13 @@ import redis.asyncio as aioredis
 import redis.exceptions
 
 from drivers.base import Driver, DriverError
+from gateway import store
 from gateway.config import Settings
 from gateway.engine import console_grants, storage
 from gateway.engine.queue import WorkQueue
 from gateway.engine.templates import Templates
 from gateway.errors import ApiError
 from gateway.metrics import Metrics
-from gateway.store import db
 
 log = logging.getLogger("vmgate.lifecycle")
 
@@ -71,4 +71,4 @@ def reason_of(exc: BaseException) -> str:
 
 def is_outage(exc: BaseException) -> bool:
     """Postgres or Redis away: expected, logged without a traceback, tried again."""
-    return db.is_db_down(exc) or isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError)
+    return store.db.is_db_down(exc) or isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError)

@@ -11,8 +11,7 @@ from typing import Any
 import aiopg
 import psycopg2
 
-from gateway.store import db
-from gateway.store import lifecycle as store
+from gateway import store
 
 RECONCILER_LOCK = 0x766D67617465  # "vmgate"
 
@@ -27,7 +26,7 @@ class VmLocker:
     async def _cursor(self) -> Any:
         if self.conn is None or self.conn.closed:
             self.conn = await aiopg.connect(self.dsn, timeout=10)
-        return await self.conn.cursor(cursor_factory=db.DictCursor)
+        return await self.conn.cursor(cursor_factory=store.db.DictCursor)
 
     @contextlib.asynccontextmanager
     async def hold(self, vm_id: str, wait: float) -> AsyncIterator[bool]:
@@ -37,16 +36,16 @@ class VmLocker:
         name = f"vmgate:vm:{vm_id}"
         try:
             if wait <= 0:
-                got = await store.try_lock(cur, name)
+                got = await store.lifecycle.try_lock(cur, name)
             else:
-                await store.lock(cur, name, wait)
+                await store.lifecycle.lock(cur, name, wait)
                 got = True
             try:
                 yield got
             finally:
                 if got:
                     with contextlib.suppress(psycopg2.Error):
-                        await store.unlock(cur, name)
+                        await store.lifecycle.unlock(cur, name)
         finally:
             cur.close()
 
@@ -65,5 +64,5 @@ class VmLocker:
 async def reconciler_turn(pool: aiopg.Pool) -> AsyncIterator[Any | None]:
     """A transaction holding the reconciler's lock until it ends: yields its cursor, or None when another
     gateway's pass holds the lock (this one then has nothing to do)."""
-    async with db.cursor(pool) as cur, cur.begin():
-        yield cur if await store.try_transaction_lock(cur, RECONCILER_LOCK) else None
+    async with store.db.cursor(pool) as cur, cur.begin():
+        yield cur if await store.lifecycle.try_transaction_lock(cur, RECONCILER_LOCK) else None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 import aiopg
@@ -19,10 +20,10 @@ import redis.asyncio as aioredis
 import redis.exceptions
 
 from console import redis_keys
+from gateway import store
 from gateway.engine.deps import now
 from gateway.metrics import Metrics
 from gateway.states import Desired, VmState
-from gateway.store import db
 
 log = logging.getLogger("vmgate.lifecycle")
 
@@ -39,7 +40,7 @@ def user_channel(user_id: str) -> str:
     return f"{redis_keys.PREFIX}events:user:{user_id}"
 
 
-def event_of(row: Row) -> dict[str, Any]:
+def event_of(row: Mapping[str, Any]) -> dict[str, Any]:
     """The JSON of one state change (the ``data`` of a server-sent ``state`` event)."""
     at = row.get("at") or row.get("updated_at") or now()
     return {"id": row.get("event_id"), "vm_id": str(row.get("vm_id") or row["id"]), "state": row["state"],
@@ -47,7 +48,7 @@ def event_of(row: Row) -> dict[str, Any]:
             "at": at.isoformat() if isinstance(at, dt.datetime) else str(at)}
 
 
-async def publish(redis_client: aioredis.Redis, row: Row) -> None:
+async def publish(redis_client: aioredis.Redis, row: Mapping[str, Any]) -> None:
     """Tell live event streams about a state change. A Redis outage loses nothing: streams replay
     missed changes from Postgres (Last-Event-ID)."""
     payload = json.dumps(event_of(row))
@@ -73,12 +74,13 @@ class Transitions:
                    extra: dict[str, Any] | None = None) -> Row | None:
         """Compare-and-set the VM from the state in ``row`` to ``to`` and publish it; None: the row had
         changed meanwhile (nothing done)."""
-        async with db.cursor(self.pool) as cur:
-            moved = await db.transition(cur, str(row["id"]), to, only_from=(row["state"],), reason=reason,
-                                        desired=desired, extra=extra)
-        if moved is not None:
-            await publish(self.redis, moved)
-        return moved
+        async with store.db.cursor(self.pool) as cur:
+            moved = await store.vms.transition(cur, str(row["id"]), to, only_from=(row["state"],), reason=reason,
+                                               desired=desired, extra=extra)
+        if moved is None:
+            return None
+        await publish(self.redis, moved)
+        return dict(moved)
 
     async def enter(self, row: Row, to: VmState) -> Row | None:
         """The row in the transitional state ``to``: moved there unless it is there already. None: the row
@@ -110,8 +112,8 @@ class Transitions:
             moved = await self.move(row, to, reason=reason, desired=desired, extra=extra)
             if moved is None:
                 return None
-        async with db.cursor(self.pool) as cur:
-            await db.audit(cur, action=f"vm.{operation}", outcome="error", user_id=str(row["user_id"]),
+        async with store.db.cursor(self.pool) as cur:
+            await store.audit.record(cur, action=f"vm.{operation}", outcome="error", user_id=str(row["user_id"]),
                            vm_id=str(row["id"]), details={"reason": reason})
         self.metrics.vm_ops.labels(operation, "error").inc()
         return moved

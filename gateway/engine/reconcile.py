@@ -11,13 +11,12 @@ from typing import Any
 
 from console import redis_keys
 from drivers.base import VMStatus
-from gateway import states
+from gateway import states, store
 from gateway.engine import activity
 from gateway.engine.deps import EngineDeps, now
 from gateway.engine.locks import reconciler_turn
 from gateway.engine.publish import Row, Transitions
 from gateway.states import Desired, VmState
-from gateway.store import db
 
 S = VmState
 
@@ -36,7 +35,7 @@ class Reconciler:
         async with reconciler_turn(self.deps.pool) as cur:
             if cur is None:
                 return []
-            rows = await db.live_vms(cur)
+            rows = [dict(r) for r in await store.vms.live_vms(cur)]
             actual = await self.deps.driver.list_vms()
             queued = await self._needing_work(rows, actual)
             for vm_id in queued:

@@ -20,10 +20,10 @@ from typing import Any
 import redis.exceptions
 
 from drivers.base import DriverError
+from gateway import store
 from gateway.engine.deps import EngineDeps, is_outage
 from gateway.engine.locks import VmLocker
 from gateway.engine.queue import Job
-from gateway.store import db
 
 log = logging.getLogger("vmgate.lifecycle")
 
@@ -45,6 +45,7 @@ class Runner:
         self.reconcile = reconcile
         self.collect = collect
         self.tasks: list[asyncio.Task[None]] = []
+        self._waiting: set[asyncio.Task[Any]] = set()  # workers blocked in the queue read, nothing in hand
         self.name = f"{socket.gethostname()}-{os.getpid()}"
         self.watch_wakeups = 0
         self.stopping = asyncio.Event()
@@ -68,6 +69,8 @@ class Runner:
         """Let the loops finish what they are doing (up to ``grace`` s), then cancel them. A job cut
         short is not acknowledged: another worker (or this gateway, restarted) finishes it."""
         self.stopping.set()
+        for task in self._waiting:  # only waiting for a job: nothing to finish, no need to wait out the read
+            task.cancel()
         if self.tasks:
             _done, pending = await asyncio.wait(self.tasks, timeout=grace)
             for task in pending:
@@ -124,7 +127,7 @@ class Runner:
         try:
             while not self.stopping.is_set():
                 try:
-                    job = await self.deps.queue.take(consumer, block_ms=500)
+                    job = await self._take(consumer)
                     if job is not None:
                         await self._handle(consumer, job, locker)
                     backoff = 0.2
@@ -137,9 +140,22 @@ class Runner:
         finally:
             await locker.close()
 
+    async def _take(self, consumer: str) -> Job | None:
+        """The next job, or None after a while; stop() cancels this wait at once. A job read from the stream
+        just as that cancel lands stays unacknowledged and is claimed again after CLAIM_IDLE, as after a crash."""
+        task = asyncio.current_task()
+        assert task is not None
+        self._waiting.add(task)
+        try:
+            if self.stopping.is_set():  # stop() came before this worker was waiting: it cancelled nothing here
+                return None
+            return await self.deps.queue.take(consumer, block_ms=500)
+        finally:
+            self._waiting.discard(task)
+
     async def _handle(self, consumer: str, job: Job, locker: VmLocker) -> None:
         queue = self.deps.queue
-        if not db.is_uuid(job.vm_id):
+        if not store.db.is_uuid(job.vm_id):
             await queue.done(job)
             return
         if job.deliveries > MAX_DELIVERIES:

@@ -13,14 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from drivers.base import DriverError, NotSupported
+from gateway import store
 from gateway.engine import console_grants, storage
 from gateway.engine.deps import EngineDeps, now, reason_of
 from gateway.engine.publish import Row, Transitions
 from gateway.errors import ApiError
 from gateway.faults import crash_point
 from gateway.states import Desired, SnapshotState, VmState
-from gateway.store import db
-from gateway.store import lifecycle as store
 
 log = logging.getLogger("vmgate.lifecycle")
 
@@ -50,8 +49,9 @@ def _suspend_state_saved(row: Row) -> bool:
 
 async def apply_retention(deps: EngineDeps) -> list[str]:
     """Mark for deletion the snapshots SNAPSHOT_KEEP and SNAPSHOT_MAX_AGE no longer keep, and queue their VMs."""
-    async with db.cursor(deps.pool) as cur:
-        expired = await db.expire_snapshots(cur, deps.settings.snapshot_keep, deps.settings.snapshot_max_age)
+    async with store.db.cursor(deps.pool) as cur:
+        settings = deps.settings
+        expired = await store.snapshots.expire_snapshots(cur, settings.snapshot_keep, settings.snapshot_max_age)
     for vm_id in sorted({str(snap["vm_id"]) for snap in expired}):
         await deps.enqueue(vm_id, "retention")
     return [str(snap["id"]) for snap in expired]
@@ -134,16 +134,16 @@ class Saves:
             log.warning("VM %s: its saved memory could not be loaded to shut it down: %s", vm_id, reason_of(exc))
             with contextlib.suppress(DriverError):
                 await self.deps.driver.stop(vm_id, timeout=0)
-        async with db.cursor(self.deps.pool) as cur:
-            await store.clear_suspended(cur, vm_id)
+        async with store.db.cursor(self.deps.pool) as cur:
+            await store.lifecycle.clear_suspended(cur, vm_id)
         return {**row, "suspended_at": None}
 
     # ---- snapshots (docs/SNAPSHOTS.md)
 
     async def snapshot_work(self, row: Row) -> bool:
         """Make or delete the VM's next pending snapshot. True: one was done (look again)."""
-        async with db.cursor(self.deps.pool) as cur:
-            work = await db.snapshot_work(cur, str(row["id"]))
+        async with store.db.cursor(self.deps.pool) as cur:
+            work = [dict(s) for s in await store.snapshots.snapshot_work(cur, str(row["id"]))]
         for snap in work:
             if snap["state"] == SnapshotState.CREATING:
                 if row["state"] == S.SUSPENDED:  # its memory is in the suspend state: resume, then snapshot
@@ -155,7 +155,7 @@ class Saves:
         return False
 
     async def _make_snapshot(self, row: Row, snap: Row) -> bool:
-        vm_id, tag, driver = str(row["id"]), db.snapshot_tag(str(snap["id"])), self.deps.driver
+        vm_id, tag, driver = str(row["id"]), store.snapshots.snapshot_tag(str(snap["id"])), self.deps.driver
         try:
             if row["state"] == S.RUNNING:
                 memory = await driver.save_state(vm_id, tag)
@@ -170,14 +170,15 @@ class Saves:
                 reason += "; stop the VM and take the snapshot then"
             log.warning("VM %s: snapshot %s failed: %s", vm_id, snap["id"], reason)
             await self._drop_snapshot_tag(row, tag)
-            async with db.cursor(self.deps.pool) as cur:
-                await db.set_snapshot(cur, str(snap["id"]), SnapshotState.ERROR, only_from=(SnapshotState.CREATING,),
-                                      error_reason=reason)
+            async with store.db.cursor(self.deps.pool) as cur:
+                await store.snapshots.set_snapshot(cur, str(snap["id"]), SnapshotState.ERROR,
+                                                   only_from=(SnapshotState.CREATING,), error_reason=reason)
             await self.moves.fail(row, "snapshot", reason)
             return True
-        async with db.cursor(self.deps.pool) as cur:
-            done = await db.set_snapshot(cur, str(snap["id"]), SnapshotState.READY, only_from=(SnapshotState.CREATING,),
-                                         has_memory=memory > 0, memory_bytes=memory)
+        async with store.db.cursor(self.deps.pool) as cur:
+            done = await store.snapshots.set_snapshot(cur, str(snap["id"]), SnapshotState.READY,
+                                                      only_from=(SnapshotState.CREATING,), has_memory=memory > 0,
+                                                      memory_bytes=memory)
         if done is None:  # deleted (with its VM) while it was being made
             await self._drop_snapshot_tag(row, tag)
         self.moves.succeeded("snapshot")
@@ -199,13 +200,14 @@ class Saves:
 
     async def _delete_snapshot(self, row: Row, snap: Row) -> bool:
         try:
-            await self._delete_tag(row, db.snapshot_tag(str(snap["id"])))
+            await self._delete_tag(row, store.snapshots.snapshot_tag(str(snap["id"])))
         except (DriverError, storage.StorageError, OSError) as exc:
             log.warning("VM %s: deleting snapshot %s failed: %s; tried again later", row["id"], snap["id"],
                         reason_of(exc))
             return False
-        async with db.cursor(self.deps.pool) as cur:
-            await db.set_snapshot(cur, str(snap["id"]), SnapshotState.DELETED, only_from=(SnapshotState.DELETING,))
+        async with store.db.cursor(self.deps.pool) as cur:
+            await store.snapshots.set_snapshot(cur, str(snap["id"]), SnapshotState.DELETED,
+                                               only_from=(SnapshotState.DELETING,))
         return True
 
     # ---- restore
@@ -214,15 +216,16 @@ class Saves:
         """Put the VM back to the snapshot ``restore_snapshot``: with its memory, the VM runs on from that
         moment; disk only, the disk goes back and the VM boots from it (or stays stopped)."""
         vm_id, driver = str(row["id"]), self.deps.driver
-        async with db.cursor(self.deps.pool) as cur:
-            snap = await db.snapshot_by_id(cur, str(row["restore_snapshot"])) if row["restore_snapshot"] else None
+        async with store.db.cursor(self.deps.pool) as cur:
+            wanted = str(row["restore_snapshot"]) if row["restore_snapshot"] else None
+            snap = await store.snapshots.snapshot_by_id(cur, wanted) if wanted else None
         running = (await driver.status(vm_id)).state == "running"
         settled = S.RUNNING if running else S.STOPPED
         clear = {"restore_snapshot": None}
         if snap is None or snap["state"] != SnapshotState.READY:
             return await self.moves.move(row, settled, reason="restore: the snapshot is gone",
                                          desired=Desired(settled), extra=clear) is not None
-        tag = db.snapshot_tag(str(snap["id"]))
+        tag = store.snapshots.snapshot_tag(str(snap["id"]))
         try:
             if snap["has_memory"]:
                 if running:

@@ -14,12 +14,12 @@ from typing import Any, NoReturn
 
 from aiohttp import web
 
+from gateway import credentials, store
 from gateway.engine import console_grants
 from gateway.errors import BadRequest, Conflict, ServiceUnavailable
-from gateway.store import db
 from gateway.web import auth, mail, ratelimit, validation
-from gateway.web.api import client_ip
 from gateway.web.appkeys import db_key, mailer_key, redis_key, settings_key
+from gateway.web.http import client_ip, json_body, json_response
 
 routes = web.RouteTableDef()
 
@@ -41,23 +41,14 @@ def setup(app: web.Application) -> None:
     app.router.add_routes(routes)
 
 
-def _json(data: Any, status: int = 200) -> web.Response:
-    return web.json_response(data, status=status, headers={"Cache-Control": "no-store"})
-
-
 def _token(body: dict[str, Any]) -> str:
     return validation.string(body, "token", max_len=MAX_TOKEN) or ""
 
 
 async def _refuse(cur: Any, token: str, purpose: str, action: str, ip: str | None) -> NoReturn:
     reason, user_id = await mail.refusal_reason(cur, token, purpose)
-    await db.audit(cur, action=action, outcome="denied", user_id=user_id, ip=ip, details={"reason": reason})
+    await store.audit.record(cur, action=action, outcome="denied", user_id=user_id, ip=ip, details={"reason": reason})
     raise BadRequest(INVALID_LINK_MESSAGE, code="invalid_token")
-
-
-async def _mark_verified(cur: Any, user_id: str) -> None:
-    await cur.execute("UPDATE users SET email_verified_at = coalesce(email_verified_at, now()) WHERE id = %s",
-                      (user_id,))
 
 
 # ---- email verification ----------------------------------------------------------------------------
@@ -65,21 +56,21 @@ async def _mark_verified(cur: Any, user_id: str) -> None:
 @routes.post("/api/auth/verify")
 async def verify(request: web.Request) -> web.Response:
     """Confirm an address with the token from the verification mail (no login needed)."""
-    body = await validation.json_body(request)
+    body = await json_body(request)
     validation.check_unknown(body, {"token"})
     token = _token(body)
     ip = client_ip(request)
     await ratelimit.limit(request, "verify_ip", ip)
-    async with db.cursor(request.app[db_key]) as cur:
+    async with store.db.cursor(request.app[db_key]) as cur:
         async with cur.begin():
             user_id = await mail.consume_token(cur, token, "verify")
             if user_id is not None:
-                await _mark_verified(cur, user_id)
+                await store.users.mark_verified(cur, user_id)
         if user_id is None:
             await _refuse(cur, token, "verify", "user.verify", ip)
-        user = await db.user_by_id(cur, user_id)
-        await db.audit(cur, action="user.verify", outcome="ok", user_id=user_id, ip=ip)
-    return _json({"verified": True, "email": user["email"] if user else None})
+        user = await store.users.user_by_id(cur, user_id)
+        await store.audit.record(cur, action="user.verify", outcome="ok", user_id=user_id, ip=ip)
+    return json_response({"verified": True, "email": user["email"] if user else None})
 
 
 @routes.post("/api/auth/verify/resend")
@@ -94,7 +85,7 @@ async def resend(request: web.Request) -> web.Response:
     if not delivery.ok:
         raise ServiceUnavailable("The mail could not be sent right now. Try again in a few minutes.",
                                  code="mail_unavailable")
-    return _json({"sent": True, "email": user["email"]}, status=202)
+    return json_response({"sent": True, "email": user["email"]}, status=202)
 
 
 # ---- password reset --------------------------------------------------------------------------------
@@ -102,12 +93,12 @@ async def resend(request: web.Request) -> web.Response:
 async def _reset_request(app: web.Application, email: str, ip: str | None) -> None:
     """The work behind a reset request, off the request path (see the module docstring)."""
     pool = app[db_key]
-    async with db.cursor(pool) as cur:
-        user = await db.user_by_email(cur, email)
+    async with store.db.cursor(pool) as cur:
+        user = await store.users.user_by_email(cur, email)
         if user is None or not user["is_active"]:
-            await db.audit(cur, action="user.reset_request", outcome="denied",
-                           user_id=str(user["id"]) if user else None, ip=ip,
-                           details={"reason": "no_account" if user is None else "disabled"})
+            await store.audit.record(cur, action="user.reset_request", outcome="denied",
+                                     user_id=str(user["id"]) if user else None, ip=ip,
+                                     details={"reason": "no_account" if user is None else "disabled"})
             return
     await mail.send_account_mail(pool, app[mailer_key], user, "reset", ip, reason="reset_request")
 
@@ -115,7 +106,7 @@ async def _reset_request(app: web.Application, email: str, ip: str | None) -> No
 @routes.post("/api/auth/password-reset")
 async def password_reset(request: web.Request) -> web.Response:
     """Mail a reset link if the address has an account; the answer is 202 either way."""
-    body = await validation.json_body(request)
+    body = await json_body(request)
     validation.check_unknown(body, {"email"})
     email = validation.email(body)
     ip = client_ip(request)
@@ -124,36 +115,36 @@ async def password_reset(request: web.Request) -> web.Response:
     await ratelimit.limit(request, "reset_ip", ip)
     await ratelimit.limit(request, "reset_email", email)
     request.app[mailer_key].spawn(_reset_request(request.app, email, ip))
-    return _json({"accepted": True}, status=202)
+    return json_response({"accepted": True}, status=202)
 
 
 @routes.post("/api/auth/password-reset/confirm")
 async def password_reset_confirm(request: web.Request) -> web.Response:
     """Set a new password with the token from the reset mail; every session of the account ends."""
-    body = await validation.json_body(request)
+    body = await json_body(request)
     validation.check_unknown(body, {"token", "password"})
     token = _token(body)
     password = validation.password(body)
     ip = client_ip(request)
     await ratelimit.limit(request, "reset_ip", ip)
     pool = request.app[db_key]
-    async with db.cursor(pool) as cur:
+    async with store.db.cursor(pool) as cur:
         # Checked before hashing, so a forged token costs no Argon2 time; spent below, atomically.
         if not await mail.token_is_valid(cur, token, "reset"):
             await _refuse(cur, token, "reset", "user.reset", ip)
-    password_hash = await auth.hash_password(password)
-    async with db.cursor(pool) as cur:
+    password_hash = await credentials.hash_password(password)
+    async with store.db.cursor(pool) as cur:
         async with cur.begin():
             user_id = await mail.consume_token(cur, token, "reset")
             if user_id is not None:
-                await db.set_password_hash(cur, user_id, password_hash)
-                await auth.end_all_sessions(cur, user_id)
-                await mail.spend_tokens(cur, user_id, "reset")
+                await store.users.set_password_hash(cur, user_id, password_hash)
+                await store.tokens.end_all_sessions(cur, user_id)
+                await store.tokens.spend_email_tokens(cur, user_id, "reset")
                 # The link came through the mailbox, which is what verification proves.
-                await _mark_verified(cur, user_id)
+                await store.users.mark_verified(cur, user_id)
                 # Open consoles end too. Inside the transaction: if Redis is down, nothing changes (503).
                 await console_grants.revoke_user(request.app[redis_key], user_id, reason="password reset")
         if user_id is None:
             await _refuse(cur, token, "reset", "user.reset", ip)
-        await db.audit(cur, action="user.reset", outcome="ok", user_id=user_id, ip=ip)
-    return _json({"password_reset": True})
+        await store.audit.record(cur, action="user.reset", outcome="ok", user_id=user_id, ip=ip)
+    return json_response({"password_reset": True})

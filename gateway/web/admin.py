@@ -14,13 +14,13 @@ from typing import Any
 import redis.exceptions
 from aiohttp import web
 
-from gateway import states
-from gateway.config import Settings
+from gateway import states, store
 from gateway.engine import console_grants
 from gateway.errors import ApiError, BadRequest, Conflict, ServiceUnavailable, ValidationFailed
-from gateway.store import db
-from gateway.web import api, auth, paging, validation, vms
+from gateway.rows import UserRow
+from gateway.web import auth, paging, validation, views, vms
 from gateway.web.appkeys import db_key, engine_key, redis_key, settings_key
+from gateway.web.http import client_ip, json_body, json_response
 
 log = logging.getLogger("vmgate.admin")
 routes = web.RouteTableDef()
@@ -32,21 +32,9 @@ STOP_CONCURRENCY = 4
 STOP_WAIT_MARGIN = 30  # seconds beyond STOP_TIMEOUT to wait for a disabled user's VM to stop
 
 
-def _json(data: Any, status: int = 200) -> web.Response:
-    return web.json_response(data, status=status, headers={"Cache-Control": "no-store"})
-
-
-def admin_user(row: dict[str, Any], settings: Settings) -> dict[str, Any]:
-    """A user as admins see them: the public view plus quota (effective and overrides) and usage."""
-    return {**auth.public_user(row),
-            "quota": db.quota_of(row, settings).to_json(),
-            "quota_overrides": {name: row[column] for name, column in db.QUOTA_COLUMNS.items()},
-            "usage": db.usage_in(row).to_json()}
-
-
 def _uuid_param(request: web.Request, name: str) -> str | None:
     value = request.query.get(name)
-    if value is not None and not db.is_uuid(value):
+    if value is not None and not store.db.is_uuid(value):
         raise BadRequest(f"{name} must be a UUID.", details={"field": name})
     return value
 
@@ -60,19 +48,19 @@ async def list_users(request: web.Request) -> web.Response:
     email = request.query.get("email")
     if email is not None and not 1 <= len(email) <= 254:
         raise BadRequest("email must be 1 to 254 characters.", details={"field": "email"})
-    async with db.cursor(request.app[db_key]) as cur:
-        rows = await db.users_page(cur, size + 1, after, email_contains=email)
+    async with store.db.cursor(request.app[db_key]) as cur:
+        rows = await store.users.users_page(cur, size + 1, after, email_contains=email)
     rows, next_cursor = paging.page(rows, size, paging.by_creation)
     settings = request.app[settings_key]
-    return _json({"users": [admin_user(r, settings) for r in rows], "next_cursor": next_cursor})
+    return json_response({"users": [views.admin_user(r, settings) for r in rows], "next_cursor": next_cursor})
 
 
 @routes.get("/api/admin/users/{user_id}")
 async def get_user(request: web.Request) -> web.Response:
     await auth.require_admin(request)
-    async with db.cursor(request.app[db_key]) as cur:
-        row = await db.user_for_admin(cur, request.match_info["user_id"])
-    return _json({"user": admin_user(row, request.app[settings_key])})
+    async with store.db.cursor(request.app[db_key]) as cur:
+        row = await store.users.user_for_admin(cur, request.match_info["user_id"])
+    return json_response({"user": views.admin_user(row, request.app[settings_key])})
 
 
 def _quota_changes(body: dict[str, Any]) -> dict[str, int | None]:
@@ -96,7 +84,7 @@ def _quota_changes(body: dict[str, Any]) -> dict[str, int | None]:
     return changes
 
 
-async def _stop_vms(app: web.Application, owner: dict[str, Any], vm_ids: list[str],
+async def _stop_vms(app: web.Application, owner: UserRow, vm_ids: list[str],
                     ip: str | None) -> tuple[list[str], list[dict[str, Any]]]:
     """Stop the owner's VMs, a few at a time; returns (stopped ids, failures) instead of raising."""
     gate = asyncio.Semaphore(STOP_CONCURRENCY)
@@ -124,7 +112,7 @@ async def _stop_vms(app: web.Application, owner: dict[str, Any], vm_ids: list[st
 @routes.patch("/api/admin/users/{user_id}")
 async def update_user(request: web.Request) -> web.Response:
     admin = await auth.require_admin(request)
-    body = await validation.json_body(request)
+    body = await json_body(request)
     validation.check_unknown(body, {"quota", "is_active"})
     if not body:
         raise ValidationFailed("Send quota, is_active or both.", details={"field": "quota"})
@@ -135,45 +123,45 @@ async def update_user(request: web.Request) -> web.Response:
     target_id = request.match_info["user_id"]
     if active is False and target_id == str(admin["id"]):
         raise Conflict("You cannot disable your own account.", code="cannot_disable_self")
-    ip = api.client_ip(request)
+    ip = client_ip(request)
     admin_id = str(admin["id"])
     changed: list[str] = []
     tokens_revoked, to_stop = 0, []
-    async with db.cursor(request.app[db_key]) as cur:
+    async with store.db.cursor(request.app[db_key]) as cur:
         async with cur.begin():
-            before = await db.lock_user(cur, target_id)
+            before = await store.users.lock_user(cur, target_id)
             target = {"target_user_id": target_id, "email": before["email"]}
-            quota = {name: v for name, v in quota.items() if before[db.QUOTA_COLUMNS[name]] != v}
+            quota = {name: v for name, v in quota.items() if before[store.users.QUOTA_COLUMNS[name]] != v}
             if quota:
-                await db.set_quota(cur, target_id, quota)
+                await store.users.set_quota(cur, target_id, quota)
                 changed += [f"quota.{name}" for name in quota]
-                await db.audit(cur, action="admin.user.quota", outcome="ok", user_id=admin_id, ip=ip,
-                               details={**target, "before": {n: before[db.QUOTA_COLUMNS[n]] for n in quota},
-                                        "after": quota})
+                before_quota = {n: before[store.users.QUOTA_COLUMNS[n]] for n in quota}
+                await store.audit.record(cur, action="admin.user.quota", outcome="ok", user_id=admin_id, ip=ip,
+                                         details={**target, "before": before_quota, "after": quota})
             if active is False:
                 # Again on a disabled user is harmless and catches a VM that finished starting since.
-                await db.set_active(cur, target_id, False)
-                await auth.end_all_sessions(cur, target_id)
-                tokens_revoked = await db.revoke_api_tokens_of(cur, target_id)
-                to_stop = await db.running_vm_ids(cur, target_id)
+                await store.users.set_active(cur, target_id, False)
+                await store.tokens.end_all_sessions(cur, target_id)
+                tokens_revoked = await store.tokens.revoke_api_tokens_of(cur, target_id)
+                to_stop = await store.vms.running_vm_ids(cur, target_id)
                 if before["is_active"]:
                     changed.append("is_active")
-                await db.audit(cur, action="admin.user.disable", outcome="ok", user_id=admin_id, ip=ip,
-                               details={**target, "tokens_revoked": tokens_revoked, "vms_to_stop": to_stop})
+                await store.audit.record(cur, action="admin.user.disable", outcome="ok", user_id=admin_id, ip=ip,
+                                         details={**target, "tokens_revoked": tokens_revoked, "vms_to_stop": to_stop})
             elif active is True and not before["is_active"]:
-                await db.set_active(cur, target_id, True)
+                await store.users.set_active(cur, target_id, True)
                 changed.append("is_active")
-                await db.audit(cur, action="admin.user.enable", outcome="ok", user_id=admin_id, ip=ip,
-                               details=target)
-        owner = await db.user_by_id(cur, target_id)
+                await store.audit.record(cur, action="admin.user.enable", outcome="ok", user_id=admin_id, ip=ip,
+                                         details=target)
+        owner = await store.users.user_by_id(cur, target_id)
     if active is False:
         # Consoles of VMs that are not running (none to stop) end too, and no token outlives the disable.
         await console_grants.revoke_user(request.app[redis_key], target_id, reason="account disabled")
     stopped, failed = await _stop_vms(request.app, owner or before, to_stop, ip) if to_stop else ([], [])
-    async with db.cursor(request.app[db_key]) as cur:
-        row = await db.user_for_admin(cur, target_id)
-    return _json({"user": admin_user(row, request.app[settings_key]), "changed": changed,
-                  "tokens_revoked": tokens_revoked, "stopped_vms": stopped, "failed_vms": failed})
+    async with store.db.cursor(request.app[db_key]) as cur:
+        row = await store.users.user_for_admin(cur, target_id)
+    return json_response({"user": views.admin_user(row, request.app[settings_key]), "changed": changed,
+                          "tokens_revoked": tokens_revoked, "stopped_vms": stopped, "failed_vms": failed})
 
 
 # ---- VMs and audit ---------------------------------------------------------------------------------
@@ -189,14 +177,14 @@ async def list_vms(request: web.Request) -> web.Response:
     include = request.query.get("include_destroyed", "false")
     if include not in ("true", "false"):
         raise BadRequest("include_destroyed must be true or false.", details={"field": "include_destroyed"})
-    async with db.cursor(request.app[db_key]) as cur:
-        rows = await db.vms_page(cur, size + 1, after, user_id=user_id, state=state,
-                                 include_destroyed=include == "true" or state == "destroyed")
+    async with store.db.cursor(request.app[db_key]) as cur:
+        rows = await store.vms.vms_page(cur, size + 1, after, user_id=user_id, state=state,
+                                        include_destroyed=include == "true" or state == "destroyed")
     rows, next_cursor = paging.page(rows, size, paging.by_creation)
     public_url = request.app[settings_key].public_url
-    return _json({"vms": [{**vms.public_vm(r, public_url), "user_id": str(r["user_id"]),
-                           "owner_email": r["owner_email"]} for r in rows],
-                  "next_cursor": next_cursor})
+    return json_response({"vms": [{**views.public_vm(r, public_url), "user_id": str(r["user_id"]),
+                                   "owner_email": r["owner_email"]} for r in rows],
+                          "next_cursor": next_cursor})
 
 
 @routes.get("/api/admin/audit")
@@ -207,10 +195,10 @@ async def audit(request: web.Request) -> web.Response:
     action = request.query.get("action")
     if action is not None and not 1 <= len(action) <= 64:
         raise BadRequest("action must be 1 to 64 characters.", details={"field": "action"})
-    async with db.cursor(request.app[db_key]) as cur:
-        rows = await db.audit_page(cur, size + 1, before, user_id=user_id, vm_id=vm_id, action=action)
+    async with store.db.cursor(request.app[db_key]) as cur:
+        rows = await store.audit.audit_page(cur, size + 1, before, user_id=user_id, vm_id=vm_id, action=action)
     rows, next_before = paging.page(rows, size, lambda row: row["id"])
-    return _json({"entries": [api.audit_entry(r, with_user=True) for r in rows], "next_before": next_before})
+    return json_response({"entries": [views.audit_entry(r, with_user=True) for r in rows], "next_before": next_before})
 
 
 # ---- the lifecycle queue ---------------------------------------------------------------------------
@@ -224,10 +212,8 @@ async def queue(request: web.Request) -> web.Response:
         stats = await engine.update_metrics()
     except (redis.exceptions.RedisError, OSError) as exc:
         raise ServiceUnavailable("The queue lives in Redis, which is unreachable.", code="queue_unavailable") from exc
-    async with db.cursor(request.app[db_key]) as cur:
-        await cur.execute("SELECT state, count(*) AS n FROM vms WHERE state = ANY(%s) GROUP BY state",
-                          (list(states.TRANSITIONAL),))
-        transitional = {r["state"]: int(r["n"]) for r in await cur.fetchall()}
+    async with store.db.cursor(request.app[db_key]) as cur:
+        transitional = await store.vms.count_in_states(cur, states.TRANSITIONAL)
     settings = request.app[settings_key]
-    return _json({**stats, "vms_in_transition": transitional, "workers_per_gateway": settings.workers,
-                  "reconcile_interval": settings.reconcile_interval, "claim_idle": settings.claim_idle})
+    return json_response({**stats, "vms_in_transition": transitional, "workers_per_gateway": settings.workers,
+                          "reconcile_interval": settings.reconcile_interval, "claim_idle": settings.claim_idle})

@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import ipaddress
 import logging
 from typing import Any
 
 from aiohttp import web
 
-from gateway import states
-from gateway.engine import activity, console_grants
+from gateway import credentials, states, store
+from gateway.engine import console_grants
 from gateway.errors import BadRequest, Conflict, Forbidden, Unauthorized, ValidationFailed
-from gateway.store import db
-from gateway.web import auth, mail, paging, ratelimit, validation, vms
+from gateway.web import auth, mail, paging, ratelimit, validation, views, vms
 from gateway.web.appkeys import db_key, driver_key, mailer_key, redis_key, settings_key, templates_key
+from gateway.web.http import client_ip, json_body, json_response, owned_vm, wait_param
 from jobspecs.render import to_hcl
 
 log = logging.getLogger("vmgate.api")
@@ -25,66 +24,47 @@ MAX_LOG_BYTES = 1024 * 1024
 CONSOLE_RESUME_WAIT = 30  # seconds a console request waits for its suspended VM to resume
 
 
-def client_ip(request: web.Request) -> str | None:
-    """The client's address; X-Real-IP is believed only from a loopback peer (our nginx)."""
-    peer = request.remote
-    try:
-        from_proxy = peer is not None and ipaddress.ip_address(peer).is_loopback
-    except ValueError:
-        from_proxy = False
-    forwarded = request.headers.get("X-Real-IP")
-    if from_proxy and forwarded:
-        try:
-            return str(ipaddress.ip_address(forwarded.strip()))
-        except ValueError:
-            return peer
-    return peer
-
-
-def _json(data: Any, status: int = 200) -> web.Response:
-    return web.json_response(data, status=status, headers={"Cache-Control": "no-store"})
-
-
 # ---- auth ------------------------------------------------------------------------------------------
 
 @routes.post("/api/auth/signup")
 async def signup(request: web.Request) -> web.Response:
-    body = await validation.json_body(request)
+    body = await json_body(request)
     validation.check_unknown(body, {"email", "password"})
     email = validation.email(body)
     password = validation.password(body)
     await ratelimit.limit(request, "signup_ip", client_ip(request))
-    password_hash = await auth.hash_password(password)
-    async with db.cursor(request.app[db_key]) as cur:
-        user = await db.create_user(cur, email, password_hash)
-        await db.audit(cur, action="user.signup", outcome="ok", user_id=str(user["id"]), ip=client_ip(request))
+    password_hash = await credentials.hash_password(password)
+    async with store.db.cursor(request.app[db_key]) as cur:
+        user = await store.users.create_user(cur, email, password_hash)
+        await store.audit.record(cur, action="user.signup", outcome="ok", user_id=str(user["id"]),
+                                 ip=client_ip(request))
     # A mail that fails keeps the account: the user logs in and asks for the link again.
     delivery = await mail.send_account_mail(request.app[db_key], request.app[mailer_key], user, "verify",
                                             client_ip(request), reason="signup")
-    return _json({"user": auth.public_user(user), "verification_mail_sent": delivery.ok}, status=201)
+    return json_response({"user": views.public_user(user), "verification_mail_sent": delivery.ok}, status=201)
 
 
 @routes.post("/api/auth/login")
 async def login(request: web.Request) -> web.Response:
-    body = await validation.json_body(request)
+    body = await json_body(request)
     validation.check_unknown(body, {"email", "password"})
     email = validation.string(body, "email", max_len=254) or ""
-    password = validation.string(body, "password", max_len=validation.MAX_PASSWORD) or ""
+    password = validation.string(body, "password", max_len=credentials.MAX_PASSWORD) or ""
     # Counted as a failure before the password is checked (429 when throttled); cleared if it succeeds.
     attempt = await ratelimit.login_attempt(request, email, client_ip(request))
-    async with db.cursor(request.app[db_key]) as cur:
-        user = await db.user_by_email(cur, email.strip())
-        ok = await auth.verify_password(user["password_hash"] if user else None, password)
+    async with store.db.cursor(request.app[db_key]) as cur:
+        user = await store.users.user_by_email(cur, email.strip())
+        ok = await credentials.verify_password(user["password_hash"] if user else None, password)
         if not ok or user is None or not user["is_active"]:
-            await db.audit(cur, action="user.login", outcome="denied", user_id=str(user["id"]) if user else None,
-                           ip=client_ip(request))
+            await store.audit.record(cur, action="user.login", outcome="denied",
+                                     user_id=str(user["id"]) if user else None, ip=client_ip(request))
             raise Unauthorized("Wrong email or password.", code="invalid_credentials")
-        await db.audit(cur, action="user.login", outcome="ok", user_id=str(user["id"]), ip=client_ip(request))
+        await store.audit.record(cur, action="user.login", outcome="ok", user_id=str(user["id"]), ip=client_ip(request))
     await attempt.succeeded()
     settings = request.app[settings_key]
-    token, claims = auth.issue_session(settings, user)
-    response = _json({"user": auth.public_user(user), "csrf_token": claims["csrf"],
-                      "expires_at": dt.datetime.fromtimestamp(claims["exp"], dt.UTC).isoformat()})
+    token, claims = credentials.issue_session(settings, user)
+    response = json_response({"user": views.public_user(user), "csrf_token": claims["csrf"],
+                              "expires_at": dt.datetime.fromtimestamp(claims["exp"], dt.UTC).isoformat()})
     auth.set_session_cookies(response, settings, token, claims["csrf"])
     return response
 
@@ -99,9 +79,10 @@ async def logout(request: web.Request) -> web.Response:
         await auth.revoke_session(request, claims)
         # Every console token the user still holds is revoked and every console they have open closes.
         await console_grants.revoke_user(request.app[redis_key], str(user["id"]))
-        async with db.cursor(request.app[db_key]) as cur:
-            await db.audit(cur, action="user.logout", outcome="ok", user_id=str(user["id"]), ip=client_ip(request))
-    response = _json({"logged_out": True})
+        async with store.db.cursor(request.app[db_key]) as cur:
+            await store.audit.record(cur, action="user.logout", outcome="ok", user_id=str(user["id"]),
+                                     ip=client_ip(request))
+    response = json_response({"logged_out": True})
     auth.clear_session_cookies(response, settings)
     return response
 
@@ -109,10 +90,10 @@ async def logout(request: web.Request) -> web.Response:
 @routes.get("/api/me")
 async def me(request: web.Request) -> web.Response:
     user = await auth.current_user(request)
-    async with db.cursor(request.app[db_key]) as cur:
-        usage = await db.usage_of(cur, str(user["id"]))
-    quota = db.quota_of(user, request.app[settings_key])
-    return _json({"user": auth.public_user(user), "quota": quota.to_json(), "usage": usage.to_json()})
+    async with store.db.cursor(request.app[db_key]) as cur:
+        usage = await store.users.usage_of(cur, str(user["id"]))
+    quota = store.users.quota_of(user, request.app[settings_key])
+    return json_response({"user": views.public_user(user), "quota": quota.to_json(), "usage": usage.to_json()})
 
 
 @routes.get("/api/me/vms")
@@ -121,37 +102,27 @@ async def my_vms(request: web.Request) -> web.Response:
     include = request.query.get("include_destroyed", "false")
     if include not in ("true", "false"):
         raise BadRequest("include_destroyed must be true or false.", details={"field": "include_destroyed"})
-    async with db.cursor(request.app[db_key]) as cur:
-        rows = await db.vms_of(cur, str(user["id"]), include_destroyed=include == "true")
+    async with store.db.cursor(request.app[db_key]) as cur:
+        rows = await store.vms.vms_of(cur, str(user["id"]), include_destroyed=include == "true")
     public_url = request.app[settings_key].public_url
-    return _json({"vms": [vms.public_vm(r, public_url) for r in rows]})
-
-
-def audit_entry(row: dict[str, Any], *, with_user: bool = False) -> dict[str, Any]:
-    """The API's view of an audit_log row (``with_user`` adds whose entry it is, for admins)."""
-    entry: dict[str, Any] = {"id": row["id"], "at": row["created_at"].isoformat(), "action": row["action"],
-                             "outcome": row["outcome"], "vm_id": str(row["vm_id"]) if row["vm_id"] else None,
-                             "ip": row["ip"], "details": row["details"]}
-    if with_user:
-        entry["user_id"] = str(row["user_id"]) if row["user_id"] else None
-    return entry
+    return json_response({"vms": [views.public_vm(r, public_url) for r in rows]})
 
 
 @routes.get("/api/me/audit")
 async def my_audit(request: web.Request) -> web.Response:
     user = await auth.current_user(request)
     size, before = paging.limit(request), paging.before(request)
-    async with db.cursor(request.app[db_key]) as cur:
-        rows = await db.audit_of(cur, str(user["id"]), limit=size + 1, before_id=before)
+    async with store.db.cursor(request.app[db_key]) as cur:
+        rows = await store.audit.audit_of(cur, str(user["id"]), limit=size + 1, before_id=before)
     rows, next_before = paging.page(rows, size, lambda row: row["id"])
-    return _json({"entries": [audit_entry(r) for r in rows], "next_before": next_before})
+    return json_response({"entries": [views.audit_entry(r) for r in rows], "next_before": next_before})
 
 
 # ---- templates and VMs -----------------------------------------------------------------------------
 
 @routes.get("/api/templates")
 async def templates(request: web.Request) -> web.Response:
-    return _json({"templates": await request.app[templates_key].describe()})
+    return json_response({"templates": await request.app[templates_key].describe()})
 
 
 @routes.post("/api/vms")
@@ -160,7 +131,7 @@ async def create_vm(request: web.Request) -> web.Response:
     if user["email_verified_at"] is None:
         raise Forbidden("Confirm your email address first: open the link we mailed you, or ask for a new one.",
                         code="email_not_verified")
-    body = await validation.json_body(request)
+    body = await json_body(request)
     validation.check_unknown(body, {"template", "name", "cpu", "memory_mb", "disk_gb", "userdata"})
     template = request.app[templates_key].get(body.get("template"))
     wanted: dict[str, Any] = {"template": template.name}
@@ -174,55 +145,30 @@ async def create_vm(request: web.Request) -> web.Response:
     wanted["name"] = name
     userdata = validation.string(body, "userdata", max_len=vms.MAX_USERDATA, required=False)
     wanted["userdata"] = userdata
-    wait = _wait(request)
+    wait = wait_param(request)
     await ratelimit.limit(request, "vm_create_user", str(user["id"]))
     row, running = await vms.create(request.app, user, wanted, client_ip(request), wait=wait)
-    response = _json(vms.public_vm(row, request.app[settings_key].public_url), status=201 if running else 202)
+    response = json_response(views.public_vm(row, request.app[settings_key].public_url), status=201 if running else 202)
     response.headers["Location"] = f"/api/vms/{row['id']}"
     return response
 
 
-def _wait(request: web.Request) -> float:
-    """``?wait=SECONDS`` (0 to 120): answer once the VM settled, or after that long (then 202)."""
-    raw = request.query.get("wait")
-    if raw is None:
-        return 0.0
-    try:
-        wait = float(raw)
-    except ValueError:
-        wait = -1.0
-    if not 0 <= wait <= vms.MAX_WAIT:
-        raise ValidationFailed(f"wait: seconds between 0 and {vms.MAX_WAIT}", details={"field": "wait"})
-    return wait
-
-
-async def _owned_vm(request: web.Request) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The signed-in user and their VM of the path; a request on a VM counts as its use (idle suspend)."""
-    user = await auth.current_user(request)
-    async with db.cursor(request.app[db_key]) as cur:
-        vm = await db.vm_for_owner(cur, request.match_info["vm_id"], str(user["id"]))
-    if not vms.is_background(request) and states.holds_quota(vm):
-        await activity.touch(request.app[redis_key], str(vm["id"]))
-    return user, vm
-
-
 @routes.get("/api/vms/{vm_id}")
 async def get_vm(request: web.Request) -> web.Response:
-    _, vm = await _owned_vm(request)
-    async with db.cursor(request.app[db_key]) as cur:
-        events = await db.vm_events(cur, str(vm["id"]))
-    data = vms.public_vm(vm, request.app[settings_key].public_url)
-    data["history"] = [{"from": e["from_state"], "to": e["to_state"], "reason": e["reason"],
-                        "at": e["created_at"].isoformat()} for e in events]
-    return _json(data)
+    _, vm = await owned_vm(request)
+    async with store.db.cursor(request.app[db_key]) as cur:
+        events = await store.vms.vm_events(cur, str(vm["id"]))
+    data = views.public_vm(vm, request.app[settings_key].public_url)
+    data["history"] = views.history(events)
+    return json_response(data)
 
 
 async def _vm_action(request: web.Request, action: str) -> web.Response:
     user = await auth.current_user(request)
-    wait = _wait(request)
+    wait = wait_param(request)
     row, done = await vms.request_action(request.app, user, request.match_info["vm_id"], action,
                                          client_ip(request), wait=wait)
-    return _json(vms.public_vm(row, request.app[settings_key].public_url), status=200 if done else 202)
+    return json_response(views.public_vm(row, request.app[settings_key].public_url), status=200 if done else 202)
 
 
 @routes.post("/api/vms/{vm_id}/stop")
@@ -247,7 +193,7 @@ async def destroy_vm(request: web.Request) -> web.Response:
 
 @routes.get("/api/vms/{vm_id}/console")
 async def console(request: web.Request) -> web.Response:
-    user, vm = await _owned_vm(request)
+    user, vm = await owned_vm(request)
     vm_id = str(vm["id"])
     redis = request.app[redis_key]
     if vm["state"] in states.WAKEABLE:
@@ -261,17 +207,17 @@ async def console(request: web.Request) -> web.Response:
     settings = request.app[settings_key]
     await ratelimit.limit(request, "console_user", str(user["id"]))
     grant = await console_grants.issue_token(redis, vm_id, str(user["id"]), settings.console_token_ttl,
-                                       settings.vnc_public_url, max_session=settings.console_max_session)
-    async with db.cursor(request.app[db_key]) as cur:
-        await db.audit(cur, action="vm.console", outcome="ok", user_id=str(user["id"]), ip=client_ip(request),
-                       vm_id=vm_id)
-    return _json({"url": grant.url, "token": grant.token,
-                  "expires_at": dt.datetime.fromtimestamp(grant.expires_at, dt.UTC).isoformat()})
+                                             settings.vnc_public_url, max_session=settings.console_max_session)
+    async with store.db.cursor(request.app[db_key]) as cur:
+        await store.audit.record(cur, action="vm.console", outcome="ok", user_id=str(user["id"]), ip=client_ip(request),
+                                 vm_id=vm_id)
+    return json_response({"url": grant.url, "token": grant.token,
+                          "expires_at": dt.datetime.fromtimestamp(grant.expires_at, dt.UTC).isoformat()})
 
 
 @routes.get("/api/vms/{vm_id}/jobspec")
 async def jobspec(request: web.Request) -> web.Response:
-    _, vm = await _owned_vm(request)
+    _, vm = await owned_vm(request)
     fmt = request.query.get("format", "json")
     if fmt not in ("json", "hcl"):
         raise BadRequest("format must be json or hcl.", details={"field": "format"})
@@ -280,17 +226,17 @@ async def jobspec(request: web.Request) -> web.Response:
     if fmt == "hcl":
         return web.Response(text=to_hcl(vm["jobspec"]), content_type="text/plain",
                             headers={"Cache-Control": "no-store"})
-    return _json({"Job": vm["jobspec"]})
+    return json_response({"Job": vm["jobspec"]})
 
 
 @routes.get("/api/vms/{vm_id}/logs")
 async def logs(request: web.Request) -> web.Response:
-    _, vm = await _owned_vm(request)
+    _, vm = await owned_vm(request)
     raw = request.query.get("max_bytes", "65536")
     if not raw.isdigit() or not 1 <= int(raw) <= MAX_LOG_BYTES:
         raise BadRequest(f"max_bytes must be an integer from 1 to {MAX_LOG_BYTES}.", details={"field": "max_bytes"})
     text = await request.app[driver_key].logs(str(vm["id"]), int(raw))
-    return _json({"vm_id": str(vm["id"]), "state": vm["state"], "serial": text})
+    return json_response({"vm_id": str(vm["id"]), "state": vm["state"], "serial": text})
 
 
 # ---- health ----------------------------------------------------------------------------------------
@@ -308,8 +254,8 @@ async def healthz(request: web.Request) -> web.Response:
     app = request.app
 
     async def pg() -> dict[str, Any]:
-        async with db.cursor(app[db_key]) as cur:
-            await cur.execute("SELECT 1")
+        async with store.db.cursor(app[db_key]) as cur:
+            await store.db.ping(cur)
         return {"ok": True}
 
     async def rd() -> dict[str, Any]:
@@ -323,5 +269,5 @@ async def healthz(request: web.Request) -> web.Response:
                             "checks": checks}
     if down:
         body["down"] = down
-    return _json(body, status=503 if down else 200)
+    return json_response(body, status=503 if down else 200)
 

@@ -19,9 +19,9 @@ from typing import Any
 import redis.exceptions
 from aiohttp import web
 
+from gateway import store
 from gateway.engine import publish
 from gateway.errors import ServiceUnavailable
-from gateway.store import db
 from gateway.web import auth
 from gateway.web.appkeys import db_key, redis_key
 
@@ -54,19 +54,14 @@ def _frame(event: dict[str, Any]) -> bytes:
 
 async def _current(request: web.Request, vm_id: str | None, user_id: str) -> list[dict[str, Any]]:
     """The present state of the VM (or of each of the user's VMs not destroyed), as events."""
-    async with db.cursor(request.app[db_key]) as cur:
-        await cur.execute(
-            "SELECT v.id, v.user_id, v.state, v.desired_state, v.error_reason, v.updated_at,"
-            " (SELECT max(e.id) FROM vm_events e WHERE e.vm_id = v.id) AS event_id FROM vms v"
-            " WHERE v.user_id = %(user)s AND (%(vm)s::uuid IS NULL AND v.state <> 'destroyed' OR v.id = %(vm)s)"
-            " ORDER BY v.created_at, v.id", {"user": user_id, "vm": vm_id})
-        rows = [dict(r) for r in await cur.fetchall()]
+    async with store.db.cursor(request.app[db_key]) as cur:
+        rows = await store.vms.current_states(cur, user_id, vm_id)
     return [publish.event_of(row) for row in rows]
 
 
 async def _missed(request: web.Request, after: int, vm_id: str | None, user_id: str) -> list[dict[str, Any]]:
-    async with db.cursor(request.app[db_key]) as cur:
-        rows = await db.events_after(cur, after, vm_id=vm_id, user_id=user_id)
+    async with store.db.cursor(request.app[db_key]) as cur:
+        rows = await store.vms.events_after(cur, after, vm_id=vm_id, user_id=user_id)
     return [publish.event_of({**row, "id": row["vm_id"]}) for row in rows]
 
 
@@ -121,8 +116,8 @@ async def _stream(request: web.Request, channel: str, vm_id: str | None, user_id
 @routes.get("/api/vms/{vm_id}/events")
 async def vm_events(request: web.Request) -> web.StreamResponse:
     user = await auth.current_user(request)
-    async with db.cursor(request.app[db_key]) as cur:
-        vm = await db.vm_for_owner(cur, request.match_info["vm_id"], str(user["id"]))
+    async with store.db.cursor(request.app[db_key]) as cur:
+        vm = await store.vms.vm_for_owner(cur, request.match_info["vm_id"], str(user["id"]))
     vm_id = str(vm["id"])
     return await _stream(request, publish.vm_channel(vm_id), vm_id, str(user["id"]))
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import email.utils
-import hashlib
 import logging
 import os
 import secrets
@@ -29,8 +28,10 @@ from typing import Any
 
 import aiopg
 
+from gateway import store
 from gateway.config import Settings
-from gateway.store import db
+from gateway.credentials import hash_token
+from gateway.rows import UserRow
 
 log = logging.getLogger("vmgate.mail")
 
@@ -61,10 +62,6 @@ class Delivery:
     ok: bool
     via: str  # "smtp" or "outbox"
     error: str | None = None  # why it failed, without the token
-
-
-def hash_token(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
 
 
 def mask_address(address: str) -> str:
@@ -172,51 +169,31 @@ class Mailer:
 
 # ---- one-time tokens -------------------------------------------------------------------------------
 
-async def issue_token(cur: Any, user_id: str, purpose: str, ttl: int) -> str:
+async def issue_token(cur: aiopg.Cursor, user_id: str, purpose: str, ttl: int) -> str:
     """A fresh token for ``purpose``, valid ``ttl`` seconds; the user's earlier unused ones are spent.
 
     Run it inside a transaction: spending the old tokens and storing the new one go together.
     """
     token = secrets.token_urlsafe(32)
-    await spend_tokens(cur, user_id, purpose)
-    await cur.execute(
-        "INSERT INTO email_tokens (user_id, purpose, token_hash, expires_at)"
-        " VALUES (%s, %s, %s, now() + make_interval(secs => %s))",
-        (user_id, purpose, hash_token(token), ttl))
+    await store.tokens.spend_email_tokens(cur, user_id, purpose)
+    await store.tokens.add_email_token(cur, user_id, purpose, hash_token(token), ttl)
     return token
 
 
-async def spend_tokens(cur: Any, user_id: str, purpose: str) -> None:
-    """Spend every unused ``purpose`` token of a user."""
-    await cur.execute("UPDATE email_tokens SET used_at = now() WHERE user_id = %s AND purpose = %s"
-                      " AND used_at IS NULL", (user_id, purpose))
-
-
-async def token_is_valid(cur: Any, token: str, purpose: str) -> bool:
+async def token_is_valid(cur: aiopg.Cursor, token: str, purpose: str) -> bool:
     """Whether ``token`` would be accepted now (it is not spent; see ``consume_token``)."""
-    await cur.execute(
-        "SELECT 1 FROM email_tokens t JOIN users u ON u.id = t.user_id WHERE t.token_hash = %s AND t.purpose = %s"
-        " AND t.used_at IS NULL AND t.expires_at > now() AND u.is_active", (hash_token(token), purpose))
-    return await cur.fetchone() is not None
+    return await store.tokens.email_token_is_valid(cur, hash_token(token), purpose)
 
 
-async def consume_token(cur: Any, token: str, purpose: str) -> str | None:
+async def consume_token(cur: aiopg.Cursor, token: str, purpose: str) -> str | None:
     """Spend ``token``: its user's id if it was for ``purpose``, unused, unexpired and its user is
-    active; otherwise None. One UPDATE, so two requests racing with one token cannot both win."""
-    await cur.execute(
-        "UPDATE email_tokens t SET used_at = now() FROM users u WHERE t.token_hash = %s AND t.purpose = %s"
-        " AND t.used_at IS NULL AND t.expires_at > now() AND u.id = t.user_id AND u.is_active"
-        " RETURNING t.user_id", (hash_token(token), purpose))
-    row = await cur.fetchone()
-    return str(row["user_id"]) if row else None
+    active; otherwise None (two requests racing with one token cannot both win)."""
+    return await store.tokens.consume_email_token(cur, hash_token(token), purpose)
 
 
-async def refusal_reason(cur: Any, token: str, purpose: str) -> tuple[str, str | None]:
+async def refusal_reason(cur: aiopg.Cursor, token: str, purpose: str) -> tuple[str, str | None]:
     """Why ``token`` was refused, and whose it is, for the audit log only (the client is told nothing)."""
-    await cur.execute(
-        "SELECT t.user_id, t.purpose, t.used_at, t.expires_at <= now() AS expired, u.is_active"
-        " FROM email_tokens t JOIN users u ON u.id = t.user_id WHERE t.token_hash = %s", (hash_token(token),))
-    row = await cur.fetchone()
+    row = await store.tokens.email_token(cur, hash_token(token))
     if row is None:
         return "unknown", None
     user_id = str(row["user_id"])
@@ -258,18 +235,18 @@ def compose(settings: Settings, purpose: str, to: str, token: str) -> Mail:
     return Mail(to=to, subject=subject, text=text, purpose=purpose, link=link, token=token)
 
 
-async def send_account_mail(pool: aiopg.Pool, mailer: Mailer, user: dict[str, Any], purpose: str,
+async def send_account_mail(pool: aiopg.Pool, mailer: Mailer, user: UserRow, purpose: str,
                             ip: str | None, *, reason: str) -> Delivery:
     """Issue a ``purpose`` token for ``user``, mail its link, and audit the outcome."""
     settings = mailer.settings
     user_id = str(user["id"])
     ttl = settings.verify_token_ttl if purpose == "verify" else settings.reset_token_ttl
-    async with db.cursor(pool) as cur:
+    async with store.db.cursor(pool) as cur:
         async with cur.begin():
             token = await issue_token(cur, user_id, purpose, ttl)
     delivery = await mailer.send(compose(settings, purpose, user["email"], token))
     # The transport's error stays in the log: users read their own audit entries.
-    async with db.cursor(pool) as cur:
-        await db.audit(cur, action=MAIL_ACTIONS[purpose], outcome="ok" if delivery.ok else "error",
-                       user_id=user_id, ip=ip, details={"reason": reason, "via": delivery.via})
+    async with store.db.cursor(pool) as cur:
+        await store.audit.record(cur, action=MAIL_ACTIONS[purpose], outcome="ok" if delivery.ok else "error",
+                                 user_id=user_id, ip=ip, details={"reason": reason, "via": delivery.via})
     return delivery

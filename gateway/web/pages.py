@@ -16,11 +16,10 @@ from urllib.parse import quote, urlencode
 import aiohttp_jinja2
 from aiohttp import web
 
-from gateway import states
-from gateway.store import db
-from gateway.web import admin, api, api_tokens, auth, paging, vms
+from gateway import credentials, states, store
+from gateway.rows import UserRecord
+from gateway.web import auth, paging, views
 from gateway.web.appkeys import db_key, driver_key, settings_key, templates_key
-from gateway.web.snapshots import public_snapshot
 from jobspecs.render import to_hcl
 
 routes = web.RouteTableDef()
@@ -39,7 +38,7 @@ def _render(template: str, request: web.Request, context: dict[str, Any], status
     return response
 
 
-async def _user_or_login(request: web.Request) -> dict[str, Any]:
+async def _user_or_login(request: web.Request) -> UserRecord:
     """The logged-in user; anyone else is sent to the log-in page and comes back here afterwards."""
     caller = await auth.find_caller(request)
     if caller is None:
@@ -47,7 +46,7 @@ async def _user_or_login(request: web.Request) -> dict[str, Any]:
     return caller.user
 
 
-async def _user_or_401(request: web.Request) -> dict[str, Any]:
+async def _user_or_401(request: web.Request) -> UserRecord:
     """For fragments fetched by a page's script: no redirect, a 401 the script turns into a reload."""
     caller = await auth.find_caller(request)
     if caller is None:
@@ -61,13 +60,13 @@ def _public_url(request: web.Request) -> str:
 
 # ---- start page, dashboard ---------------------------------------------------------------------
 
-async def _dashboard_context(request: web.Request, user: dict[str, Any]) -> dict[str, Any]:
+async def _dashboard_context(request: web.Request, user: UserRecord) -> dict[str, Any]:
     user_id = str(user["id"])
-    async with db.cursor(request.app[db_key]) as cur:
-        rows = await db.vms_of(cur, user_id)
-        usage = await db.usage_of(cur, user_id)
-    quota = db.quota_of(user, request.app[settings_key])
-    return {"user": auth.public_user(user), "vms": [vms.public_vm(r, _public_url(request)) for r in rows],
+    async with store.db.cursor(request.app[db_key]) as cur:
+        rows = await store.vms.vms_of(cur, user_id)
+        usage = await store.users.usage_of(cur, user_id)
+    quota = store.users.quota_of(user, request.app[settings_key])
+    return {"user": views.public_user(user), "vms": [views.public_vm(r, _public_url(request)) for r in rows],
             "quota": quota.to_json(), "usage": usage.to_json()}
 
 
@@ -107,19 +106,18 @@ async def new_vm(request: web.Request) -> web.StreamResponse:
 
 # ---- one VM ------------------------------------------------------------------------------------
 
-async def _vm_context(request: web.Request, user: dict[str, Any]) -> dict[str, Any]:
-    async with db.cursor(request.app[db_key]) as cur:
-        row = await db.vm_for_owner(cur, request.match_info["vm_id"], str(user["id"]))
-        events = await db.vm_events(cur, str(row["id"]))
-    vm = vms.public_vm(row, _public_url(request))
-    history = [{"from": e["from_state"], "to": e["to_state"], "reason": e["reason"],
-                "at": e["created_at"].isoformat()} for e in events]
+async def _vm_context(request: web.Request, user: UserRecord) -> dict[str, Any]:
+    async with store.db.cursor(request.app[db_key]) as cur:
+        row = await store.vms.vm_for_owner(cur, request.match_info["vm_id"], str(user["id"]))
+        events = await store.vms.vm_events(cur, str(row["id"]))
+    vm = views.public_vm(row, _public_url(request))
+    history = views.history(events)
     jobspec = row.get("jobspec")
     settings = request.app[settings_key]
-    async with db.cursor(request.app[db_key]) as cur:
-        snapshots = [public_snapshot(s) for s in await db.snapshots_of(cur, str(row["id"]))]
-        used = await db.snapshot_usage(cur, str(user["id"]))
-    return {"user": auth.public_user(user), "vm": vm, "history": history,
+    async with store.db.cursor(request.app[db_key]) as cur:
+        snapshots = [views.public_snapshot(s) for s in await store.snapshots.snapshots_of(cur, str(row["id"]))]
+        used = await store.snapshots.snapshot_usage(cur, str(user["id"]))
+    return {"user": views.public_user(user), "vm": vm, "history": history,
             "jobspec_hcl": to_hcl(jobspec) if jobspec else None,
             "saves_memory": request.app[driver_key].saves_memory,
             "idle_suspend_after": request.app[templates_key].idle_suspend_after(row["template"], settings)
@@ -144,30 +142,30 @@ async def vm_fragment(request: web.Request) -> web.StreamResponse:
 @routes.get("/vms/{vm_id}/console")
 async def console_page(request: web.Request) -> web.StreamResponse:
     user = await _user_or_login(request)
-    async with db.cursor(request.app[db_key]) as cur:
-        vm = await db.vm_for_owner(cur, request.match_info["vm_id"], str(user["id"]))
+    async with store.db.cursor(request.app[db_key]) as cur:
+        vm = await store.vms.vm_for_owner(cur, request.match_info["vm_id"], str(user["id"]))
     return _render("console.html", request, {
-        "user": auth.public_user(user),
+        "user": views.public_user(user),
         "vm": {"id": str(vm["id"]), "name": vm["name"], "state": vm["state"]}})
 
 
 # ---- account -----------------------------------------------------------------------------------
 
-async def _tokens_context(request: web.Request, user: dict[str, Any]) -> dict[str, Any]:
-    async with db.cursor(request.app[db_key]) as cur:
-        rows = await db.api_tokens_of(cur, str(user["id"]), api_tokens.MAX_LIVE_TOKENS * 4)
-    return {"user": auth.public_user(user), "tokens": [api_tokens.public_token(r) for r in rows]}
+async def _tokens_context(request: web.Request, user: UserRecord) -> dict[str, Any]:
+    async with store.db.cursor(request.app[db_key]) as cur:
+        rows = await store.tokens.api_tokens_of(cur, str(user["id"]), credentials.MAX_LIVE_TOKENS * 4)
+    return {"user": views.public_user(user), "tokens": [views.public_token(r) for r in rows]}
 
 
 @routes.get("/account")
 async def account(request: web.Request) -> web.StreamResponse:
     user = await _user_or_login(request)
     before = paging.before(request)
-    async with db.cursor(request.app[db_key]) as cur:
-        rows = await db.audit_of(cur, str(user["id"]), limit=AUDIT_PAGE + 1, before_id=before)
+    async with store.db.cursor(request.app[db_key]) as cur:
+        rows = await store.audit.audit_of(cur, str(user["id"]), limit=AUDIT_PAGE + 1, before_id=before)
     rows, next_before = paging.page(rows, AUDIT_PAGE, lambda row: row["id"])
     context = await _tokens_context(request, user)
-    context.update(entries=[api.audit_entry(r) for r in rows], next_before=next_before, paged=before is not None)
+    context.update(entries=[views.audit_entry(r) for r in rows], next_before=next_before, paged=before is not None)
     return _render("account.html", request, context)
 
 
@@ -190,14 +188,14 @@ async def admin_users(request: web.Request) -> web.StreamResponse:
     me = await auth.require_admin(request)
     after = paging.cursor(request)
     email = request.query.get("email", "").strip()[:254] or None
-    async with db.cursor(request.app[db_key]) as cur:
-        rows = await db.users_page(cur, ADMIN_PAGE + 1, after, email_contains=email)
+    async with store.db.cursor(request.app[db_key]) as cur:
+        rows = await store.users.users_page(cur, ADMIN_PAGE + 1, after, email_contains=email)
     rows, next_cursor = paging.page(rows, ADMIN_PAGE, paging.by_creation)
     settings = request.app[settings_key]
     next_url = "/admin/users?" + urlencode({"cursor": next_cursor, **({"email": email} if email else {})}) \
         if next_cursor else None
     return _render("admin_users.html", request, {
-        "user": auth.public_user(me), "tab": "users", "users": [admin.admin_user(r, settings) for r in rows],
+        "user": views.public_user(me), "tab": "users", "users": [views.admin_user(r, settings) for r in rows],
         "email": email or "", "next_url": next_url, "paged": after is not None})
 
 
@@ -210,26 +208,26 @@ async def admin_vms(request: web.Request) -> web.StreamResponse:
         state = None
     include = request.query.get("include_destroyed") == "true"
     user_id = request.query.get("user_id")
-    if user_id is not None and not db.is_uuid(user_id):
+    if user_id is not None and not store.db.is_uuid(user_id):
         user_id = None
-    async with db.cursor(request.app[db_key]) as cur:
-        rows = await db.vms_page(cur, ADMIN_PAGE + 1, after, user_id=user_id, state=state,
-                                 include_destroyed=include or state == "destroyed")
+    async with store.db.cursor(request.app[db_key]) as cur:
+        rows = await store.vms.vms_page(cur, ADMIN_PAGE + 1, after, user_id=user_id, state=state,
+                                        include_destroyed=include or state == "destroyed")
     rows, next_cursor = paging.page(rows, ADMIN_PAGE, paging.by_creation)
     query = {k: v for k, v in (("user_id", user_id), ("state", state),
                                ("include_destroyed", "true" if include else None)) if v}
     next_url = "/admin/vms?" + urlencode({"cursor": next_cursor, **query}) if next_cursor else None
     public_url = _public_url(request)
     return _render("admin_vms.html", request, {
-        "user": auth.public_user(me), "tab": "vms", "states": states.ALL, "state": state or "",
+        "user": views.public_user(me), "tab": "vms", "states": states.ALL, "state": state or "",
         "include_destroyed": include, "next_url": next_url, "paged": after is not None,
-        "vms": [{**vms.public_vm(r, public_url), "owner_email": r["owner_email"]} for r in rows]})
+        "vms": [{**views.public_vm(r, public_url), "owner_email": r["owner_email"]} for r in rows]})
 
 
 @routes.get("/admin/queue")
 async def admin_queue(request: web.Request) -> web.StreamResponse:
     me = await auth.require_admin(request)
-    return _render("admin_queue.html", request, {"user": auth.public_user(me), "tab": "queue"})
+    return _render("admin_queue.html", request, {"user": views.public_user(me), "tab": "queue"})
 
 
 # ---- the pages a mailed link opens ---------------------------------------------------------------

@@ -10,8 +10,8 @@ import base64
 import binascii
 import datetime as dt
 import json
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 from aiohttp import web
 
@@ -19,6 +19,7 @@ from gateway.errors import BadRequest
 from gateway.store.db import is_uuid
 
 MAX_LIMIT = 200
+R = TypeVar("R", bound=Mapping[str, Any])
 
 
 def limit(request: web.Request, default: int = 50) -> int:
@@ -59,8 +60,7 @@ def cursor(request: web.Request) -> tuple[dt.datetime, str] | None:
     return when, row_id
 
 
-def page(rows: list[dict[str, Any]], size: int, next_of: Callable[[dict[str, Any]], Any]) -> tuple[
-        list[dict[str, Any]], Any]:
+def page(rows: list[R], size: int, next_of: Callable[[R], Any]) -> tuple[list[R], Any]:
     """Split ``size + 1`` fetched rows into the page and the next page's cursor (None on the last page)."""
     if len(rows) <= size:
         return rows, None
@@ -68,5 +68,5 @@ def page(rows: list[dict[str, Any]], size: int, next_of: Callable[[dict[str, Any
     return rows, next_of(rows[-1])
 
 
-def by_creation(row: dict[str, Any]) -> str:
+def by_creation(row: Mapping[str, Any]) -> str:
     return encode_cursor(row["created_at"], row["id"])

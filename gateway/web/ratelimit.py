@@ -3,7 +3,7 @@
 Calling it from a handler::
 
     from gateway.web import ratelimit
-    from gateway.web.api import client_ip
+    from gateway.web.http import client_ip
 
     await ratelimit.limit(request, "reset_ip", client_ip(request))
     await ratelimit.limit(request, "reset_email", email)

@@ -16,14 +16,14 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway import states
+from gateway import states, store
 from gateway.engine.publish import publish
 from gateway.errors import Conflict, ServiceUnavailable, ValidationFailed
+from gateway.rows import SnapshotRow, UserRow, VmRow
 from gateway.states import VmState
-from gateway.store import db
-from gateway.web import validation, vms
-from gateway.web.api import _json, _owned_vm, _wait, client_ip
+from gateway.web import validation, views, vms
 from gateway.web.appkeys import db_key, driver_key, engine_key, redis_key, settings_key
+from gateway.web.http import client_ip, json_body, json_response, owned_vm, wait_param
 
 routes = web.RouteTableDef()
 
@@ -31,59 +31,40 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,62}[A-Za-z0-9._-]?$")
 # The VM states a snapshot can be taken in (suspended: the VM is resumed for it, its memory is in use).
 
 
-def public_snapshot(row: dict[str, Any]) -> dict[str, Any]:
-    def iso(value: Any) -> str | None:
-        return value.isoformat() if value is not None else None
-
-    return {
-        "snapshot_id": str(row["id"]),
-        "vm_id": str(row["vm_id"]),
-        "name": row["name"],
-        "state": row["state"],
-        "memory": row["has_memory"],
-        "memory_bytes": row["memory_bytes"],
-        "error": row["error_reason"],
-        "deleted_by": row["deleted_by"],
-        "created_at": iso(row["created_at"]),
-        "ready_at": iso(row["ready_at"]),
-        "deleted_at": iso(row["deleted_at"]),
-    }
-
-
-async def _audit(request: web.Request, user: dict[str, Any], vm: dict[str, Any], action: str,
+async def _audit(request: web.Request, user: UserRow, vm: VmRow, action: str,
                  **details: Any) -> None:
     await vms.audit(request.app, action, "accepted", user, client_ip(request), str(vm["id"]), **details)
 
 
 async def _snapshot_settled(app: web.Application, snapshot_id: str, wait: float, until: tuple[str, ...]) \
-        -> dict[str, Any]:
+        -> SnapshotRow:
     """The snapshot's row once its state is one of ``until`` or ``wait`` s passed (rows are never removed)."""
-    return await vms.poll_row(app, lambda cur: db.snapshot_by_id(cur, snapshot_id),
+    return await vms.poll_row(app, lambda cur: store.snapshots.snapshot_by_id(cur, snapshot_id),
                               lambda row: row["state"] in until, wait)
 
 
 @routes.get("/api/vms/{vm_id}/snapshots")
 async def list_snapshots(request: web.Request) -> web.Response:
-    user, vm = await _owned_vm(request)
+    user, vm = await owned_vm(request)
     settings = request.app[settings_key]
-    async with db.cursor(request.app[db_key]) as cur:
-        rows = await db.snapshots_of(cur, str(vm["id"]))
-        used = await db.snapshot_usage(cur, str(user["id"]))
-    return _json({"snapshots": [public_snapshot(r) for r in rows],
-                  "quota": {"snapshots": settings.snapshot_quota, "used": used},
-                  "retention": {"keep": settings.snapshot_keep, "max_age_seconds": settings.snapshot_max_age}})
+    async with store.db.cursor(request.app[db_key]) as cur:
+        rows = await store.snapshots.snapshots_of(cur, str(vm["id"]))
+        used = await store.snapshots.snapshot_usage(cur, str(user["id"]))
+    return json_response({"snapshots": [views.public_snapshot(r) for r in rows],
+                          "quota": {"snapshots": settings.snapshot_quota, "used": used},
+                          "retention": {"keep": settings.snapshot_keep, "max_age_seconds": settings.snapshot_max_age}})
 
 
 @routes.post("/api/vms/{vm_id}/snapshots")
 async def create_snapshot(request: web.Request) -> web.Response:
-    user, vm = await _owned_vm(request)
-    body = await validation.json_body(request)
+    user, vm = await owned_vm(request)
+    body = await json_body(request)
     validation.check_unknown(body, {"name"})
     name = validation.string(body, "name", max_len=64, min_len=1) or ""
     if not NAME_RE.match(name):
         raise ValidationFailed("name: 1 to 64 of letters, digits, space, '.', '_' and '-', starting with a letter "
                                "or digit", details={"field": "name"})
-    wait = _wait(request)
+    wait = wait_param(request)
     app = request.app
     if vm["state"] not in states.SNAPSHOT_FROM or vm["desired_state"] not in states.SNAPSHOT_DESIRED:
         raise Conflict(f"Cannot snapshot a VM that is {vm['state']}.", code="invalid_state",
@@ -91,8 +72,9 @@ async def create_snapshot(request: web.Request) -> web.Response:
     if vm["state"] != "stopped" and not app[driver_key].saves_memory:
         raise Conflict(f"The {app[driver_key].name} driver cannot snapshot a running VM (its memory, or its disk "
                        "while in use); stop the VM first.", code="not_supported")
-    async with db.cursor(app[db_key]) as cur:
-        row = await db.request_snapshot(cur, str(user["id"]), str(vm["id"]), name, app[settings_key].snapshot_quota)
+    async with store.db.cursor(app[db_key]) as cur:
+        row = await store.snapshots.request_snapshot(cur, str(user["id"]), str(vm["id"]), name,
+                                                     app[settings_key].snapshot_quota)
     await _audit(request, user, vm, "vm.snapshot", snapshot_id=str(row["id"]), name=name)
     await app[engine_key].enqueue(str(vm["id"]), "snapshot")
     if wait > 0:
@@ -101,50 +83,51 @@ async def create_snapshot(request: web.Request) -> web.Response:
             raise ServiceUnavailable(f"The snapshot could not be taken: {row['error_reason']}",
                                      code="snapshot_failed", details={"snapshot_id": str(row["id"]),
                                                                       "reason": row["error_reason"]})
-    response = _json(public_snapshot(row), status=201 if row["state"] == "ready" else 202)
+    response = json_response(views.public_snapshot(row), status=201 if row["state"] == "ready" else 202)
     response.headers["Location"] = f"/api/vms/{vm['id']}/snapshots/{row['id']}"
     return response
 
 
 @routes.get("/api/vms/{vm_id}/snapshots/{snapshot_id}")
 async def get_snapshot(request: web.Request) -> web.Response:
-    _, vm = await _owned_vm(request)
-    async with db.cursor(request.app[db_key]) as cur:
-        row = await db.snapshot_of_vm(cur, str(vm["id"]), request.match_info["snapshot_id"])
-    return _json(public_snapshot(row))
+    _, vm = await owned_vm(request)
+    async with store.db.cursor(request.app[db_key]) as cur:
+        row = await store.snapshots.snapshot_of_vm(cur, str(vm["id"]), request.match_info["snapshot_id"])
+    return json_response(views.public_snapshot(row))
 
 
 @routes.delete("/api/vms/{vm_id}/snapshots/{snapshot_id}")
 async def delete_snapshot(request: web.Request) -> web.Response:
-    user, vm = await _owned_vm(request)
-    wait = _wait(request)
+    user, vm = await owned_vm(request)
+    wait = wait_param(request)
     app = request.app
-    async with db.cursor(app[db_key]) as cur:
-        row = await db.snapshot_of_vm(cur, str(vm["id"]), request.match_info["snapshot_id"])
+    async with store.db.cursor(app[db_key]) as cur:
+        row = await store.snapshots.snapshot_of_vm(cur, str(vm["id"]), request.match_info["snapshot_id"])
         if row["state"] == "creating":
             raise Conflict("The snapshot is still being taken; delete it once it is ready.", code="invalid_state",
                            details={"state": "creating"})
         if str(row["id"]) == str(vm["restore_snapshot"] or "") and vm["state"] == "restoring":
             raise Conflict("The VM is being restored from this snapshot.", code="invalid_state",
                            details={"state": "restoring"})
-        moved = await db.set_snapshot(cur, str(row["id"]), "deleting", only_from=("ready",), deleted_by="user")
+        moved = await store.snapshots.set_snapshot(cur, str(row["id"]), "deleting", only_from=("ready",),
+                                                   deleted_by="user")
     row = moved or row
     await _audit(request, user, vm, "vm.snapshot.delete", snapshot_id=str(row["id"]), name=row["name"])
     await app[engine_key].enqueue(str(vm["id"]), "snapshot delete")
     if wait > 0:
         row = await _snapshot_settled(app, str(row["id"]), wait, until=("deleted",))
-    return _json(public_snapshot(row), status=200 if row["state"] == "deleted" else 202)
+    return json_response(views.public_snapshot(row), status=200 if row["state"] == "deleted" else 202)
 
 
 @routes.post("/api/vms/{vm_id}/snapshots/{snapshot_id}/restore")
 async def restore_snapshot(request: web.Request) -> web.Response:
     """The VM goes back to the snapshot: a running one, or any VM to a snapshot with memory, runs on from
     that moment; otherwise the disk goes back and the VM stays stopped."""
-    user, vm = await _owned_vm(request)
-    wait = _wait(request)
+    user, vm = await owned_vm(request)
+    wait = wait_param(request)
     app = request.app
-    async with db.cursor(app[db_key]) as cur:
-        snap = await db.snapshot_of_vm(cur, str(vm["id"]), request.match_info["snapshot_id"])
+    async with store.db.cursor(app[db_key]) as cur:
+        snap = await store.snapshots.snapshot_of_vm(cur, str(vm["id"]), request.match_info["snapshot_id"])
         if snap["state"] != "ready":
             raise Conflict(f"The snapshot is {snap['state']}; only a ready one can be restored.",
                            code="invalid_state", details={"snapshot_state": snap["state"]})
@@ -153,9 +136,9 @@ async def restore_snapshot(request: web.Request) -> web.Response:
                            "first.", code="not_supported")
         desired = "running" if snap["has_memory"] or vm["state"] == "running" else "stopped"
         vms.refuse_failed_create(vm)
-        row = await db.require_transition(cur, vm, VmState.RESTORING, states.RESTORE_FROM, "restore", desired=desired,
-                                          extra={"restore_snapshot": str(snap["id"]), "crash_times": [],
-                                                 "restart_after": None})
+        extra: dict[str, Any] = {"restore_snapshot": str(snap["id"]), "crash_times": [], "restart_after": None}
+        row: VmRow = await store.vms.require_transition(cur, vm, VmState.RESTORING, states.RESTORE_FROM, "restore",
+                                                        desired=desired, extra=extra)
     await _audit(request, user, vm, "vm.restore", snapshot_id=str(snap["id"]), name=snap["name"])
     await publish(app[redis_key], row)
     await app[engine_key].enqueue(str(vm["id"]), "restore")
@@ -167,4 +150,4 @@ async def restore_snapshot(request: web.Request) -> web.Response:
             raise ServiceUnavailable(f"The VM could not be restored: {reason}", code="restore_failed",
                                      details={"vm_id": str(vm["id"]), "reason": reason, "state": row["state"]})
         done = states.is_settled(row)
-    return _json(vms.public_vm(row, app[settings_key].public_url), status=200 if done else 202)
+    return json_response(views.public_vm(row, app[settings_key].public_url), status=200 if done else 202)

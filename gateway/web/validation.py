@@ -1,34 +1,14 @@
-"""Reading JSON bodies and checking fields, with errors that name the field."""
+"""Checking the fields of a JSON body (read by ``http.json_body``), with errors that name the field."""
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Any
 
-from aiohttp import web
+from gateway.credentials import EMAIL_RE, MAX_PASSWORD, MIN_PASSWORD
+from gateway.errors import ValidationFailed
 
-from gateway.errors import ApiError, BadRequest, ValidationFailed
-
-# Deliberately simple: one @, no spaces, a dot in the domain. Mail delivery is the real check.
-EMAIL_RE = re.compile(r"^[^@\s]{1,64}@[^@\s]+\.[^@\s]+$")
 NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
-MIN_PASSWORD, MAX_PASSWORD = 10, 1024
-
-
-async def json_body(request: web.Request) -> dict[str, Any]:
-    """The request's JSON object, or a 4xx: 415 for another media type, 400 for bad JSON or a non-object."""
-    if request.content_type != "application/json":
-        raise ApiError("Send the body as JSON with Content-Type: application/json.",
-                       status=415, code="unsupported_media_type")
-    raw = await request.read()  # aiohttp answers 413 itself past client_max_size
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"The body is not valid JSON: {exc}", code="invalid_json") from None
-    if not isinstance(body, dict):
-        raise BadRequest("The body must be a JSON object.", code="invalid_json")
-    return body
 
 
 def _fail(field: str, message: str) -> ValidationFailed:

@@ -13,100 +13,72 @@ import asyncio
 import logging
 import time
 import uuid
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, TypeVar
 
+import aiopg
 import redis.exceptions
 from aiohttp import web
 
-from gateway import states
+from gateway import states, store
 from gateway.engine import activity, console_grants, storage
 from gateway.engine.publish import publish
 from gateway.engine.templates import Templates
 from gateway.errors import ApiError, Conflict, NotFound, ServiceUnavailable
+from gateway.rows import UserRow, VmChange, VmRow
 from gateway.states import Desired, VmState
-from gateway.store import db
 from gateway.web.appkeys import db_key, driver_key, engine_key, redis_key, settings_key, templates_key
 
 log = logging.getLogger("vmgate.vms")
 
 MAX_USERDATA = 64 * 1024
-MAX_WAIT = 120  # seconds a request may ask to wait for its VM to settle (?wait=)
 SETTLE_POLL = 0.1
-BACKGROUND_HEADER = "X-Vmgate-Background"
 
 
-def is_background(request: web.Request) -> bool:
-    """A request the web console sends by itself (a poll, ``X-Vmgate-Background: 1``): not use of the VM,
-    or a page left open would keep its VM awake for ever."""
-    return request.headers.get(BACKGROUND_HEADER) == "1"
+R = TypeVar("R", bound=Mapping[str, Any])
 
 
 class ProvisioningFailed(ServiceUnavailable):
     code = "provisioning_failed"
 
 
-def public_vm(row: dict[str, Any], public_url: str) -> dict[str, Any]:
-    """The API's view of a VM row."""
-    def iso(value: Any) -> str | None:
-        return value.isoformat() if value is not None else None
-
-    vm_id = str(row["id"])
-    return {
-        "vm_id": vm_id,
-        "name": row["name"],
-        "template": row["template"],
-        "cpu": row["cpu"],
-        "memory_mb": row["memory_mb"],
-        "disk_gb": row["disk_gb"],
-        "state": row["state"],
-        "desired_state": row["desired_state"],
-        "error": row["error_reason"],
-        "vnc_url": f"{public_url}/vms/{vm_id}/console",
-        "created_at": iso(row["created_at"]),
-        "updated_at": iso(row["updated_at"]),
-        "started_at": iso(row["started_at"]),
-        "stopped_at": iso(row["stopped_at"]),
-        "suspended_at": iso(row.get("suspended_at")),
-    }
-
-
-async def audit(app: web.Application, action: str, outcome: str, user: dict[str, Any], ip: str | None,
+async def audit(app: web.Application, action: str, outcome: str, user: UserRow, ip: str | None,
                 vm_id: str | None = None, **details: Any) -> None:
     """One audit-log entry of a user's action on a VM."""
-    async with db.cursor(app[db_key]) as cur:
-        await db.audit(cur, action=action, outcome=outcome, user_id=str(user["id"]), ip=ip, vm_id=vm_id,
-                       details=details)
+    async with store.db.cursor(app[db_key]) as cur:
+        await store.audit.record(cur, action=action, outcome=outcome, user_id=str(user["id"]), ip=ip, vm_id=vm_id,
+                                 details=details)
 
 
-async def poll_row(app: web.Application, fetch: Any, done: Any, wait: float,
-                   poll: float = SETTLE_POLL) -> dict[str, Any]:
+async def poll_row(app: web.Application, fetch: Callable[[aiopg.Cursor], Awaitable[R | None]],
+                   done: Callable[[R], bool], wait: float, poll: float = SETTLE_POLL) -> R:
     """Read a row with ``await fetch(cursor)`` until ``done(row)`` or ``wait`` s passed; returns the last one.
     A row that is gone is NotFound."""
     deadline = time.monotonic() + wait
     while True:
-        async with db.cursor(app[db_key]) as cur:
+        async with store.db.cursor(app[db_key]) as cur:
             row = await fetch(cur)
         if row is None:
             raise NotFound("No such VM.")
         if done(row) or time.monotonic() >= deadline:
-            return dict(row)
+            return row
         await asyncio.sleep(poll)
 
 
-async def settle(app: web.Application, vm_id: str, wait: float, poll: float = SETTLE_POLL) -> dict[str, Any]:
+async def settle(app: web.Application, vm_id: str, wait: float, poll: float = SETTLE_POLL) -> VmRow:
     """The VM's row once it is settled (``is_settled``) or ``wait`` s passed."""
-    return await poll_row(app, lambda cur: db.vm_by_id(cur, vm_id), states.is_settled, wait, poll)
+    return await poll_row(app, lambda cur: store.vms.vm_by_id(cur, vm_id), states.is_settled, wait, poll)
 
 
-def refuse_failed_create(vm: dict[str, Any]) -> None:
+def refuse_failed_create(vm: VmRow) -> None:
     """409 for a VM whose creation failed: nothing of it is left to start or restore."""
     if states.creation_failed(vm):
         raise Conflict("This VM's creation failed and nothing of it is left; destroy it and create another.",
                        code="invalid_state", details={"state": "error", "allowed_from": ["stopped", "error"]})
 
 
-async def create(app: web.Application, user: dict[str, Any], request: dict[str, Any],
-                 ip: str | None, wait: float = 0) -> tuple[dict[str, Any], bool]:
+async def create(app: web.Application, user: UserRow, request: dict[str, Any],
+                 ip: str | None, wait: float = 0) -> tuple[VmRow, bool]:
     """Admit the VM (quota, under the owner's lock) and queue it; a worker makes its overlay and starts it.
 
     Returns (row, settled). With ``wait``, waits up to that many seconds for the VM to be running;
@@ -124,16 +96,16 @@ async def create(app: web.Application, user: dict[str, Any], request: dict[str, 
           "memory_mb": request["memory_mb"], "disk_gb": request["disk_gb"],
           "userdata": request.get("userdata"), "overlay_path": str(overlay)}
     vm["jobspec"] = catalog.render(template, vm, owner=user_id, settings=settings)
-    async with db.cursor(app[db_key]) as cur:
+    async with store.db.cursor(app[db_key]) as cur:
         try:
-            row = await db.admit_vm(cur, settings, user_id, vm)
+            row: VmRow = await store.vms.admit_vm(cur, settings, user_id, vm)
         except ApiError as exc:
-            await db.audit(cur, action="vm.create", outcome="denied", user_id=user_id, ip=ip,
-                           details={"reason": exc.message, "template": template.name})
+            await store.audit.record(cur, action="vm.create", outcome="denied", user_id=user_id, ip=ip,
+                                     details={"reason": exc.message, "template": template.name})
             raise
-        await db.audit(cur, action="vm.create", outcome="accepted", user_id=user_id, ip=ip, vm_id=vm_id,
-                       details={"template": template.name, "cpu": vm["cpu"], "memory_mb": vm["memory_mb"],
-                                "disk_gb": vm["disk_gb"]})
+        await store.audit.record(cur, action="vm.create", outcome="accepted", user_id=user_id, ip=ip, vm_id=vm_id,
+                                 details={"template": template.name, "cpu": vm["cpu"], "memory_mb": vm["memory_mb"],
+                                          "disk_gb": vm["disk_gb"]})
     await publish(app[redis_key], row)
     await app[engine_key].enqueue(vm_id, "create")
     if wait <= 0:
@@ -145,13 +117,14 @@ async def create(app: web.Application, user: dict[str, Any], request: dict[str, 
     return row, row["state"] == "running"
 
 
-async def wake(app: web.Application, vm_id: str) -> dict[str, Any] | None:
+async def wake(app: web.Application, vm_id: str) -> VmChange | None:
     """Ask for a suspended (or suspending) VM back; the engine resumes it. None: it is in no such state."""
-    async with db.cursor(app[db_key]) as cur:
-        row = await db.transition(cur, vm_id, VmState.RESUMING, only_from=(VmState.SUSPENDED,),
-                                  desired=Desired.RUNNING)
+    async with store.db.cursor(app[db_key]) as cur:
+        row = await store.vms.transition(cur, vm_id, VmState.RESUMING, only_from=(VmState.SUSPENDED,),
+                                         desired=Desired.RUNNING)
         if row is None:
-            row = await db.set_desired(cur, vm_id, Desired.RUNNING, only_from=(VmState.SUSPENDING, VmState.RESUMING))
+            row = await store.vms.set_desired(cur, vm_id, Desired.RUNNING,
+                                              only_from=(VmState.SUSPENDING, VmState.RESUMING))
     if row is None:
         return None
     if row.get("event_id") is not None:
@@ -160,16 +133,16 @@ async def wake(app: web.Application, vm_id: str) -> dict[str, Any] | None:
     return row
 
 
-async def request_action(app: web.Application, user: dict[str, Any], vm_id: str, action: str, ip: str | None,
-                         wait: float = 0) -> tuple[dict[str, Any], bool]:
+async def request_action(app: web.Application, user: UserRow, vm_id: str, action: str, ip: str | None,
+                         wait: float = 0) -> tuple[VmRow, bool]:
     """Record the user's wish (404 if not their VM, 409 if its state does not allow it) and queue the VM.
 
     Returns (row, settled): with ``wait``, the row once the action finished; an action that failed
     meanwhile raises ServiceUnavailable with the reason.
     """
     wanted = states.ACTIONS[action]
-    async with db.cursor(app[db_key]) as cur:
-        vm = await db.vm_for_owner(cur, vm_id, str(user["id"]))
+    async with store.db.cursor(app[db_key]) as cur:
+        vm = await store.vms.vm_for_owner(cur, vm_id, str(user["id"]))
     if states.holds_quota(vm):
         await activity.touch(app[redis_key], vm_id)
     if action == "suspend" and not app[driver_key].saves_memory:
@@ -182,11 +155,12 @@ async def request_action(app: web.Application, user: dict[str, Any], vm_id: str,
             return await _settled(app, vm_id, woken, wait, wanted)
     if action == "start":
         refuse_failed_create(vm)
-    async with db.cursor(app[db_key]) as cur:
+    async with store.db.cursor(app[db_key]) as cur:
         extra: dict[str, Any] | None = {"crash_times": [], "restart_after": None} if action == "start" else None
-        row = await db.require_transition(cur, vm, wanted.enters, wanted.allowed_from, action, desired=wanted.desired,
-                                          extra=extra)
-        await db.audit(cur, action=f"vm.{action}", outcome="accepted", user_id=str(user["id"]), ip=ip, vm_id=vm_id)
+        row = await store.vms.require_transition(cur, vm, wanted.enters, wanted.allowed_from, action,
+                                                 desired=wanted.desired, extra=extra)
+        await store.audit.record(cur, action=f"vm.{action}", outcome="accepted", user_id=str(user["id"]), ip=ip,
+                                 vm_id=vm_id)
     await publish(app[redis_key], row)
     if action != "start":
         # The console goes at once, not when a worker gets to the VM (which revokes again: with Redis
@@ -200,8 +174,8 @@ async def request_action(app: web.Application, user: dict[str, Any], vm_id: str,
     return await _settled(app, vm_id, row, wait, wanted)
 
 
-async def _settled(app: web.Application, vm_id: str, row: dict[str, Any], wait: float,
-                   wanted: states.Action) -> tuple[dict[str, Any], bool]:
+async def _settled(app: web.Application, vm_id: str, row: VmRow, wait: float,
+                   wanted: states.Action) -> tuple[VmRow, bool]:
     if wait <= 0:
         return row, False
     row = await settle(app, vm_id, wait)
