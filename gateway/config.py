@@ -238,6 +238,10 @@ class Settings:
         "Rate-limit overrides, rule=COUNT/SECONDS or rule=off, comma-separated; empty keeps the defaults"
         " (rules and defaults: docs/SECURITY.md)")
     session_ttl: int = _setting("SESSION_TTL", _int(300, 30 * 86400), "43200", "Session lifetime, seconds")
+    argon2_memory_kib: int = _setting("ARGON2_MEMORY_KIB", _int(1024, 4 * 1024 * 1024), "65536",
+                                      "Argon2id memory per password hash, KiB (lower only for tests)")
+    argon2_time_cost: int = _setting("ARGON2_TIME_COST", _int(1, 20), "3",
+                                     "Argon2id passes per password hash (lower only for tests)")
     stop_timeout: int = _setting("STOP_TIMEOUT", _int(1, 600), "30",
                                  "Seconds a guest gets to power off before a hard stop")
     restart_attempts: int = _setting("RESTART_ATTEMPTS", _int(0, 100), "2",

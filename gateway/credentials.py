@@ -30,10 +30,21 @@ API_TOKEN_PREFIX = "vg_"  # noqa: S105 - a public prefix, not a secret
 # Usable (neither revoked nor expired) API tokens a user may hold at once.
 MAX_LIVE_TOKENS = 50
 
-# argon2-cffi's defaults are Argon2id with RFC 9106's low-memory profile.
+# argon2-cffi's defaults are Argon2id with RFC 9106's low-memory profile (64 MiB, 3 passes, 4 lanes), and so
+# are the settings' (ARGON2_MEMORY_KIB, ARGON2_TIME_COST); ``configure`` applies the settings at start-up.
 _hasher = PasswordHasher()
-# Verified against when an email is unknown, so a login takes as long either way.
+# Verified against when an email is unknown, so a login takes as long either way (made with the same cost).
 _DUMMY_HASH = _hasher.hash("not a real password, only here to spend the same time")
+
+
+def configure(settings: Settings) -> None:
+    """Hash new passwords at the settings' cost. Hashes made at another cost still verify (each hash carries
+    its parameters)."""
+    global _hasher, _DUMMY_HASH
+    if (_hasher.memory_cost, _hasher.time_cost) == (settings.argon2_memory_kib, settings.argon2_time_cost):
+        return
+    _hasher = PasswordHasher(memory_cost=settings.argon2_memory_kib, time_cost=settings.argon2_time_cost)
+    _DUMMY_HASH = _hasher.hash("not a real password, only here to spend the same time")
 
 
 # ---- passwords -------------------------------------------------------------------------------------

@@ -148,12 +148,13 @@ def tiny_images_dir(base_settings: Settings) -> Path:
 def app_settings(base_settings: Settings, database_url: str, redis_test_url: str, vms_root: Path,
                  stand_in_images: Path, redis_flush: redis.Redis, tmp_path: Path) -> Settings:
     """Settings for an app under test: its own database, Redis db 15 (flushed), a short VM root, and
-    a data dir of its own whose outbox receives the mails (never SMTP, whatever .env says). The
+    a data dir of its own whose outbox receives the mails (never SMTP, whatever .env says), and Argon2id at
+    its cheapest (every test signs up and logs in; tests/test_auth.py pins the production cost). The
     lifecycle engine reconciles twice a second; the collector runs only when a test calls it."""
     return dataclasses.replace(base_settings, postgres_url=database_url, redis_url=redis_test_url,
                                vms_root=vms_root, images_dir=stand_in_images, stop_timeout=15,
                                reconcile_interval=0.5, claim_idle=3.0, collect_interval=3600.0, restart_delay=0,
-                               data_dir=tmp_path / "data", smtp_host="",
+                               data_dir=tmp_path / "data", smtp_host="", argon2_memory_kib=1024, argon2_time_cost=1,
                                public_url="http://127.0.0.1:8080", vnc_public_url="ws://127.0.0.1:8080/vnc")
 
 

@@ -129,3 +129,20 @@ async def test_bearer_tokens(server: Any, sessions: Any, database_url: str) -> N
     status, body = await owner.request("GET", "/api/me", headers={"Authorization": "Bearer vg_wrong"})
     assert_envelope(status, body, 401, "invalid_token")
     assert (await owner.request("GET", "/api/me"))[0] == 200
+
+
+async def test_passwords_are_argon2id_at_the_rfc9106_cost_by_default(app_settings: Settings) -> None:
+    """The tests hash cheaply (app_settings); the defaults are RFC 9106's low-memory Argon2id profile, and a
+    hash made at one cost still verifies after the cost changes."""
+    from gateway import credentials
+
+    documented = {f.name: f.metadata["default"] for f in dataclasses.fields(Settings)}
+    assert (documented["argon2_memory_kib"], documented["argon2_time_cost"]) == ("65536", "3")
+    credentials.configure(dataclasses.replace(app_settings, argon2_memory_kib=65536, argon2_time_cost=3))
+    strong = await credentials.hash_password("correct horse battery")
+    assert strong.startswith("$argon2id$v=19$m=65536,t=3,p=4$")
+    credentials.configure(app_settings)
+    cheap = await credentials.hash_password("correct horse battery")
+    assert cheap.startswith("$argon2id$v=19$m=1024,t=1,p=4$")
+    assert await credentials.verify_password(strong, "correct horse battery")
+    assert not await credentials.verify_password(strong, "wrong horse battery")

@@ -148,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"vmgate: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    credentials.configure(settings)
     try:
         if args.command == "serve":
             return serve(settings)

@@ -69,10 +69,17 @@ class Runner:
         """Let the loops finish what they are doing (up to ``grace`` s), then cancel them. A job cut
         short is not acknowledged: another worker (or this gateway, restarted) finishes it."""
         self.stopping.set()
-        for task in self._waiting:  # only waiting for a job: nothing to finish, no need to wait out the read
-            task.cancel()
-        if self.tasks:
-            _done, pending = await asyncio.wait(self.tasks, timeout=grace)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        pending: set[asyncio.Task[None]] = set(self.tasks)
+        while pending and loop.time() < deadline:
+            # Workers only waiting for a job have nothing to finish: cancel the read rather than wait it out.
+            # Again on every turn: a cancel that lands while redis-py opens a connection can be swallowed
+            # (asyncio's timeouts on Python 3.11).
+            for task in self._waiting:
+                task.cancel()
+            _done, pending = await asyncio.wait(pending, timeout=min(0.05, max(0.0, deadline - loop.time())))
+        if pending:
             for task in pending:
                 task.cancel()
             for task in pending:

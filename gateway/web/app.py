@@ -18,6 +18,7 @@ from aiohttp import web
 
 from drivers import DriverConfigError, load_driver
 from drivers.base import Driver
+from gateway import credentials
 from gateway.config import REPO_ROOT, ConfigError, Settings
 from gateway.engine.engine import Engine
 from gateway.engine.templates import Templates
@@ -73,6 +74,7 @@ def create_app(settings: Settings, *, driver: Driver | None = None) -> web.Appli
     app = web.Application(middlewares=[metrics_middleware, error_middleware], client_max_size=MAX_BODY)
     app[settings_key] = settings
     app[metrics_key] = Metrics()
+    credentials.configure(settings)
     aiohttp_jinja2.setup(app, loader=jinja2.FileSystemLoader(Path(__file__).parent / "templates"),
                          autoescape=jinja2.select_autoescape(default=True))
 
