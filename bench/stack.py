@@ -322,7 +322,7 @@ class Stack:
         return qemu_processes(self.vms_root)
 
     def vnc_socket(self, vm_id: str) -> Path:
-        """The local driver's VNC socket of a VM (drivers/local.py: ``<vms_root>/tasks/<id>/vnc.sock``)."""
+        """The local driver's VNC socket of a VM (drivers/local: ``<vms_root>/tasks/<id>/vnc.sock``)."""
         return self.vms_root / "tasks" / vm_id / "vnc.sock"
 
     def check_alive(self) -> None:
