@@ -91,6 +91,16 @@ def create_admin(settings: Settings, args: argparse.Namespace) -> str:
                           "pass --promote to make it an admin")
         if existing["role"] == "admin":
             return f"{existing['email']} is already an admin (id {existing['id']})"
+        if existing["email_verified_at"] is None:
+            raise Refused(f"{existing['email']} has not confirmed its address: whoever signed up with it may not own "
+                          "it; let the owner verify it (or reset its password) first")
+
+        async def live_tokens(cur: Any) -> int:
+            return await store.tokens.live_api_tokens_of(cur, str(existing["id"]))
+
+        if live := asyncio.run(in_db(settings, live_tokens)):
+            raise Refused(f"{existing['email']} holds {live} usable API token(s); an admin's tokens must be made "
+                          "after the promotion: revoke them (the account page) first")
 
         async def promote(cur: Any) -> None:
             async with cur.begin():

@@ -95,6 +95,14 @@ async def revoke_api_token(cur: aiopg.Cursor, token_id: str, user_id: str) -> Ro
     return await fetch_found(cur, "No such API token.")
 
 
+async def live_api_tokens_of(cur: aiopg.Cursor, user_id: str) -> int:
+    """How many usable (neither revoked nor expired) API tokens the user holds."""
+    await cur.execute("SELECT count(*) AS n FROM api_tokens WHERE user_id = %s AND revoked_at IS NULL"
+                      " AND expires_at > now()", (user_id,))
+    row = await cur.fetchone()
+    return int(row["n"]) if row else 0
+
+
 async def revoke_api_tokens_of(cur: aiopg.Cursor, user_id: str) -> int:
     """Revoke every usable token of a user; returns how many."""
     await cur.execute("UPDATE api_tokens SET revoked_at = now() WHERE user_id = %s AND revoked_at IS NULL"

@@ -46,10 +46,12 @@ async def set_password_hash(cur: aiopg.Cursor, user_id: str, password_hash: str)
     await cur.execute("UPDATE users SET password_hash = %s WHERE id = %s", (password_hash, user_id))
 
 
-async def mark_verified(cur: aiopg.Cursor, user_id: str) -> None:
-    """The address is confirmed (a mailed link came back); the first confirmation's time is kept."""
-    await cur.execute("UPDATE users SET email_verified_at = coalesce(email_verified_at, now()) WHERE id = %s",
+async def mark_verified(cur: aiopg.Cursor, user_id: str) -> bool:
+    """The address is confirmed (a mailed link came back); the first confirmation's time is kept.
+    True when this was the first confirmation."""
+    await cur.execute("UPDATE users SET email_verified_at = now() WHERE id = %s AND email_verified_at IS NULL",
                       (user_id,))
+    return bool(cur.rowcount)
 
 
 async def set_active(cur: aiopg.Cursor, user_id: str, active: bool) -> None:

@@ -64,8 +64,12 @@ async def verify(request: web.Request) -> web.Response:
     async with store.db.cursor(request.app[db_key]) as cur:
         async with cur.begin():
             user_id = await mail.consume_token(cur, token, "verify")
-            if user_id is not None:
-                await store.users.mark_verified(cur, user_id)
+            if user_id is not None and await store.users.mark_verified(cur, user_id):
+                # The first proof that the mailbox's owner holds the account: whatever was made before it
+                # (by someone who signed up with this address first) goes. Sessions stay (the verifier may be
+                # logged in); a stranger's session ends with the password reset the owner then makes.
+                await store.tokens.revoke_api_tokens_of(cur, user_id)
+                await console_grants.revoke_user(request.app[redis_key], user_id, reason="address verified")
         if user_id is None:
             await _refuse(cur, token, "verify", "user.verify", ip)
         user = await store.users.user_by_id(cur, user_id)
@@ -139,6 +143,7 @@ async def password_reset_confirm(request: web.Request) -> web.Response:
             if user_id is not None:
                 await store.users.set_password_hash(cur, user_id, password_hash)
                 await store.tokens.end_all_sessions(cur, user_id)
+                await store.tokens.revoke_api_tokens_of(cur, user_id)
                 await store.tokens.spend_email_tokens(cur, user_id, "reset")
                 # The link came through the mailbox, which is what verification proves.
                 await store.users.mark_verified(cur, user_id)

@@ -32,6 +32,11 @@ async def create_token(request: web.Request) -> web.Response:
     if caller.method != "cookie":
         raise Forbidden("API tokens are created from a logged-in session, not with another token.",
                         code="session_required")
+    if caller.user["email_verified_at"] is None:
+        # Whoever signs up first with someone else's address must not keep a way in after the owner takes
+        # the account back (a reset, then verification, revoke tokens too; docs/SECURITY.md).
+        raise Forbidden("Confirm your email address first: open the link we mailed you, or ask for a new one.",
+                        code="email_not_verified")
     body = await json_body(request)
     validation.check_unknown(body, {"name", "expires_in"})
     name = (validation.string(body, "name", max_len=MAX_NAME) or "").strip()

@@ -6,6 +6,10 @@ reason, at}``. On connect the stream first sends the current state (or, when the
 ``Last-Event-ID`` as browsers do on reconnect, every change it missed, from Postgres), then each
 change as the lifecycle engine publishes it on Redis. A comment line every KEEPALIVE seconds keeps
 proxies from closing an idle stream. Without Redis there is no live stream: 503.
+
+A stream lives only as long as what opened it: every RECHECK seconds it looks its caller up again, as a new
+request would, and ends once the session is logged out or ended (a password reset), the API token revoked,
+or the account disabled.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from aiohttp import web
 
 from gateway import store
 from gateway.engine import publish
-from gateway.errors import ServiceUnavailable
+from gateway.errors import ApiError, ServiceUnavailable
 from gateway.web import auth
 from gateway.web.appkeys import db_key, redis_key
 
@@ -29,6 +33,7 @@ log = logging.getLogger("vmgate.events")
 routes = web.RouteTableDef()
 
 KEEPALIVE = 15.0
+RECHECK = 5.0  # seconds between checks that the stream's session or token is still good
 MAX_STREAM = 3600.0  # seconds; then the stream ends and the browser reconnects with Last-Event-ID
 RETRY_MS = 2000
 
@@ -88,14 +93,22 @@ async def _stream(request: web.Request, channel: str, vm_id: str | None, user_id
             sent = max(sent, event["id"] or 0)
         loop = asyncio.get_running_loop()
         ends = loop.time() + MAX_STREAM
+        recheck, keepalive = loop.time() + RECHECK, loop.time() + KEEPALIVE
         while loop.time() < ends:
+            if loop.time() >= recheck:
+                if not await _caller_still(request, user_id):
+                    log.info("event stream on %s ends: its session or token is no longer valid", channel)
+                    break
+                recheck = loop.time() + RECHECK
             try:
-                message = await pubsub.get_message(timeout=KEEPALIVE)
+                message = await pubsub.get_message(timeout=max(0.0, min(keepalive, recheck) - loop.time()))
             except (redis.exceptions.RedisError, OSError) as exc:
                 log.info("event stream on %s ends: %s", channel, exc)
                 break  # the browser reconnects and replays from Postgres
             if message is None:
-                await response.write(b": keepalive\n\n")
+                if loop.time() >= keepalive:
+                    await response.write(b": keepalive\n\n")
+                    keepalive = loop.time() + KEEPALIVE
                 continue
             try:
                 event = json.loads(message["data"])
@@ -111,6 +124,16 @@ async def _stream(request: web.Request, channel: str, vm_id: str | None, user_id
     finally:
         with contextlib.suppress(Exception):
             await pubsub.aclose()
+
+
+async def _caller_still(request: web.Request, user_id: str) -> bool:
+    """Whether the request's session or token still resolves to ``user_id`` (looked up afresh)."""
+    request.pop(auth.CALLER_KEY, None)
+    try:
+        caller = await auth.find_caller(request)
+    except ApiError:  # a revoked or expired token
+        return False
+    return caller is not None and str(caller.user["id"]) == user_id
 
 
 @routes.get("/api/vms/{vm_id}/events")

@@ -1,0 +1,163 @@
+"""Hostile users against the real app (Postgres, Redis, the gateway on the fake driver): issue 13.
+
+Account takeover through an address someone else signed up with first: no API token before the address is
+verified; the first verification and every password reset revoke the account's API tokens; promotion to
+admin refuses an unverified account or one holding tokens. Event streams end with what opened them."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from typing import Any
+
+import aiohttp
+import psycopg2
+import pytest
+
+from gateway import credentials
+from gateway.web import events
+from tests.conftest import Session, assert_envelope, link_token, outbox_link
+from tests.test_admin import cli
+
+PASSWORD = "correct horse battery"
+
+
+def plant_token(database_url: str, user_id: str) -> str:
+    """An API token stored for ``user_id`` as the API stores one: what an account could hold from before
+    tokens needed a verified address. Returns the token."""
+    token, token_hash = credentials.new_api_token()
+    with contextlib.closing(psycopg2.connect(database_url)) as conn, conn.cursor() as cur:
+        cur.execute("INSERT INTO api_tokens (id, user_id, name, token_hash, prefix, expires_at)"
+                    " VALUES (%s, %s, 'planted', %s, %s, now() + interval '1 day')",
+                    (str(uuid.uuid4()), user_id, token_hash, token[:11]))
+        conn.commit()
+    return token
+
+
+async def reset_token(session: Session, email: str) -> str:
+    """The token of the newest reset mail to ``email`` (the gateway sends it in the background)."""
+    assert session.outbox is not None
+    for _ in range(100):
+        with contextlib.suppress(AssertionError):
+            return link_token(outbox_link(session.outbox, email, "reset"))
+        await asyncio.sleep(0.05)
+    return link_token(outbox_link(session.outbox, email, "reset"))
+
+
+async def bearer_status(server: Any, token: str) -> int:
+    async with aiohttp.ClientSession() as http, http.get(
+            str(server.make_url("/api/me")), headers={"Authorization": f"Bearer {token}"}) as resp:
+        return resp.status
+
+
+async def test_an_unverified_account_gets_no_api_token(server: Any, sessions: Any) -> None:
+    squatter: Session = sessions(server)
+    await squatter.signup_and_login(verify=False)
+    assert_envelope(*await squatter.request("POST", "/api/me/tokens", json={"name": "keep"}), 403,
+                    "email_not_verified")
+    await squatter.verify_email(squatter.user["email"])  # type: ignore[index]
+    status, body = await squatter.request("POST", "/api/me/tokens", json={"name": "now"})
+    assert status == 201 and body["token"].startswith("vg_"), body
+
+
+async def test_the_owners_verification_revokes_what_the_squatter_made(server: Any, sessions: Any,
+                                                                       database_url: str) -> None:
+    squatter: Session = sessions(server)
+    email = f"victim-{uuid.uuid4().hex[:6]}@example.test"
+    await squatter.signup_and_login(email=email, verify=False)
+    planted = plant_token(database_url, squatter.user["id"])  # type: ignore[index]
+    assert await bearer_status(server, planted) == 200
+    owner: Session = sessions(server)  # the mailbox's owner, not logged in, opens the link
+    await owner.verify_email(email)
+    assert await bearer_status(server, planted) == 401
+    # The owner then takes the account back with a reset, which ends the squatter's session too.
+    anonymous: Session = sessions(server)
+    status, _ = await anonymous.request("POST", "/api/auth/password-reset", json={"email": email})
+    assert status == 202
+    token = await reset_token(anonymous, email)
+    status, body = await anonymous.request("POST", "/api/auth/password-reset/confirm",
+                                           json={"token": token, "password": "the owner's own password"})
+    assert status == 200, body
+    assert_envelope(*await squatter.request("GET", "/api/me"), 401)
+
+
+async def test_a_password_reset_revokes_api_tokens(server: Any, sessions: Any) -> None:
+    alice: Session = sessions(server)
+    await alice.signup_and_login()
+    status, made = await alice.request("POST", "/api/me/tokens", json={"name": "script"})
+    assert status == 201, made
+    assert await bearer_status(server, made["token"]) == 200
+    email = alice.user["email"]  # type: ignore[index]
+    status, _ = await alice.request("POST", "/api/auth/password-reset", json={"email": email})
+    token = await reset_token(alice, email)
+    status, body = await alice.request("POST", "/api/auth/password-reset/confirm",
+                                       json={"token": token, "password": "a brand new password"})
+    assert status == 200, body
+    assert await bearer_status(server, made["token"]) == 401
+    status, listed = await (await login(server, sessions, email, "a brand new password")).request(
+        "GET", "/api/me/tokens")
+    assert status == 200 and [t["revoked"] for t in listed["tokens"]] == [True], listed
+
+
+async def login(server: Any, sessions: Any, email: str, password: str) -> Session:
+    session: Session = sessions(server)
+    status, body = await session.request("POST", "/api/auth/login", json={"email": email, "password": password})
+    assert status == 200, body
+    session.user, session.csrf_token = body["user"], body["csrf_token"]
+    return session
+
+
+async def test_promotion_refuses_unverified_accounts_and_accounts_with_tokens(
+        server: Any, sessions: Any, database_url: str) -> None:
+    squatter: Session = sessions(server)
+    await squatter.signup_and_login(verify=False)
+    rc, out, err = await cli(database_url, "create-admin", "--email", squatter.user["email"], "--promote")  # type: ignore[index]
+    assert rc == 1 and "has not confirmed its address" in err, out + err
+    alice: Session = sessions(server)
+    await alice.signup_and_login()
+    status, made = await alice.request("POST", "/api/me/tokens", json={"name": "script"})
+    assert status == 201
+    rc, out, err = await cli(database_url, "create-admin", "--email", alice.user["email"], "--promote")  # type: ignore[index]
+    assert rc == 1 and "1 usable API token" in err, out + err
+    assert alice.csrf_token
+    status, _ = await alice.request("DELETE", f"/api/me/tokens/{made['id']}")
+    assert status == 200
+    rc, out, err = await cli(database_url, "create-admin", "--email", alice.user["email"], "--promote")  # type: ignore[index]
+    assert rc == 0 and "promoted" in out, err
+
+
+async def read_until_closed(resp: aiohttp.ClientResponse, seconds: float) -> bytes:
+    """Everything the stream sends until the server ends it; fails if it is still open after ``seconds``."""
+    return await asyncio.wait_for(resp.content.read(), seconds)
+
+
+@pytest.mark.parametrize("how", ["logout", "token_revoked", "disabled"])
+async def test_event_streams_end_with_what_opened_them(server: Any, sessions: Any, database_url: str,
+                                                       monkeypatch: pytest.MonkeyPatch, how: str) -> None:
+    monkeypatch.setattr(events, "RECHECK", 0.2)
+    alice: Session = sessions(server)
+    await alice.signup_and_login()
+    headers: dict[str, str] = {}
+    made: dict[str, Any] = {}
+    if how == "token_revoked":
+        status, made = await alice.request("POST", "/api/me/tokens", json={"name": "stream"})
+        assert status == 201
+        headers = {"Authorization": f"Bearer {made['token']}"}
+    client = alice.http if how != "token_revoked" else aiohttp.ClientSession()
+    try:
+        async with client.get(alice.base_url + "/api/me/events", headers=headers) as resp:
+            assert resp.status == 200
+            assert (await resp.content.readline()).startswith(b"retry:")
+            if how == "logout":
+                assert (await alice.request("POST", "/api/auth/logout"))[0] == 200
+            elif how == "token_revoked":
+                assert (await alice.request("DELETE", f"/api/me/tokens/{made['id']}"))[0] == 200
+            else:
+                with contextlib.closing(psycopg2.connect(database_url)) as conn, conn.cursor() as cur:
+                    cur.execute("UPDATE users SET is_active = false WHERE id = %s", (alice.user["id"],))  # type: ignore[index]
+                    conn.commit()
+            await read_until_closed(resp, 5.0)
+    finally:
+        if client is not alice.http:
+            await client.close()
