@@ -21,9 +21,13 @@ from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatc
 
 from gateway.config import Settings
 
-# What a login is: deliberately simple, one @, no spaces, a dot in the domain (mail delivery is the real check),
-# and a password of at least MIN_PASSWORD characters.
-EMAIL_RE = re.compile(r"^[^@\s]{1,64}@[^@\s]+\.[^@\s]+$")
+# What a login is: an address as people type them (mail delivery is the real check), matched whole
+# (``fullmatch``): RFC 5322's dot-atom local part, so no quotes, commas, spaces or angle brackets, which a
+# mail header would read as several recipients ("x,victim@example.com"), and a domain of ASCII labels (an
+# IDN as punycode), so that Python's and Postgres's lower() agree; and a password of MIN_PASSWORD or more.
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+EMAIL_RE = re.compile(rf"(?=[^@]{{1,64}}@){_ATOM}(?:\.{_ATOM})*@{_LABEL}(?:\.{_LABEL})+")
 MIN_PASSWORD, MAX_PASSWORD = 10, 1024
 JWT_ALGORITHM = "HS256"
 API_TOKEN_PREFIX = "vg_"  # noqa: S105 - a public prefix, not a secret
@@ -45,6 +49,11 @@ def configure(settings: Settings) -> None:
         return
     _hasher = PasswordHasher(memory_cost=settings.argon2_memory_kib, time_cost=settings.argon2_time_cost)
     _DUMMY_HASH = _hasher.hash("not a real password, only here to spend the same time")
+
+
+def email_key(address: str) -> str:
+    """The one form of an address for lookups and rate-limit keys (the store compares ``lower(email)``)."""
+    return address.strip().lower()
 
 
 # ---- passwords -------------------------------------------------------------------------------------

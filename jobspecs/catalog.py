@@ -101,7 +101,7 @@ def read_warm_image(directory: Path) -> WarmImage | None:
                           accelerator=str(manifest["accelerator"]))
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    if not _SAFE_PATH_RE.match(str(image.state)):
+    if not _SAFE_PATH_RE.fullmatch(str(image.state)):
         return None
     return image
 
@@ -173,7 +173,7 @@ def _text(entry: dict[str, Any], key: str, where: str) -> str:
 
 def _file_name(entry: dict[str, Any], key: str, where: str) -> str:
     value = _text(entry, key, where)
-    if not _FILE_RE.match(value):
+    if not _FILE_RE.fullmatch(value):
         raise CatalogError(f"{where}: {key} must be a plain file name inside the image directory, got {value!r}")
     return value
 
@@ -185,7 +185,7 @@ def _int(value: Any) -> bool:
 def _template(name: str, entry: Any, images_dir: Path, where: str) -> Template:
     if not isinstance(entry, dict):
         raise CatalogError(f"{where}: expected an object")
-    if not _NAME_RE.match(name):
+    if not _NAME_RE.fullmatch(name):
         raise CatalogError(f"{where}: template names are 1-32 of a-z, 0-9 and '-'")
     image_dir = images_dir / _file_name(entry, "image", where)
     cmdline = _text(entry, "cmdline", where)

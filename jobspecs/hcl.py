@@ -176,7 +176,7 @@ def _value(value: Any, where: str) -> str:
 
 
 def _ident(name: str, where: str) -> str:
-    if not _IDENT_RE.match(name):
+    if not _IDENT_RE.fullmatch(name):
         raise ValueError(f"{where}: {name!r} is not an HCL identifier")
     return name
 
@@ -228,7 +228,7 @@ def _block(kind: str, obj: Any, depth: int, where: str) -> tuple[str | None, lis
         value = obj[key]
         here = f"{where}.{key}"
         if field_kind == LABEL:
-            if not isinstance(value, str) or not _LABEL_RE.match(value):
+            if not isinstance(value, str) or not _LABEL_RE.fullmatch(value):
                 raise ValueError(f"{here}: {value!r} is not a usable block label")
             label = value
         elif field_kind == ATTR:

@@ -205,14 +205,14 @@ def variables() -> dict[str, dict[str, Any]]:
 
 def job_name(vm_id: str) -> str:
     """The Nomad job ID (and name) of a VM: ``vm-<vm_id>``."""
-    if not isinstance(vm_id, str) or not VM_ID_RE.match(vm_id):
+    if not isinstance(vm_id, str) or not VM_ID_RE.fullmatch(vm_id):
         raise JobSpecError("id", f"must be 1-64 of A-Z a-z 0-9 _ - starting with a letter or digit, got {vm_id!r}")
     return JOB_PREFIX + vm_id
 
 
 def vm_id_of(job_id: str) -> str | None:
     """The vm id of a job named by ``job_name``, or None for any other job."""
-    if job_id.startswith(JOB_PREFIX) and VM_ID_RE.match(job_id[len(JOB_PREFIX):]):
+    if job_id.startswith(JOB_PREFIX) and VM_ID_RE.fullmatch(job_id[len(JOB_PREFIX):]):
         return job_id[len(JOB_PREFIX):]
     return None
 
@@ -236,7 +236,7 @@ def _check(vm: VMSpec, template: Template, settings: JobSettings) -> None:
             raise JobSpecError(size, f"{value} is outside {low}..{high}, the limits of template {template.name!r}")
     if not NOMAD_MEMORY_MB[0] <= vm.memory_mb <= NOMAD_MEMORY_MB[1]:
         raise JobSpecError("memory_mb", f"Nomad's qemu driver needs {NOMAD_MEMORY_MB[0]}..{NOMAD_MEMORY_MB[1]} MB")
-    if not isinstance(vm.hostname, str) or not HOSTNAME_RE.match(vm.hostname):
+    if not isinstance(vm.hostname, str) or not HOSTNAME_RE.fullmatch(vm.hostname):
         raise JobSpecError("hostname", f"must be 1-63 of A-Z a-z 0-9 - (not starting or ending with -), "
                                        f"got {vm.hostname!r}")
     path = str(vm.overlay_path)

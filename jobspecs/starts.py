@@ -48,7 +48,7 @@ def loadvm_job(job: dict[str, Any], tag: str, settings: JobSettings) -> dict[str
     loads that snapshot's disk and memory (``-loadvm``) and runs on from the moment it was taken. How a
     suspended VM resumes and a memory snapshot is restored; the snapshot lives in the VM's overlay, so
     the job needs nothing else (docs/SNAPSHOTS.md)."""
-    if not isinstance(tag, str) or not SNAPSHOT_TAG_RE.match(tag):
+    if not isinstance(tag, str) or not SNAPSHOT_TAG_RE.fullmatch(tag):
         raise JobSpecError("snapshot", f"must be 1-64 of A-Z a-z 0-9 _ . - starting with a letter or digit, "
                                        f"got {tag!r}")
     copy = cold_job(job, settings)
@@ -70,7 +70,7 @@ def resume_job(job: dict[str, Any], state: str, settings: JobSettings) -> dict[s
     the VM's overlay): QEMU restores it (``-incoming``) and the guest runs on from the moment it was paused,
     on the disk as it was then. As for a warm start: read-write from the start, and no restart by a
     scheduler (docs/LIFECYCLE.md, "Suspend and resume")."""
-    if not isinstance(state, str) or not _STATE_PATH_RE.match(state) or "/../" in state:
+    if not isinstance(state, str) or not _STATE_PATH_RE.fullmatch(state) or "/../" in state:
         raise JobSpecError("state", f"must be an absolute path of A-Z a-z 0-9 / . _ -, got {state!r}")
     copy = cold_job(job, settings)
     config = copy["TaskGroups"][0]["Tasks"][0]["Config"]

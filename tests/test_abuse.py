@@ -17,7 +17,7 @@ import pytest
 
 from gateway import credentials
 from gateway.web import events
-from tests.conftest import Session, assert_envelope, link_token, outbox_link
+from tests.conftest import VM, Session, assert_envelope, link_token, outbox_link
 from tests.test_admin import cli
 
 PASSWORD = "correct horse battery"
@@ -161,3 +161,28 @@ async def test_event_streams_end_with_what_opened_them(server: Any, sessions: An
     finally:
         if client is not alice.http:
             await client.close()
+
+
+@pytest.mark.parametrize("email", ["x,victim@example.com", "victim@example.com,x@example.com", '"a,b"@example.com',
+                                   "Me <victim@example.com>", "a b@example.com", "victim@example.com;x@y.test",
+                                   "ü@example.com", "me@localhost", "a..b@example.com"])
+async def test_addresses_a_mail_header_could_split_are_refused(server: Any, sessions: Any, email: str) -> None:
+    anonymous: Session = sessions(server)
+    status, body = await anonymous.request("POST", "/api/auth/signup", json={"email": email, "password": PASSWORD})
+    assert_envelope(status, body, 422, "validation_failed")
+    assert body["error"]["details"]["field"] == "email"
+
+
+async def test_names_are_matched_whole(server: Any, sessions: Any) -> None:
+    """A trailing newline slipped past `^...$` with re.match; every pattern is now matched whole."""
+    alice: Session = sessions(server)
+    await alice.signup_and_login()
+    status, body = await alice.request("POST", "/api/vms", json={**VM, "name": "web-1\n"})
+    assert_envelope(status, body, 422, "validation_failed")
+    status, vm = await alice.request("POST", "/api/vms?wait=30", json={**VM, "name": "web-1"})
+    assert status == 201, vm
+    status, body = await alice.request("POST", f"/api/vms/{vm['vm_id']}/snapshots", json={"name": "first\n"})
+    assert_envelope(status, body, 422, "validation_failed")
+    status, body = await alice.request("POST", "/api/auth/login", json={"email": alice.user["email"] + "\n",  # type: ignore[index]
+                                                                        "password": PASSWORD})
+    assert status == 200, body  # surrounding whitespace is trimmed, as it always was: the same address

@@ -168,6 +168,19 @@ async def test_user_pages(pages_gateway: Any) -> None:
         await expect(page.locator("#login-form")).to_be_visible()  # sent to log in, and back afterwards
         assert page.url.endswith("/account") and "?next=" in page.url
 
+        # After logging in, `next` leads only to a page of this site: browsers drop tabs and newlines from
+        # URLs, so "/<tab>/evil.example" would otherwise be "//evil.example", another origin.
+        for sneaky in ("/%09/evil.example", "/%0a/evil.example", "/%5C/evil.example", "https://evil.example/"):
+            await page.goto(base + "/?next=" + sneaky)
+            form = page.locator("#login-form")
+            await form.get_by_label("Email").fill(email)
+            await form.get_by_label("Password").fill(PASSWORD)
+            await form.get_by_role("button", name="Log in").click()
+            await expect(page.locator("#who")).to_have_text(email)
+            assert page.url == base + "/dashboard", (sneaky, page.url)
+            await page.get_by_role("button", name="Log out").click()
+            await expect(page.locator("#login-form")).to_be_visible()
+
     async with chromium() as browser, new_page(browser, "start-phone", viewport=PHONE) as phone:
         await check_page_shape(phone, base + "/")
         await check_page_shape(phone, base + "/reset")

@@ -267,7 +267,7 @@ class LocalDriver(Driver):
 
     @staticmethod
     def _check_tag(tag: str) -> None:
-        if not SNAPSHOT_TAG_RE.match(tag):
+        if not SNAPSHOT_TAG_RE.fullmatch(tag):
             raise DriverError(f"bad snapshot tag {tag!r}")
 
     async def _running_task(self, vm_id: str) -> tuple[int, Path, QemuTask]:
@@ -346,7 +346,7 @@ class LocalDriver(Driver):
         except FileNotFoundError:
             return found
         for entry in entries:
-            if VM_ID_RE.match(entry.name) and entry.is_dir():
+            if VM_ID_RE.fullmatch(entry.name) and entry.is_dir():
                 status = self._procs.status(entry.name)
                 if status.state != "missing":
                     found[entry.name] = status

@@ -55,7 +55,7 @@ class QemuTask:
 
 def check_vm_id(vm_id: str) -> None:
     """Raise JobInvalid unless ``vm_id`` is a usable VM id (it names a directory and a job)."""
-    if not isinstance(vm_id, str) or not VM_ID_RE.match(vm_id):
+    if not isinstance(vm_id, str) or not VM_ID_RE.fullmatch(vm_id):
         raise JobInvalid(f"invalid VM id {vm_id!r}: 1-64 of A-Z a-z 0-9 _ - starting with a letter or digit")
 
 
@@ -91,7 +91,7 @@ def _interpolate(value: str, env: dict[str, str], where: str) -> str:
 
 def _option(config: dict[str, Any], key: str, default: str) -> str:
     value = config.get(key) or default
-    if not isinstance(value, str) or not _OPTION_VALUE_RE.match(value):
+    if not isinstance(value, str) or not _OPTION_VALUE_RE.fullmatch(value):
         raise JobInvalid(f"config.{key} {value!r} is not a plain QEMU option value")
     return value
 
@@ -218,14 +218,14 @@ def build_task(vm_id: str, job: dict[str, Any], task_dir: Path, qemu_path: str =
     incoming: str | None = None
     for flag, value in zip(extra, [*extra[1:], ""], strict=True):
         if flag == "-incoming":
-            match = _INCOMING_RE.match(value)
+            match = _INCOMING_RE.fullmatch(value)
             if not match or incoming is not None:
                 raise JobInvalid(f"-incoming {value!r}: the local driver restores only a saved state file, "
                                  "once: exec:cat /ABSOLUTE/PATH")
             incoming = os.path.normpath(match[1])
-        elif flag == "-loadvm" and (not SNAPSHOT_TAG_RE.match(value) or extra.count("-loadvm") > 1):
+        elif flag == "-loadvm" and (not SNAPSHOT_TAG_RE.fullmatch(value) or extra.count("-loadvm") > 1):
             raise JobInvalid(f"-loadvm {value!r}: one snapshot tag, 1-64 of A-Z a-z 0-9 _ . -")
-        elif flag == "-fw_cfg" and not _FW_CFG_RE.match(value):
+        elif flag == "-fw_cfg" and not _FW_CFG_RE.fullmatch(value):
             raise JobInvalid(f"-fw_cfg {value!r}: only name=opt/...,string=VALUE is allowed")
         elif flag == "-set" and value != "drive.image0.file.auto-read-only=off":
             raise JobInvalid(f"-set {value!r}: only drive.image0.file.auto-read-only=off is allowed")

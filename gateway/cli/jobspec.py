@@ -111,7 +111,7 @@ def export(settings: Settings, directory: Path) -> str:
             os.chmod(tmp, 0o644)
             os.replace(tmp, path)
         written.add(name)
-    removed = [p for p in directory.iterdir() if EXPORT_RE.match(p.name) and p.name not in written]
+    removed = [p for p in directory.iterdir() if EXPORT_RE.fullmatch(p.name) and p.name not in written]
     for path in removed:
         path.unlink()
     return f"exported {len(written)} job(s) to {directory}, removed {len(removed)} of VMs that are gone"

@@ -78,7 +78,7 @@ def _read_password(args: argparse.Namespace) -> tuple[str, bool]:
 def create_admin(settings: Settings, args: argparse.Namespace) -> str:
     """Create or promote the admin; returns what to tell the operator."""
     email = args.email.strip()
-    if not credentials.EMAIL_RE.match(email) or len(email) > 254:
+    if not credentials.EMAIL_RE.fullmatch(email) or len(email) > 254:
         raise Refused(f"{email!r} is not an email address")
 
     async def lookup(cur: Any) -> UserRecord | None:

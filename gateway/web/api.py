@@ -139,7 +139,7 @@ async def create_vm(request: web.Request) -> web.Response:
         lo, hi = template.limits.bounds(field)
         wanted[field] = validation.integer(body, field, lo=lo, hi=hi, default=getattr(template.defaults, field))
     name = validation.string(body, "name", max_len=63, required=False)
-    if name is not None and not validation.NAME_RE.match(name):
+    if name is not None and not validation.NAME_RE.fullmatch(name):
         raise ValidationFailed("name: lower-case letters, digits and '-', 1 to 63 characters",
                                details={"field": "name"})
     wanted["name"] = name

@@ -60,6 +60,7 @@ import redis.asyncio as aioredis
 import redis.exceptions
 from aiohttp import web
 
+from gateway import credentials
 from gateway.config import Settings
 from gateway.errors import ApiError
 from gateway.web.appkeys import redis_key, settings_key
@@ -225,7 +226,7 @@ async def login_attempt(request: web.Request, email: str, ip: str | None) -> Log
     cannot all slip through before the first failure is recorded.
     """
     lim = limiter(request)
-    email = email.strip().lower()
+    email = credentials.email_key(email)
     known = bool(await lim.redis.exists(lim.key("login_known", email, ip)))
     checks: list[tuple[str, Sequence[str | None]]] = [("login_ip", (ip,)), ("login_pair", (email, ip))]
     if not known:

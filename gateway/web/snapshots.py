@@ -61,7 +61,7 @@ async def create_snapshot(request: web.Request) -> web.Response:
     body = await json_body(request)
     validation.check_unknown(body, {"name"})
     name = validation.string(body, "name", max_len=64, min_len=1) or ""
-    if not NAME_RE.match(name):
+    if not NAME_RE.fullmatch(name):
         raise ValidationFailed("name: 1 to 64 of letters, digits, space, '.', '_' and '-', starting with a letter "
                                "or digit", details={"field": "name"})
     wait = wait_param(request)

@@ -56,7 +56,7 @@ def integer(body: dict[str, Any], field: str, *, lo: int, hi: int, default: int 
 def email(body: dict[str, Any]) -> str:
     value = string(body, "email", max_len=254) or ""
     value = value.strip()
-    if not EMAIL_RE.match(value):
+    if not EMAIL_RE.fullmatch(value):
         raise _fail("email", "is not an email address")
     return value
 

@@ -4,10 +4,16 @@ import { api, say } from './common.js';
 const msg = document.getElementById('message');
 const formData = (form) => Object.fromEntries(new FormData(form).entries());
 
-// Only a path on this site is a place to go back to after logging in.
+// Only a page of this site is a place to go back to after logging in. The URL is resolved as the browser
+// will resolve it (it drops tabs and newlines, reads "\\" as "/"), and kept only if it stays on this origin.
 function nextPage() {
   const next = new URLSearchParams(location.search).get('next');
-  return next && next.startsWith('/') && !next.startsWith('//') && !next.startsWith('/\\') ? next : '/dashboard';
+  if (!next || !next.startsWith('/')) return '/dashboard';
+  try {
+    const url = new URL(next, location.origin);
+    if (url.origin === location.origin && !/[\t\n\r\\]/.test(next)) return url.pathname + url.search + url.hash;
+  } catch (err) { /* not a URL: the dashboard */ }
+  return '/dashboard';
 }
 
 const loginForm = document.getElementById('login-form');
