@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from pathlib import Path
 from typing import Any
 
+import psycopg2
 import pytest
 import redis
 
@@ -325,8 +327,21 @@ async def test_console_page_requires_login_and_ownership(server: Any, alice: Ses
         assert resp.status == 302 and resp.headers["Location"].startswith("/?next=")
 
 
-async def test_healthz(server: Any, sessions: Any) -> None:
+def make_admin(database_url: str, user_id: str) -> None:
+    with contextlib.closing(psycopg2.connect(database_url)) as conn, conn.cursor() as cur:
+        cur.execute("UPDATE users SET role = 'admin' WHERE id = %s", (user_id,))
+        conn.commit()
+
+
+async def test_healthz(server: Any, sessions: Any, database_url: str) -> None:
+    """Anyone learns up or down; what each check said (versions, paths, errors) only an admin (issue 13)."""
     status, body = await sessions(server).request("GET", "/api/healthz")
+    assert status == 200 and body == {"status": "ok"}
+    alice: Session = sessions(server)
+    await alice.signup_and_login()
+    assert (await alice.request("GET", "/api/healthz"))[1] == {"status": "ok"}
+    make_admin(database_url, alice.user["id"])  # type: ignore[index]
+    status, body = await alice.request("GET", "/api/healthz")
     assert status == 200
     assert body["status"] == "ok" and body["checks"]["postgres"]["ok"] and body["checks"]["redis"]["ok"]
 
@@ -337,8 +352,7 @@ async def test_healthz_names_what_is_down(aiohttp_server: Any, app_settings: Set
     server = await aiohttp_server(create_app(broken, driver=FakeDriver()))
     truncate_all(database_url)
     status, body = await sessions(server).request("GET", "/api/healthz")
-    assert status == 503
-    assert body["down"] == ["redis"] and body["checks"]["postgres"]["ok"]
+    assert status == 503 and body == {"status": "unavailable"}
     # What needs Redis answers 503 in the envelope rather than a 500: signup and login too, since their
     # rate limits live in Redis and fail closed (no unthrottled password guessing while Redis is down).
     s: Session = sessions(server)
@@ -353,6 +367,11 @@ async def test_healthz_names_what_is_down(aiohttp_server: Any, app_settings: Set
     cookie = owner.http.cookie_jar.filter_cookies(healthy.make_url("/"))["vmgate_session"].value
     status, me = await s.request("GET", "/api/me", cookies={"vmgate_session": cookie})
     assert status == 200 and me["user"]["id"] == owner.user["id"] if owner.user else False
+    # An admin is told which check failed.
+    make_admin(database_url, owner.user["id"])  # type: ignore[index]
+    status, body = await s.request("GET", "/api/healthz", cookies={"vmgate_session": cookie})
+    assert status == 503
+    assert body["down"] == ["redis"] and body["checks"]["postgres"]["ok"]
     # ... and a logged-out one stays out, whatever Redis knows.
     assert (await owner.request("POST", "/api/auth/logout"))[0] == 200
     assert_envelope(*await s.request("GET", "/api/me", cookies={"vmgate_session": cookie}), 401)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
 from typing import Any
@@ -11,9 +12,9 @@ from aiohttp import web
 
 from gateway import credentials, states, store
 from gateway.engine import console_grants
-from gateway.errors import BadRequest, Conflict, Forbidden, Unauthorized, ValidationFailed
+from gateway.errors import ApiError, BadRequest, Conflict, Forbidden, Unauthorized, ValidationFailed
 from gateway.web import auth, mail, paging, ratelimit, validation, views, vms
-from gateway.web.appkeys import db_key, driver_key, mailer_key, redis_key, settings_key, templates_key
+from gateway.web.appkeys import db_key, driver_key, health_key, mailer_key, redis_key, settings_key, templates_key
 from gateway.web.http import client_ip, json_body, json_response, owned_vm, wait_param
 from jobspecs.render import to_hcl
 
@@ -196,6 +197,8 @@ async def console(request: web.Request) -> web.Response:
     user, vm = await owned_vm(request)
     vm_id = str(vm["id"])
     redis = request.app[redis_key]
+    # Counted before anything is done for it: a refused request must not resume a suspended VM either.
+    await ratelimit.limit(request, "console_user", str(user["id"]))
     if vm["state"] in states.WAKEABLE:
         # Opening a suspended VM's console resumes it; the token comes once it runs.
         woken = await vms.wake(request.app, vm_id)
@@ -205,7 +208,6 @@ async def console(request: web.Request) -> web.Response:
         raise Conflict(f"The VM is {vm['state']}; start it to open its console.", code="vm_not_running",
                        details={"state": vm["state"]})
     settings = request.app[settings_key]
-    await ratelimit.limit(request, "console_user", str(user["id"]))
     grant = await console_grants.issue_token(redis, vm_id, str(user["id"]), settings.console_token_ttl,
                                              settings.vnc_public_url, max_session=settings.console_max_session)
     async with store.db.cursor(request.app[db_key]) as cur:
@@ -249,10 +251,10 @@ async def _check(coro: Any, timeout: float = 3.0) -> dict[str, Any]:
     return result if isinstance(result, dict) else {"ok": True}
 
 
-@routes.get("/api/healthz")
-async def healthz(request: web.Request) -> web.Response:
-    app = request.app
+HEALTH_TTL = 2.0  # seconds an answer to the public is reused: a flood of health checks runs the checks this often
 
+
+async def _health(app: web.Application) -> dict[str, Any]:
     async def pg() -> dict[str, Any]:
         async with store.db.cursor(app[db_key]) as cur:
             await store.db.ping(cur)
@@ -269,5 +271,24 @@ async def healthz(request: web.Request) -> web.Response:
                             "checks": checks}
     if down:
         body["down"] = down
-    return json_response(body, status=503 if down else 200)
+    return body
+
+
+@routes.get("/api/healthz")
+async def healthz(request: web.Request) -> web.Response:
+    """Up or down for anyone (a load balancer, a probe); what each check said only for an admin, since it
+    names versions, paths and errors. The public answer is reused for HEALTH_TTL seconds."""
+    app = request.app
+    caller = None
+    with contextlib.suppress(ApiError):
+        caller = await auth.find_caller(request) if request.headers.get("Authorization") or \
+            request.cookies.get(auth.SESSION_COOKIE) else None
+    if caller is not None and caller.user["role"] == "admin":
+        body = await _health(app)
+        return json_response(body, status=503 if body.get("down") else 200)
+    now, last = asyncio.get_running_loop().time(), app[health_key]
+    if not last or now - last["at"] > HEALTH_TTL:
+        last.update(at=now, up=not (await _health(app)).get("down"))
+    up = bool(last["up"])
+    return json_response({"status": "ok" if up else "unavailable"}, status=200 if up else 503)
 

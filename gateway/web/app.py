@@ -25,7 +25,16 @@ from gateway.engine.templates import Templates
 from gateway.metrics import Metrics
 from gateway.store.migrate import migrate
 from gateway.web import accounts, admin, api, api_tokens, events, pages, snapshots
-from gateway.web.appkeys import db_key, driver_key, engine_key, metrics_key, redis_key, settings_key, templates_key
+from gateway.web.appkeys import (
+    db_key,
+    driver_key,
+    engine_key,
+    health_key,
+    metrics_key,
+    redis_key,
+    settings_key,
+    templates_key,
+)
 from gateway.web.envelope import error_middleware
 from gateway.web.metrics import metrics_handler, metrics_middleware
 
@@ -74,6 +83,7 @@ def create_app(settings: Settings, *, driver: Driver | None = None) -> web.Appli
     app = web.Application(middlewares=[metrics_middleware, error_middleware], client_max_size=MAX_BODY)
     app[settings_key] = settings
     app[metrics_key] = Metrics()
+    app[health_key] = {}
     credentials.configure(settings)
     aiohttp_jinja2.setup(app, loader=jinja2.FileSystemLoader(Path(__file__).parent / "templates"),
                          autoescape=jinja2.select_autoescape(default=True))

@@ -21,3 +21,5 @@ templates_key = web.AppKey("catalog", Templates)
 mailer_key = web.AppKey("mailer", Mailer)
 metrics_key = web.AppKey("metrics", Metrics)
 engine_key = web.AppKey("engine", Engine)
+# The last public health answer: {"at": loop time, "up": bool} (gateway/web/api.py, healthz).
+health_key = web.AppKey("health", dict)
