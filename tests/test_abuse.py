@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import uuid
 from typing import Any
 
@@ -186,3 +187,23 @@ async def test_names_are_matched_whole(server: Any, sessions: Any) -> None:
     status, body = await alice.request("POST", "/api/auth/login", json={"email": alice.user["email"] + "\n",  # type: ignore[index]
                                                                         "password": PASSWORD})
     assert status == 200, body  # surrounding whitespace is trimmed, as it always was: the same address
+
+
+async def test_security_headers(server: Any, aiohttp_server: Any, app_settings: Any) -> None:
+    async with aiohttp.ClientSession() as http:
+        async with http.get(str(server.make_url("/"))) as page:
+            csp = page.headers["Content-Security-Policy"]
+            assert "script-src 'self';" in csp and "frame-ancestors 'none'" in csp and "object-src 'none'" in csp
+            assert page.headers["X-Content-Type-Options"] == "nosniff" and page.headers["X-Frame-Options"] == "DENY"
+            assert "Strict-Transport-Security" not in page.headers  # plain http: no HSTS
+        async with http.get(str(server.make_url("/api/me"))) as api:
+            assert api.status == 401 and api.headers["X-Content-Type-Options"] == "nosniff"
+        async with http.get(str(server.make_url("/reset"))) as reset:
+            assert reset.headers["Referrer-Policy"] == "no-referrer"  # the page's own stays
+    from drivers.fake import FakeDriver
+    from gateway.web.app import create_app
+
+    behind_tls = await aiohttp_server(create_app(dataclasses.replace(app_settings, public_url="https://vm.example"),
+                                                 driver=FakeDriver()))
+    async with aiohttp.ClientSession() as http, http.get(str(behind_tls.make_url("/"))) as page:
+        assert page.headers["Strict-Transport-Security"] == "max-age=31536000"

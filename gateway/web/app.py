@@ -7,7 +7,7 @@ import contextlib
 import logging
 import os
 import shutil
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import aiohttp_jinja2
@@ -78,12 +78,36 @@ def driver_from_settings(settings: Settings) -> Driver:
         raise ConfigError(exc.key, exc.problem) from exc
 
 
+# Every page's scripts and styles are files of this site (type="module" scripts, the built stylesheet); a few
+# style attributes set widths (meters), hence 'unsafe-inline' for styles only. noVNC talks to websockify over a
+# WebSocket (VNC_PUBLIC_URL, another port in development), and draws cursors from data: URLs.
+CONTENT_SECURITY_POLICY = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+                           "img-src 'self' data: blob:; connect-src 'self' ws: wss:; object-src 'none'; "
+                           "base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+
+
+def _security_headers(hsts: bool) -> Callable[[web.Request, web.StreamResponse], Awaitable[None]]:
+    """Headers every answer carries (a page's own, such as the reset page's Referrer-Policy, win)."""
+    async def add(_request: web.Request, response: web.StreamResponse) -> None:
+        headers = response.headers
+        headers.setdefault("X-Content-Type-Options", "nosniff")
+        headers.setdefault("Referrer-Policy", "same-origin")
+        headers.setdefault("X-Frame-Options", "DENY")
+        if response.content_type == "text/html":
+            headers.setdefault("Content-Security-Policy", CONTENT_SECURITY_POLICY)
+        if hsts:  # only when the public address is https: browsers then refuse plain http for a year
+            headers.setdefault("Strict-Transport-Security", "max-age=31536000")
+
+    return add
+
+
 def create_app(settings: Settings, *, driver: Driver | None = None) -> web.Application:
     """Build the gateway. ``driver`` overrides the one VMGATE_DRIVER names (tests pass a fake)."""
     app = web.Application(middlewares=[metrics_middleware, error_middleware], client_max_size=MAX_BODY)
     app[settings_key] = settings
     app[metrics_key] = Metrics()
     app[health_key] = {}
+    app.on_response_prepare.append(_security_headers(settings.public_url.startswith("https://")))
     credentials.configure(settings)
     aiohttp_jinja2.setup(app, loader=jinja2.FileSystemLoader(Path(__file__).parent / "templates"),
                          autoescape=jinja2.select_autoescape(default=True))
