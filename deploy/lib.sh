@@ -54,6 +54,7 @@ load_settings() {
     GATEWAY_PORT=${GATEWAY_PORT:-8000}
     NGINX_PORT=${NGINX_PORT:-8080}
     WEBSOCKIFY_PORT=${WEBSOCKIFY_PORT:-6080}
+    TRUSTED_PROXIES=${TRUSTED_PROXIES:-127.0.0.1/32,::1/128}
     PUBLIC_URL=${PUBLIC_URL:-http://127.0.0.1:$NGINX_PORT}
     # shellcheck disable=SC2034  # used by the scripts that source this file
     RUN_DIR=$DATA_DIR/run

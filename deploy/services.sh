@@ -162,7 +162,14 @@ nginx_render() {
         user_line="user $worker;"
         chown -R "$worker" "$temp"
     fi
+    local real_ip="" net
+    for net in ${TRUSTED_PROXIES//,/ }; do
+        case $net in 127.*|::1|::1/*) continue ;; esac  # nginx itself is the loopback hop
+        real_ip="$real_ip set_real_ip_from $net;"
+    done
+    [ -z "$real_ip" ] || real_ip="$real_ip real_ip_header X-Forwarded-For; real_ip_recursive on;"
     sed -e "s|@USER_LINE@|$user_line|" -e "s|@NGINX_DIR@|$NGINX_DIR|g" -e "s|@NGINX_PORT@|$NGINX_PORT|g" \
+        -e "s|@REAL_IP@|$real_ip|" \
         -e "s|@GATEWAY_HOST@|$GATEWAY_HOST|g" -e "s|@GATEWAY_PORT@|$GATEWAY_PORT|g" \
         -e "s|@WEBSOCKIFY_PORT@|$WEBSOCKIFY_PORT|g" \
         "$REPO_ROOT/deploy/nginx.conf.in" > "$NGINX_CONF.tmp"

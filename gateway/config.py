@@ -6,6 +6,7 @@ naming the key, which stops start-up.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
@@ -129,6 +130,18 @@ def _host(key: str, value: str) -> str:
     return value
 
 
+def _networks(key: str, value: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    nets = []
+    for item in (v.strip() for v in value.split(",")):
+        if not item:
+            continue
+        try:
+            nets.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise ConfigError(key, f"expected addresses or CIDRs separated by commas, got {item!r}") from None
+    return tuple(nets)
+
+
 def _csv(key: str, value: str) -> tuple[str, ...]:
     items = tuple(v.strip() for v in value.split(",") if v.strip())
     if not items:
@@ -225,6 +238,10 @@ class Settings:
     images_dir: Path = _setting("IMAGES_DIR", _path, "", "Built base images; empty means DATA_DIR/images")
     gateway_host: str = _setting("GATEWAY_HOST", _host, "127.0.0.1", "Address the gateway binds")
     gateway_port: int = _setting("GATEWAY_PORT", _int(1, 65535), "8000", "Port the gateway binds")
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = _setting(
+        "TRUSTED_PROXIES", _networks, "127.0.0.1/32,::1/128",
+        "Proxies whose X-Forwarded-For is believed (CIDRs, comma-separated): this host's nginx, and any load"
+        " balancer in front of it")
     qemu_binary: str = _setting("QEMU_BINARY", _str, "qemu-system-x86_64", "QEMU system emulator")
     qemu_accelerator: str = _setting("QEMU_ACCELERATOR", _choice("tcg", "kvm"), "tcg",
                                      "tcg (works everywhere) or kvm (needs a usable /dev/kvm)")

@@ -207,3 +207,61 @@ async def test_security_headers(server: Any, aiohttp_server: Any, app_settings: 
                                                  driver=FakeDriver()))
     async with aiohttp.ClientSession() as http, http.get(str(behind_tls.make_url("/"))) as page:
         assert page.headers["Strict-Transport-Security"] == "max-age=31536000"
+
+
+LB = "10.0.0.0/8"
+
+
+@pytest.mark.parametrize(("peer", "xff", "real_ip", "expected"), [
+    ("198.51.100.7", "6.6.6.6", None, "198.51.100.7"),  # not a proxy: its headers mean nothing
+    ("127.0.0.1", None, None, "127.0.0.1"),
+    ("127.0.0.1", "203.0.113.5", None, "203.0.113.5"),  # our nginx
+    ("127.0.0.1", None, "203.0.113.5", "203.0.113.5"),  # X-Real-IP without X-Forwarded-For
+    ("127.0.0.1", "203.0.113.5, 10.1.2.3", None, "203.0.113.5"),  # client, load balancer, nginx
+    ("127.0.0.1", "6.6.6.6, 203.0.113.5, 10.1.2.3", None, "203.0.113.5"),  # a forged leftmost entry
+    ("127.0.0.1", "10.9.9.9, 10.1.2.3", None, "10.9.9.9"),  # only proxies: the leftmost
+    ("127.0.0.1", "not-an-ip, 10.1.2.3", None, "10.1.2.3"),  # garbage: stop at the last trusted hop
+    ("10.1.2.3", "203.0.113.5", None, "203.0.113.5"),
+])
+def test_the_client_is_the_rightmost_untrusted_address(peer: str, xff: str | None, real_ip: str | None,
+                                                       expected: str) -> None:
+    import ipaddress
+
+    from gateway.web.http import forwarded_client
+
+    trusted = tuple(ipaddress.ip_network(n) for n in ("127.0.0.1/32", "::1/128", LB))
+    assert forwarded_client(peer, xff, real_ip, trusted) == expected
+
+
+async def test_behind_a_load_balancer_one_guesser_locks_out_only_itself(
+        aiohttp_server: Any, app_settings: Any, sessions: Any, database_url: str) -> None:
+    """30 wrong logins used to lock out everyone behind a proxy not on loopback (issue 13, item 6)."""
+    import ipaddress
+
+    from drivers.fake import FakeDriver
+    from gateway.web.app import create_app
+    from tests.conftest import truncate_all
+
+    settings = dataclasses.replace(
+        app_settings, rate_limits={**app_settings.rate_limits, "login_ip": (3, 60)},
+        trusted_proxies=(*app_settings.trusted_proxies, ipaddress.ip_network(LB)))
+    server = await aiohttp_server(create_app(settings, driver=FakeDriver()))
+    truncate_all(database_url)
+    victim: Session = sessions(server)
+    await victim.signup_and_login(password=PASSWORD)
+    email = victim.user["email"]  # type: ignore[index]
+    guesser: Session = sessions(server)
+    via_lb = {"X-Forwarded-For": "198.51.100.66, 10.0.0.2"}
+    statuses = []
+    for _ in range(4):
+        statuses.append((await guesser.request("POST", "/api/auth/login", headers=via_lb,
+                                               json={"email": f"nobody{_}@example.test", "password": "wrong one"}))[0])
+    assert statuses[-1] == 429, statuses
+    # Another client behind the same load balancer logs in.
+    owner: Session = sessions(server)
+    status, body = await owner.request("POST", "/api/auth/login", headers={"X-Forwarded-For": "203.0.113.9, 10.0.0.2"},
+                                       json={"email": email, "password": PASSWORD})
+    assert status == 200, body
+    owner.csrf_token = body["csrf_token"]
+    status, audit = await owner.request("GET", "/api/me/audit")
+    assert status == 200 and audit["entries"][0]["ip"] == "203.0.113.9", audit["entries"][:1]

@@ -14,7 +14,7 @@ from gateway.engine import activity
 from gateway.errors import ApiError, BadRequest, ValidationFailed
 from gateway.rows import UserRecord, VmRow
 from gateway.web import auth
-from gateway.web.appkeys import db_key, redis_key
+from gateway.web.appkeys import db_key, redis_key, settings_key
 
 MAX_WAIT = 120  # seconds a request may ask to wait for its VM to settle (?wait=)
 BACKGROUND_HEADER = "X-Vmgate-Background"
@@ -41,19 +41,41 @@ async def json_body(request: web.Request) -> dict[str, Any]:
 
 
 def client_ip(request: web.Request) -> str | None:
-    """The client's address; X-Real-IP is believed only from a loopback peer (our nginx)."""
-    peer = request.remote
-    try:
-        from_proxy = peer is not None and ipaddress.ip_address(peer).is_loopback
-    except ValueError:
-        from_proxy = False
-    forwarded = request.headers.get("X-Real-IP")
-    if from_proxy and forwarded:
+    """The client's address, as rate limits, login throttling and the audit log see it.
+
+    The peer, unless it is a trusted proxy (TRUSTED_PROXIES): then X-Forwarded-For is read from the right,
+    past every trusted proxy, and the first address no trusted proxy added is the client's. Whatever a client
+    writes into the header itself stands left of that and is never believed. Without X-Forwarded-For, a
+    trusted proxy's X-Real-IP is used.
+    """
+    return forwarded_client(request.remote, request.headers.get("X-Forwarded-For"),
+                            request.headers.get("X-Real-IP"), request.app[settings_key].trusted_proxies)
+
+
+def forwarded_client(peer: str | None, forwarded_for: str | None, real_ip: str | None,
+                     trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]) -> str | None:
+    """``client_ip`` without the request: the rightmost address that is not a trusted proxy."""
+    def parse(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
         try:
-            return str(ipaddress.ip_address(forwarded.strip()))
+            return ipaddress.ip_address(value.strip())
         except ValueError:
-            return peer
-    return peer
+            return None
+
+    def is_trusted(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+        return any(address in net for net in trusted)
+
+    current = parse(peer) if peer else None
+    if current is None or not is_trusted(current):
+        return peer
+    hops = [hop for hop in (forwarded_for or "").split(",") if hop.strip()] or ([real_ip] if real_ip else [])
+    for hop in reversed(hops):
+        address = parse(hop)
+        if address is None:  # a malformed entry: nothing left of it can be trusted either
+            break
+        current = address
+        if not is_trusted(address):
+            break
+    return str(current)
 
 
 def is_background(request: web.Request) -> bool:
