@@ -255,6 +255,8 @@ class Settings:
         "Rate-limit overrides, rule=COUNT/SECONDS or rule=off, comma-separated; empty keeps the defaults"
         " (rules and defaults: docs/SECURITY.md)")
     session_ttl: int = _setting("SESSION_TTL", _int(300, 30 * 86400), "43200", "Session lifetime, seconds")
+    event_streams_per_user: int = _setting("EVENT_STREAMS_PER_USER", _int(1, 1000), "20",
+                                           "Live event streams (GET .../events) one user may hold open per gateway")
     argon2_memory_kib: int = _setting("ARGON2_MEMORY_KIB", _int(1024, 4 * 1024 * 1024), "65536",
                                       "Argon2id memory per password hash, KiB (lower only for tests)")
     argon2_time_cost: int = _setting("ARGON2_TIME_COST", _int(1, 20), "3",

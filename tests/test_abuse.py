@@ -265,3 +265,46 @@ async def test_behind_a_load_balancer_one_guesser_locks_out_only_itself(
     owner.csrf_token = body["csrf_token"]
     status, audit = await owner.request("GET", "/api/me/audit")
     assert status == 200 and audit["entries"][0]["ip"] == "203.0.113.9", audit["entries"][:1]
+
+
+async def test_two_hundred_streams_from_one_user_starve_no_one(server: Any, sessions: Any,
+                                                                app_settings: Any) -> None:
+    """One account opening 200 event streams once exhausted the API's Redis pool: healthz and every other
+    user's login answered 503 (issue 13, item 2). Streams now share one subscriber and are capped per user."""
+    hog: Session = sessions(server)
+    await hog.signup_and_login()
+    cap = app_settings.event_streams_per_user
+    url = hog.base_url + "/api/me/events"
+    async with aiohttp.ClientSession(cookie_jar=hog.http.cookie_jar,
+                                     connector=aiohttp.TCPConnector(limit=0)) as http:
+        async def open_one() -> aiohttp.ClientResponse:
+            resp = await http.get(url)
+            if resp.status == 200:
+                await resp.content.readline()  # the stream is up
+            return resp
+
+        streams = await asyncio.gather(*(open_one() for _ in range(200)))
+        try:
+            statuses = [resp.status for resp in streams]
+            assert statuses.count(200) == cap and statuses.count(429) == 200 - cap, statuses
+            refused = next(resp for resp in streams if resp.status == 429)
+            assert (await refused.json())["error"]["code"] == "too_many_streams"
+            # Everyone else carries on: a stranger signs up, logs in, creates a VM and watches it.
+            other: Session = sessions(server)
+            await other.signup_and_login()
+            status, vm = await other.request("POST", "/api/vms?wait=30", json=VM)
+            assert status == 201, vm
+            async with other.http.get(other.base_url + f"/api/vms/{vm['vm_id']}/events") as own:
+                assert own.status == 200
+            status, health = await other.request("GET", "/api/healthz")
+            assert status == 200 and health == {"status": "ok"}
+        finally:
+            for resp in streams:
+                resp.close()
+    # Closed streams give their places back.
+    for _ in range(50):
+        async with hog.http.get(url) as again:
+            if again.status == 200:
+                break
+        await asyncio.sleep(0.1)
+    assert again.status == 200

@@ -29,6 +29,7 @@ from gateway.web.appkeys import (
     db_key,
     driver_key,
     engine_key,
+    fanout_key,
     health_key,
     metrics_key,
     redis_key,
@@ -36,6 +37,7 @@ from gateway.web.appkeys import (
     templates_key,
 )
 from gateway.web.envelope import error_middleware
+from gateway.web.fanout import Fanout
 from gateway.web.metrics import metrics_handler, metrics_middleware
 
 log = logging.getLogger("vmgate.app")
@@ -133,6 +135,16 @@ def create_app(settings: Settings, *, driver: Driver | None = None) -> web.Appli
         finally:
             await client.aclose()
 
+    async def fanout_ctx(app: web.Application) -> AsyncIterator[None]:
+        # Its own Redis client and connection: event streams never take one from the API's pool.
+        fanout = Fanout(settings.redis_url, per_user=settings.event_streams_per_user)
+        app[fanout_key] = fanout
+        await fanout.start()
+        try:
+            yield
+        finally:
+            await fanout.close()
+
     async def driver_ctx(app: web.Application) -> AsyncIterator[None]:
         app[driver_key] = driver if driver is not None else driver_from_settings(settings)
         try:
@@ -165,7 +177,7 @@ def create_app(settings: Settings, *, driver: Driver | None = None) -> web.Appli
             await engine.stop()
 
     # The lifecycle engine last: its first reconciler pass re-adopts the VMs that still run.
-    app.cleanup_ctx.extend([postgres_ctx, redis_ctx, driver_ctx, catalog_ctx, engine_ctx])
+    app.cleanup_ctx.extend([postgres_ctx, redis_ctx, fanout_ctx, driver_ctx, catalog_ctx, engine_ctx])
 
     app.router.add_routes(api.routes)
     app.router.add_routes(api_tokens.routes)

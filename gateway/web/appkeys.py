@@ -11,6 +11,7 @@ from gateway.config import Settings
 from gateway.engine.engine import Engine
 from gateway.engine.templates import Templates
 from gateway.metrics import Metrics
+from gateway.web.fanout import Fanout
 from gateway.web.mail import Mailer
 
 settings_key = web.AppKey("settings", Settings)
@@ -23,3 +24,4 @@ metrics_key = web.AppKey("metrics", Metrics)
 engine_key = web.AppKey("engine", Engine)
 # The last public health answer: {"at": loop time, "up": bool} (gateway/web/api.py, healthz).
 health_key = web.AppKey("health", dict)
+fanout_key = web.AppKey("fanout", Fanout)

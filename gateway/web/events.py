@@ -15,19 +15,18 @@ or the account disabled.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 from typing import Any
 
-import redis.exceptions
 from aiohttp import web
 
 from gateway import store
 from gateway.engine import publish
-from gateway.errors import ApiError, ServiceUnavailable
+from gateway.errors import ApiError
 from gateway.web import auth
-from gateway.web.appkeys import db_key, redis_key
+from gateway.web.appkeys import db_key, fanout_key
+from gateway.web.fanout import ENDED
 
 log = logging.getLogger("vmgate.events")
 routes = web.RouteTableDef()
@@ -71,15 +70,8 @@ async def _missed(request: web.Request, after: int, vm_id: str | None, user_id: 
 
 
 async def _stream(request: web.Request, channel: str, vm_id: str | None, user_id: str) -> web.StreamResponse:
-    redis_client = request.app[redis_key]
-    pubsub = redis_client.pubsub(ignore_subscribe_messages=True)
-    try:
-        await pubsub.subscribe(channel)  # before reading Postgres: no change falls between the two
-    except (redis.exceptions.RedisError, OSError) as exc:
-        await pubsub.aclose()
-        raise ServiceUnavailable("Live updates are unavailable right now (Redis is unreachable); "
-                                 "GET /api/vms/{id} still answers.", code="events_unavailable") from exc
-    try:
+    # Listening before reading Postgres: no change falls between the two (gateway/web/fanout.py).
+    async with request.app[fanout_key].listen(channel, user_id) as listener:
         after = _last_event_id(request)
         first = await (_missed(request, after, vm_id, user_id) if after is not None
                        else _current(request, vm_id, user_id))
@@ -101,17 +93,18 @@ async def _stream(request: web.Request, channel: str, vm_id: str | None, user_id
                     break
                 recheck = loop.time() + RECHECK
             try:
-                message = await pubsub.get_message(timeout=max(0.0, min(keepalive, recheck) - loop.time()))
-            except (redis.exceptions.RedisError, OSError) as exc:
-                log.info("event stream on %s ends: %s", channel, exc)
-                break  # the browser reconnects and replays from Postgres
-            if message is None:
+                data = await asyncio.wait_for(listener.queue.get(), max(0.0, min(keepalive, recheck) - loop.time()))
+            except TimeoutError:
                 if loop.time() >= keepalive:
                     await response.write(b": keepalive\n\n")
                     keepalive = loop.time() + KEEPALIVE
                 continue
+            if data is ENDED:
+                log.info("event stream on %s ends: the fan-out ended it (Redis away, or the client fell behind)",
+                         channel)
+                break  # the browser reconnects and replays from Postgres
             try:
-                event = json.loads(message["data"])
+                event = json.loads(data)
             except (TypeError, ValueError):
                 continue
             if event.get("id") is not None and event["id"] <= sent:
@@ -119,11 +112,6 @@ async def _stream(request: web.Request, channel: str, vm_id: str | None, user_id
             await response.write(_frame(event))
             sent = max(sent, event.get("id") or sent)
         return response
-    except (ConnectionResetError, asyncio.CancelledError):
-        raise
-    finally:
-        with contextlib.suppress(Exception):
-            await pubsub.aclose()
 
 
 async def _caller_still(request: web.Request, user_id: str) -> bool:
