@@ -150,6 +150,8 @@ async def test_event_streams_end_with_what_opened_them(server: Any, sessions: An
         async with client.get(alice.base_url + "/api/me/events", headers=headers) as resp:
             assert resp.status == 200
             assert (await resp.content.readline()).startswith(b"retry:")
+            with pytest.raises(TimeoutError):  # while the session or token is good, the stream stays open
+                await read_until_closed(resp, 1.0)
             if how == "logout":
                 assert (await alice.request("POST", "/api/auth/logout"))[0] == 200
             elif how == "token_revoked":

@@ -63,7 +63,17 @@ export async function refreshFragment(url, el) {
   const res = await fetch(url, { credentials: 'same-origin', headers: { Accept: 'text/html' } });
   if (res.status === 401) { location.reload(); return false; }
   if (!res.ok) return false;
-  el.innerHTML = await res.text();
+  const html = await res.text();
+  // What the user is typing survives the refresh (a state change can re-render a form mid-word).
+  const typed = [...el.querySelectorAll('input[id], textarea[id]')]
+    .filter((input) => input.type !== 'hidden' && input.value).map((input) => [input.id, input.value]);
+  const focused = el.contains(document.activeElement) && document.activeElement.id ? document.activeElement.id : null;
+  el.innerHTML = html;
+  for (const [id, value] of typed) {
+    const input = el.querySelector(`#${CSS.escape(id)}`);
+    if (input && !input.value) input.value = value;
+  }
+  if (focused) el.querySelector(`#${CSS.escape(focused)}`)?.focus();
   localTimes(el);
   return true;
 }
