@@ -44,6 +44,7 @@ Two targets (``JobSettings.target``), one template:
 
 from __future__ import annotations
 
+import base64
 import re
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
@@ -90,6 +91,12 @@ VNC_CHECK = {"Interval": 10 * SECOND, "Timeout": 2 * SECOND}
 # The guest (images/tiny/rootfs/lib/vmgate/identity.sh) takes its name from this fw_cfg entry; a clone
 # restored from a warm template finds its own name there (its kernel command line is the template's).
 FW_CFG_HOSTNAME = "opt/vmgate/hostname"
+# The user data reaches the guest as this fw_cfg entry, base64 inline (string=): nothing in it can then be
+# read as QEMU's option syntax (commas) or as an interpolation by Nomad or the local driver (${...}), and the
+# argument stays far below Linux's 128 KiB per argument. images/tiny/rootfs/sbin/vmgate-userdata decodes it
+# and runs it once.
+FW_CFG_USERDATA = "opt/vmgate/userdata"
+MAX_USERDATA = 32 * 1024
 INCOMING = "-incoming"
 LOADVM = "-loadvm"
 # A qcow2 internal snapshot's tag as vmgate names them (a user's snapshot: s-<uuid>).
@@ -150,6 +157,8 @@ class VMSpec:
     disk_gb: int = _var("number", "Size the overlay was created with, GB (task meta `disk_gb`)")
     overlay_path: str = _var("string", "Absolute path of the VM's qcow2 overlay (image_path)")
     hostname: str = _var("string", "Guest hostname (RFC 1123 label), passed as vmgate.hostname=")
+    userdata: str = _var("string", "A script the guest runs once at first boot (fw_cfg opt/vmgate/userdata); "
+                         f"empty for none, at most {MAX_USERDATA} bytes", "")
 
     @classmethod
     def for_template(cls, template: Template, *, id: str, owner: str, overlay_path: str | Path,
@@ -234,6 +243,8 @@ def _check(vm: VMSpec, template: Template, settings: JobSettings) -> None:
             raise JobSpecError(size, f"must be an integer, got {value!r}")
         if not low <= value <= high:
             raise JobSpecError(size, f"{value} is outside {low}..{high}, the limits of template {template.name!r}")
+    if not isinstance(vm.userdata, str) or "\0" in vm.userdata or len(vm.userdata.encode()) > MAX_USERDATA:
+        raise JobSpecError("userdata", f"must be text of at most {MAX_USERDATA} bytes without NUL")
     if not NOMAD_MEMORY_MB[0] <= vm.memory_mb <= NOMAD_MEMORY_MB[1]:
         raise JobSpecError("memory_mb", f"Nomad's qemu driver needs {NOMAD_MEMORY_MB[0]}..{NOMAD_MEMORY_MB[1]} MB")
     if not isinstance(vm.hostname, str) or not HOSTNAME_RE.fullmatch(vm.hostname):
@@ -289,13 +300,17 @@ def qemu_args(vm: VMSpec, template: Template, target: str = "local") -> list[str
         # The host's entropy for the guest; a clone of a warm template reseeds its RNG from it.
         "-device", "virtio-rng-pci",
         "-fw_cfg", f"name={FW_CFG_HOSTNAME},string={vm.hostname}",
+        *(("-fw_cfg", f"name={FW_CFG_USERDATA},string={base64.b64encode(vm.userdata.encode()).decode()}")
+          if vm.userdata else ()),
         *WARM_ARGS,
     ]
 
 
 def warm_fits(vm: VMSpec, warm: WarmImage, settings: JobSettings) -> bool:
     """True when ``vm`` can start from ``warm``'s memory state (same template, sizes and accelerator)."""
-    return vm.template == warm.template and warm.fits(vm.cpu, vm.memory_mb, vm.disk_gb, settings.accelerator)
+    # A warm clone does not boot, and user data runs at boot: a VM with user data starts cold.
+    return (vm.template == warm.template and not vm.userdata
+            and warm.fits(vm.cpu, vm.memory_mb, vm.disk_gb, settings.accelerator))
 
 
 def policies(settings: JobSettings, warm: bool) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -152,3 +152,24 @@ async def test_stop_start_keeps_disk_and_console_follows(local_gateway: Any, ses
         # The echo typed before the restart went to tty1 only; on ttyS0 the text comes from the disk.
         await wait_for_serial(s, vm_id, "kept-across-restart")
     assert (await s.request("DELETE", f"/api/vms/{vm_id}?wait=60"))[0] == 200
+
+
+async def test_userdata_runs_once_and_its_output_reaches_the_logs(local_gateway: Any, sessions: Any) -> None:
+    """The user data given at create time reaches the guest (fw_cfg, base64), runs once at first boot, and
+    its output is on the serial console; commas and ${...} in it are the script's, nobody else's (issue 13)."""
+    s: Session = sessions(local_gateway)
+    await s.signup_and_login()
+    script = 'x=41; echo "userdata ran: $((x + 1)), with, commas and ${x}"\n'
+    status, vm = await s.request("POST", "/api/vms?wait=60", json={**VM, "userdata": script})
+    assert status == 201, vm
+    vm_id = vm["vm_id"]
+    status, job = await s.request("GET", f"/api/vms/{vm_id}/jobspec")
+    args = job["Job"]["TaskGroups"][0]["Tasks"][0]["Config"]["args"]
+    assert any(a.startswith("name=opt/vmgate/userdata,string=") for a in args) and "-incoming" not in args
+    text = await wait_for_serial(s, vm_id, "vmgate-tiny: user data exit 0")
+    assert "userdata ran: 42, with, commas and 41" in text
+    assert (await s.request("POST", f"/api/vms/{vm_id}/stop?wait=60"))[0] == 200
+    assert (await s.request("POST", f"/api/vms/{vm_id}/start?wait=60"))[0] == 200
+    text = await wait_for_serial(s, vm_id, "vmgate-tiny: user data already ran")
+    assert text.count("userdata ran: 42") == 1
+    assert (await s.request("DELETE", f"/api/vms/{vm_id}?wait=60"))[0] == 200

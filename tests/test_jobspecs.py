@@ -288,12 +288,12 @@ def test_settings_feed_the_job(templates: dict[str, Template]) -> None:
 def test_variables_are_described() -> None:
     table = variables()
     assert set(table) == {"id", "owner", "template", "cpu", "memory_mb", "disk_gb", "overlay_path", "hostname",
-                          "datacenters", "namespace", "accelerator", "stop_timeout", "target", "restart_attempts",
-                          "restart_interval", "restart_delay", "restart_mode"}
+                          "userdata", "datacenters", "namespace", "accelerator", "stop_timeout", "target",
+                          "restart_attempts", "restart_interval", "restart_delay", "restart_mode"}
     for name, var in table.items():
         assert var["type"] in ("string", "number", "list(string)") and var["description"], name
     assert table["datacenters"]["default"] == ["dc1"] and table["stop_timeout"]["default"] == 30
-    assert "default" not in table["id"]
+    assert "default" not in table["id"] and table["userdata"]["default"] == ""
 
 
 def test_names() -> None:

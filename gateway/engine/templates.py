@@ -83,7 +83,8 @@ class Templates:
         has a warm layer saved for this VM's sizes, cold otherwise."""
         spec = render.VMSpec(
             id=vm["id"], owner=owner, template=template.name, cpu=vm["cpu"], memory_mb=vm["memory_mb"],
-            disk_gb=vm["disk_gb"], overlay_path=str(vm["overlay_path"]), hostname=vm["name"])
+            disk_gb=vm["disk_gb"], overlay_path=str(vm["overlay_path"]), hostname=vm["name"],
+            userdata=vm.get("userdata") or "")
         job_settings = render.JobSettings.from_settings(settings)
         warm = template.warm_image()
         if warm is not None and not render.warm_fits(spec, warm, job_settings):

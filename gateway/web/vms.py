@@ -28,10 +28,11 @@ from gateway.errors import ApiError, Conflict, NotFound, ServiceUnavailable
 from gateway.rows import UserRow, VmChange, VmRow
 from gateway.states import Desired, VmState
 from gateway.web.appkeys import db_key, driver_key, engine_key, redis_key, settings_key, templates_key
+from jobspecs.render import MAX_USERDATA as MAX_JOB_USERDATA
 
 log = logging.getLogger("vmgate.vms")
 
-MAX_USERDATA = 64 * 1024
+MAX_USERDATA = MAX_JOB_USERDATA  # bytes of the script a VM runs at first boot
 SETTLE_POLL = 0.1
 
 
