@@ -91,10 +91,8 @@ VNC_CHECK = {"Interval": 10 * SECOND, "Timeout": 2 * SECOND}
 # The guest (images/tiny/rootfs/lib/vmgate/identity.sh) takes its name from this fw_cfg entry; a clone
 # restored from a warm template finds its own name there (its kernel command line is the template's).
 FW_CFG_HOSTNAME = "opt/vmgate/hostname"
-# The user data reaches the guest as this fw_cfg entry, base64 inline (string=): nothing in it can then be
-# read as QEMU's option syntax (commas) or as an interpolation by Nomad or the local driver (${...}), and the
-# argument stays far below Linux's 128 KiB per argument. images/tiny/rootfs/sbin/vmgate-userdata decodes it
-# and runs it once.
+# User data goes to the guest as this fw_cfg entry, base64 inline: immune to QEMU's option syntax (commas) and to
+# ${...} interpolation, well under Linux's 128 KiB per argument (images/tiny/rootfs/sbin/vmgate-userdata).
 FW_CFG_USERDATA = "opt/vmgate/userdata"
 MAX_USERDATA = 32 * 1024
 INCOMING = "-incoming"
