@@ -19,7 +19,7 @@ import pytest
 from gateway import credentials
 from gateway.web import events
 from tests.conftest import VM, Session, assert_envelope, link_token, outbox_link
-from tests.test_admin import cli
+from tests.test_admin import cli, login
 
 PASSWORD = "correct horse battery"
 
@@ -99,14 +99,6 @@ async def test_a_password_reset_revokes_api_tokens(server: Any, sessions: Any) -
     status, listed = await (await login(server, sessions, email, "a brand new password")).request(
         "GET", "/api/me/tokens")
     assert status == 200 and [t["revoked"] for t in listed["tokens"]] == [True], listed
-
-
-async def login(server: Any, sessions: Any, email: str, password: str) -> Session:
-    session: Session = sessions(server)
-    status, body = await session.request("POST", "/api/auth/login", json={"email": email, "password": password})
-    assert status == 200, body
-    session.user, session.csrf_token = body["user"], body["csrf_token"]
-    return session
 
 
 async def test_promotion_refuses_unverified_accounts_and_accounts_with_tokens(

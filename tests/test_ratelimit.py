@@ -239,13 +239,19 @@ async def test_vm_create_is_limited_per_user(make_server: MakeServer, sessions: 
     assert (await alice.request("POST", "/api/vms?wait=60", json=VM))[0] == 201
 
 
-async def test_console_is_limited_per_user(make_server: MakeServer, sessions: Any, database_url: str) -> None:
-    server = await make_server({"console_user": (2, 2)})
+async def with_running_vm(server: Any, sessions: Any, database_url: str) -> tuple[Session, str]:
+    """A verified user with a running VM; returns the session and the VM's id."""
     alice = await signed_up(server, sessions)
     mark_verified(database_url, alice.user["id"] if alice.user else "")
     status, vm = await alice.request("POST", "/api/vms?wait=60", json=VM)
     assert status == 201, vm
-    path = f"/api/vms/{vm['vm_id']}/console"
+    return alice, vm["vm_id"]
+
+
+async def test_console_is_limited_per_user(make_server: MakeServer, sessions: Any, database_url: str) -> None:
+    server = await make_server({"console_user": (2, 2)})
+    alice, vm_id = await with_running_vm(server, sessions, database_url)
+    path = f"/api/vms/{vm_id}/console"
     assert (await alice.request("GET", path))[0] == 200
     assert (await alice.request("GET", path))[0] == 200
     retry_after = assert_limited(*await request_with_headers(alice, "GET", path), "console_user")
@@ -257,18 +263,15 @@ async def test_a_refused_console_request_resumes_nothing(make_server: MakeServer
                                                        database_url: str) -> None:
     """The console's rate limit is checked before a suspended VM is woken for it (issue 13)."""
     server = await make_server({"console_user": (1, 60)})
-    alice = await signed_up(server, sessions)
-    mark_verified(database_url, alice.user["id"] if alice.user else "")
-    status, vm = await alice.request("POST", "/api/vms?wait=60", json=VM)
-    assert status == 201, vm
-    path = f"/api/vms/{vm['vm_id']}/console"
+    alice, vm_id = await with_running_vm(server, sessions, database_url)
+    path = f"/api/vms/{vm_id}/console"
     assert (await alice.request("GET", path))[0] == 200
-    assert (await alice.request("POST", f"/api/vms/{vm['vm_id']}/stop?wait=60"))[0] == 200
+    assert (await alice.request("POST", f"/api/vms/{vm_id}/stop?wait=60"))[0] == 200
     with contextlib.closing(psycopg2.connect(database_url)) as conn, conn.cursor() as cur:
-        cur.execute("UPDATE vms SET state = 'suspended', desired_state = 'suspended' WHERE id = %s", (vm["vm_id"],))
+        cur.execute("UPDATE vms SET state = 'suspended', desired_state = 'suspended' WHERE id = %s", (vm_id,))
         conn.commit()
     assert_limited(*await request_with_headers(alice, "GET", path), "console_user")
-    status, after = await alice.request("GET", f"/api/vms/{vm['vm_id']}")
+    _, after = await alice.request("GET", f"/api/vms/{vm_id}")
     assert (after["state"], after["desired_state"]) == ("suspended", "suspended"), after
 
 

@@ -281,8 +281,7 @@ async def healthz(request: web.Request) -> web.Response:
     app = request.app
     caller = None
     with contextlib.suppress(ApiError):
-        caller = await auth.find_caller(request) if request.headers.get("Authorization") or \
-            request.cookies.get(auth.SESSION_COOKIE) else None
+        caller = await auth.find_caller(request)
     if caller is not None and caller.user["role"] == "admin":
         body = await _health(app)
         return json_response(body, status=503 if body.get("down") else 200)
