@@ -174,8 +174,12 @@ async def test_names_are_matched_whole(server: Any, sessions: Any) -> None:
     await alice.signup_and_login()
     status, body = await alice.request("POST", "/api/vms", json={**VM, "name": "web-1\n"})
     assert_envelope(status, body, 422, "validation_failed")
+    status, body = await alice.request("POST", "/api/vms", json={**VM, "userdata": "x" * (32 * 1024 + 1)})
+    assert_envelope(status, body, 422, "validation_failed")  # the user data bound is 32 KiB now
     status, vm = await alice.request("POST", "/api/vms?wait=30", json={**VM, "name": "web-1"})
     assert status == 201, vm
+    status, listed = await alice.request("GET", "/api/me/vms")
+    assert status == 200 and [v["vm_id"] for v in listed["vms"]] == [vm["vm_id"]], listed  # nothing half-made
     status, body = await alice.request("POST", f"/api/vms/{vm['vm_id']}/snapshots", json={"name": "first\n"})
     assert_envelope(status, body, 422, "validation_failed")
     status, body = await alice.request("POST", "/api/auth/login", json={"email": alice.user["email"] + "\n",  # type: ignore[index]
