@@ -68,6 +68,29 @@ def user_end_channel(user_id: str) -> str:
     return f"{PREFIX}console:end:user:{user_id}"
 
 
+def api_token_end_channel(token_id: str) -> str:
+    """Pub/sub channel on which the gateway tells live sessions opened with one API token to end."""
+    return f"{PREFIX}console:end:apitoken:{token_id}"
+
+
+def api_token_revoked_key(token_id: str) -> str:
+    """Redis key, set (for GENERATION_TTL) when an API token is revoked: sessions it opened end."""
+    return f"{PREFIX}console:revoked:apitoken:{token_id}"
+
+
+# The per-user cap on open console sessions (each is a websockify process). A live session is a
+# member of its user's sorted set, scored with the time its registration lapses unless refreshed;
+# the session's watcher refreshes it at every state check and removes it when the session ends.
+# A session whose process was killed outright lapses within SESSION_LEASE seconds.
+SESSION_LEASE = 40
+DEFAULT_MAX_CONSOLES = 10  # when a token record does not say (CONSOLES_PER_USER's default)
+
+
+def user_sessions_key(user_id: str) -> str:
+    """Redis sorted set of a user's live console sessions: member -> epoch seconds its lease lapses."""
+    return f"{PREFIX}console:sessions:user:{user_id}"
+
+
 def mask(token: str) -> str:
     """Return a token safe to log: its first four characters only."""
     return token[:4] + "…" if token else ""

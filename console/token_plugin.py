@@ -15,14 +15,8 @@ good for one connection: it is deleted as it is read (GETDEL), so a replay finds
 goes wrong, the answer is ``None`` (websockify then closes the connection without an HTTP
 response) and one log line says why, with the token masked.
 
-After a token is redeemed, the connection's process watches for the end of its session in a
-daemon thread: the gateway publishes on the VM's and the user's end channels when the VM stops or
-is destroyed and when the user logs out, and every session has a maximum duration (the token
-record's ``max_session``). The thread then makes the process's main thread, which relays the
-bytes, close the WebSocket with a close frame (code 4001 revoked, 4002 time limit). Redis going
-away does not end a live session; the thread reconnects and, once back, checks whether it missed
-a revocation. See docs/CONSOLE.md, "Console sessions". The same thread keeps the VM's
-``console_live_key`` alive while the session lasts, so an open console keeps the VM from idle suspend.
+After a token is redeemed, the connection's process watches for the end of its session
+(console/sessions.py): revocation, its maximum duration, and the user's cap on open consoles.
 """
 
 from __future__ import annotations
@@ -30,31 +24,24 @@ from __future__ import annotations
 import json
 import logging
 import math
-import multiprocessing
 import os
 import re
-import signal
-import threading
+import socket
 import time
-from dataclasses import dataclass
-from types import FrameType
 from typing import Any
 
 import redis
 from websockify.token_plugins import BasePlugin
-from websockify.websocketproxy import ProxyRequestHandler
-from websockify.websockifyserver import WebSockifyRequestHandler, WebSockifyServer
+from websockify.websockifyserver import WebSockifyServer
 
 from console import consul, redis_keys
+from console.sessions import END_GRACE, REDIS_TIMEOUT, Session, SessionWatcher
+
+__all__ = ["END_GRACE", "RedisTokens", "Session", "SessionWatcher", "mask_tokens"]
 
 log = logging.getLogger("vmgate.console.tokens")
 
-REDIS_TIMEOUT = 3.0
 MAX_SESSION_LIMIT = 7 * 86400  # the longest max_session a token record may ask for
-STATE_POLL = 15.0  # seconds between checks of the VM's target and the user's generation, whatever pub/sub says
-RETRY_DELAYS = (1.0, 2.0, 5.0, 10.0, 30.0)  # reconnecting to Redis while a session goes on
-END_SIGNAL = signal.SIGUSR1  # the watcher thread asks the main thread to close the WebSocket
-END_GRACE = 5.0  # seconds for a clean close before the connection's process is ended
 
 # Where a token can appear in websockify's own log lines: the request path and query it logs after
 # an upgrade (and in access log lines with --verbose), and its "Token '...' not found" on refusal.
@@ -104,17 +91,16 @@ class Refused(Exception):
     """A token was refused; the message says why (and never holds the token)."""
 
 
-@dataclass(frozen=True)
-class Session:
-    """A redeemed token: whose console it opened, for how long, and what the session ends on when it
-    changes: the VM's VNC target as redeemed, and the user's revocation generation then (None:
-    never revoked, or long ago)."""
-
-    vm_id: str
-    user_id: str
-    max_session: int
-    target: str
-    user_generation: str | None
+# Take a place among the user's live sessions, unless they hold max_consoles already. One script, so
+# two connections redeemed at once cannot both take the last place.
+# KEYS[1] the user's sessions key; ARGV: now, max_consoles, lease end, member, key TTL.
+_CLAIM = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
+redis.call('ZADD', KEYS[1], ARGV[3], ARGV[4])
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+return 1
+"""
 
 
 class RedisTokens(BasePlugin):
@@ -142,10 +128,12 @@ class RedisTokens(BasePlugin):
             log.exception("console token %r refused: unexpected error", masked)
             return None
         log.info("console token %r redeemed: vm %s, user %s", masked, session.vm_id, session.user_id)
+        watcher = SessionWatcher(self.url, session)
         try:
-            watched = SessionWatcher(self.url, session).start()
+            watched = watcher.start()
         except Exception:  # a session nobody could end is not opened
             log.exception("console token %r refused: cannot watch its session", masked)
+            watcher.release()
             return None
         if not watched:
             log.warning("console session of vm %s cannot be ended early: websockify is not running one process"
@@ -170,22 +158,34 @@ class RedisTokens(BasePlugin):
             vm_id, user_id = record["vm_id"], record["user_id"]
             # SREMs and GETs in one MULTI, so a revocation (which deletes the sets and the target,
             # or replaces the user's generation) is either wholly before them or wholly after.
+            api_token_id = record["api_token_id"]
             with client.pipeline(transaction=True) as pipe:
                 pipe.srem(redis_keys.vm_tokens_key(vm_id), token_hash)
                 pipe.srem(redis_keys.user_tokens_key(user_id), token_hash)
                 pipe.get(redis_keys.vnc_target_key(vm_id))
                 pipe.get(redis_keys.user_generation_key(user_id))
-                removed, _, raw_target, user_generation = pipe.execute()
-        if record["expires_at"] <= time.time():
-            raise Refused(f"expired (vm {vm_id})")
-        if not removed:
-            raise Refused(f"revoked: no longer in the set of vm {vm_id}")
-        if user_generation is not None and user_generation != record.get("user_generation"):
-            raise Refused(f"revoked: user {user_id} logged out after it was issued (vm {vm_id})")
-        if raw_target is None:
-            raise Refused(f"vm {vm_id} has no VNC target (not running)")
-        target = _parse_target(raw_target, vm_id)
-        return target, Session(vm_id, user_id, record["max_session"], raw_target, user_generation)
+                pipe.exists(redis_keys.api_token_revoked_key(api_token_id or "-"))
+                removed, _, raw_target, user_generation, api_token_revoked = pipe.execute()
+            if record["expires_at"] <= time.time():
+                raise Refused(f"expired (vm {vm_id})")
+            if not removed:
+                raise Refused(f"revoked: no longer in the set of vm {vm_id}")
+            if user_generation is not None and user_generation != record.get("user_generation"):
+                raise Refused(f"revoked: user {user_id} logged out after it was issued (vm {vm_id})")
+            if api_token_id and api_token_revoked:
+                raise Refused(f"revoked: the API token it was issued to is revoked (vm {vm_id})")
+            if raw_target is None:
+                raise Refused(f"vm {vm_id} has no VNC target (not running)")
+            target = _parse_target(raw_target, vm_id)
+            member = f"{socket.gethostname()}:{os.getpid()}:{token_hash[:16]}"
+            now = time.time()
+            claimed = client.eval(_CLAIM, 1, redis_keys.user_sessions_key(user_id), f"{now:.3f}",
+                                  record["max_consoles"], f"{now + redis_keys.SESSION_LEASE:.3f}", member,
+                                  MAX_SESSION_LIMIT + redis_keys.SESSION_LEASE)
+            if not claimed:
+                raise Refused(f"user {user_id} has {record['max_consoles']} consoles open already (vm {vm_id})")
+        return target, Session(vm_id, user_id, record["max_session"], raw_target, user_generation,
+                               api_token_id, member)
 
 
 def _parse_record(raw: str | bytes) -> dict[str, Any]:
@@ -207,6 +207,12 @@ def _parse_record(raw: str | bytes) -> dict[str, Any]:
     max_session = record.setdefault("max_session", redis_keys.DEFAULT_MAX_SESSION)
     if isinstance(max_session, bool) or not isinstance(max_session, int) or not 0 < max_session <= MAX_SESSION_LIMIT:
         raise Refused(f"token record of vm {vm_id} has a bad max_session")
+    max_consoles = record.setdefault("max_consoles", redis_keys.DEFAULT_MAX_CONSOLES)
+    if isinstance(max_consoles, bool) or not isinstance(max_consoles, int) or not 0 < max_consoles <= 100000:
+        raise Refused(f"token record of vm {vm_id} has a bad max_consoles")
+    api_token_id = record.setdefault("api_token_id", None)
+    if api_token_id is not None and (not isinstance(api_token_id, str) or not api_token_id):
+        raise Refused(f"token record of vm {vm_id} has a bad api_token_id")
     return record
 
 
@@ -241,132 +247,3 @@ def _parse_target(raw: str | bytes, vm_id: str) -> Target:
     if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
         raise Refused(f"VNC target of vm {vm_id} has a bad port")
     return (host, port)
-
-
-# -- ending live sessions -------------------------------------------------------------------------
-
-# What the main thread is to close the WebSocket with, once the watcher decides the session ends.
-# Module state is per connection: every connection has a process of its own.
-_ending: tuple[int, str] | None = None
-_closing = False
-
-
-def _on_end_signal(signum: int, frame: FrameType | None) -> None:
-    """In the main thread: close the WebSocket, but only between two steps of the relay loop.
-
-    ``ProxyRequestHandler.do_proxy`` relays bytes and spends its idle time in ``select``; raising
-    ``CClose`` from its own frame leaves websockify's WebSocket object whole, and websockify then
-    sends the close frame itself (``handle_websocket`` catches ``CClose``). Anywhere else (the
-    upgrade still under way, a frame half written) the signal is ignored and the watcher sends
-    another one a moment later.
-    """
-    global _closing
-    if _ending is None or _closing or frame is None or frame.f_code is not ProxyRequestHandler.do_proxy.__code__:
-        return
-    _closing = True
-    raise WebSockifyRequestHandler.CClose(*_ending)
-
-
-class SessionWatcher:
-    """Ends one live console session: when its VM's or user's consoles are revoked, or at its
-    maximum duration. Runs as a daemon thread in the connection's own process."""
-
-    def __init__(self, url: str, session: Session) -> None:
-        self.url = url
-        self.session = session
-        self.deadline = time.monotonic() + session.max_session
-        self.failures = 0
-        self.channels = {
-            redis_keys.vm_end_channel(session.vm_id): "VM stopped",
-            redis_keys.user_end_channel(session.user_id): "logged out",
-        }
-
-    def start(self) -> bool:
-        """Start watching; False if this is not the main thread of a websockify connection process."""
-        if multiprocessing.parent_process() is None or threading.current_thread() is not threading.main_thread():
-            return False
-        signal.signal(END_SIGNAL, _on_end_signal)
-        threading.Thread(target=self._run, name="vmgate-console-session", daemon=True).start()
-        return True
-
-    def _run(self) -> None:
-        while True:
-            try:
-                code, reason = self._watch()
-                break
-            except Exception as exc:  # Redis down or slow, or anything else: the session goes on
-                remaining = self.deadline - time.monotonic()
-                if remaining <= 0:
-                    code, reason = redis_keys.CLOSE_TIME_LIMIT, "time limit reached"
-                    break
-                delay = RETRY_DELAYS[min(self.failures, len(RETRY_DELAYS) - 1)]
-                self.failures += 1
-                log.warning("console session of vm %s: cannot watch for revocation (%s); it goes on, retrying in %ss",
-                            self.session.vm_id, type(exc).__name__, delay)
-                time.sleep(min(delay, remaining))
-        self._end(code, reason)
-
-    def _revoked(self, client: redis.Redis) -> str | None:
-        """Why the session was revoked since its token was redeemed, judged by state; else None."""
-        session = self.session
-        target, generation = client.mget(redis_keys.vnc_target_key(session.vm_id),
-                                         redis_keys.user_generation_key(session.user_id))
-        if target != session.target:  # the VM stopped (and maybe started again: a new QEMU)
-            return "VM stopped"
-        # A generation key that is gone has expired (logouts keep it for days): no new logout.
-        if generation is not None and generation != session.user_generation:
-            return "logged out"
-        return None
-
-    def _heartbeat(self, client: redis.Redis) -> None:
-        """Tell the gateway's idle suspend that this VM's console is open (gateway/engine/activity.py)."""
-        vm_id = self.session.vm_id
-        with client.pipeline(transaction=False) as pipe:
-            pipe.set(redis_keys.console_live_key(vm_id), str(os.getpid()), ex=redis_keys.CONSOLE_LIVE_TTL)
-            pipe.set(redis_keys.activity_key(vm_id), f"{time.time():.3f}", ex=31 * 86400)
-            pipe.execute()
-
-    def _watch(self) -> tuple[int, str]:
-        """Subscribe, then wait for an end message, a change of state or the deadline."""
-        client = redis.Redis.from_url(self.url, socket_connect_timeout=REDIS_TIMEOUT, socket_timeout=REDIS_TIMEOUT,
-                                      health_check_interval=STATE_POLL, decode_responses=True)
-        with client, client.pubsub() as pubsub:
-            pubsub.subscribe(*self.channels)
-            confirmed = 0
-            # Only once both subscriptions are confirmed can the state check cover the rest.
-            while confirmed < len(self.channels):
-                message = pubsub.get_message(timeout=REDIS_TIMEOUT)
-                if message is None:
-                    raise redis.TimeoutError("SUBSCRIBE was not confirmed")
-                if message["type"] == "message":
-                    return redis_keys.CLOSE_REVOKED, self.channels.get(message["channel"], "revoked")
-                confirmed += message["type"] == "subscribe"
-            self.failures = 0
-            while True:
-                if reason := self._revoked(client):
-                    return redis_keys.CLOSE_REVOKED, reason
-                self._heartbeat(client)
-                next_check = time.monotonic() + STATE_POLL
-                while (now := time.monotonic()) < next_check:
-                    if now >= self.deadline:
-                        return redis_keys.CLOSE_TIME_LIMIT, "time limit reached"
-                    message = pubsub.get_message(timeout=min(next_check, self.deadline) - now)
-                    if message is not None and message["type"] == "message":
-                        return redis_keys.CLOSE_REVOKED, self.channels.get(message["channel"], "revoked")
-
-    def _end(self, code: int, reason: str) -> None:
-        """Have the main thread close the WebSocket; if it cannot, end the process."""
-        global _ending
-        session = self.session
-        log.info("console session of vm %s, user %s ended: %s", session.vm_id, session.user_id, reason)
-        _ending = (code, reason)
-        give_up = time.monotonic() + END_GRACE
-        while time.monotonic() < give_up:
-            if not _closing:  # once the close is under way, a signal would only interrupt its write
-                os.kill(os.getpid(), END_SIGNAL)
-            time.sleep(0.2)
-        # Still here: the relay is stuck writing to a client that reads nothing. End the process; the
-        # kernel closes both sockets. (Not SIGTERM: websockify's inherited handler would raise
-        # Terminate into the blocked write, and multiprocessing would log a traceback for it.)
-        log.warning("console session of vm %s did not close within %ss; ending its process", session.vm_id, END_GRACE)
-        os._exit(1)

@@ -250,6 +250,8 @@ class Settings:
     console_token_ttl: int = _setting("CONSOLE_TOKEN_TTL", _int(5, 60), "60", "Console token lifetime, seconds")
     console_max_session: int = _setting("CONSOLE_MAX_SESSION", _int(60, 7 * 86400), "28800",
                                         "Longest a console connection stays open, seconds; then websockify ends it")
+    consoles_per_user: int = _setting("CONSOLES_PER_USER", _int(1, 1000), "10",
+                                      "Console connections (each a websockify process) one user may hold open at once")
     rate_limits: dict[str, tuple[int, int] | None] = _setting(
         "RATE_LIMITS", _rate_limits, "",
         "Rate-limit overrides, rule=COUNT/SECONDS or rule=off, comma-separated; empty keeps the defaults"

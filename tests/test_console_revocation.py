@@ -28,8 +28,9 @@ import redis.asyncio as aioredis
 
 from console import redis_keys
 from console.rfb import RFBClient, RFBClosed
-from console.token_plugin import END_GRACE, RedisTokens, SessionWatcher
-from console.token_plugin import Session as ConsoleSession
+from console.sessions import END_GRACE, SessionWatcher
+from console.sessions import Session as ConsoleSession
+from console.token_plugin import RedisTokens
 from drivers.fake import FakeDriver
 from gateway.config import RATE_LIMIT_DEFAULTS, Settings
 from gateway.engine import console_grants
@@ -97,6 +98,22 @@ async def make_server(aiohttp_server: Any, app_settings: Settings, database_url:
     return make
 
 
+OwnerOfA = Callable[..., Awaitable[tuple[Session, str]]]
+
+
+@pytest.fixture
+def owner_of_a(make_server: MakeServer, sessions: Any, database_url: str, redis_flush: redis.Redis,
+               vm_a: Vm) -> OwnerOfA:
+    """Factory: a gateway (``changes`` to its settings), a verified user, and their running VM on ``vm_a``'s screen."""
+
+    async def make(**changes: Any) -> tuple[Session, str]:
+        server = await make_server(**changes)
+        alice = await user(server, sessions, database_url)
+        return alice, await running_vm(alice, redis_flush, vm_a)
+
+    return make
+
+
 async def user(server: Any, sessions: Any, database_url: str) -> Session:
     session: Session = sessions(server)
     await session.signup_and_login()
@@ -150,12 +167,9 @@ async def wait_closed(client: RFBClient, limit: float = CLOSE_TIMEOUT) -> str:
 
 @qemu
 async def test_token_issued_before_logout_is_refused_after_it(
-    make_server: MakeServer, sessions: Any, database_url: str, websockify_server: WebsockifyServer,
-    redis_flush: redis.Redis, vm_a: Vm,
+    owner_of_a: OwnerOfA, websockify_server: WebsockifyServer, redis_flush: redis.Redis, vm_a: Vm,
 ) -> None:
-    server = await make_server()
-    alice = await user(server, sessions, database_url)
-    vm_id = await running_vm(alice, redis_flush, vm_a)
+    alice, vm_id = await owner_of_a()
     async with await open_console(alice, vm_id, websockify_server) as client:  # tokens work until then
         assert client.name == vm_a.vnc_name
     tokens = [await console_token(alice, vm_id) for _ in range(2)]
@@ -230,12 +244,9 @@ async def test_token_reaches_its_own_vm_once(
 
 @qemu
 async def test_expired_token_is_refused(
-    make_server: MakeServer, sessions: Any, database_url: str, websockify_server: WebsockifyServer,
-    redis_flush: redis.Redis, vm_a: Vm,
+    owner_of_a: OwnerOfA, websockify_server: WebsockifyServer, redis_flush: redis.Redis, vm_a: Vm,
 ) -> None:
-    server = await make_server(console_token_ttl=1)
-    alice = await user(server, sessions, database_url)
-    vm_id = await running_vm(alice, redis_flush, vm_a)
+    alice, vm_id = await owner_of_a(console_token_ttl=1)
     token = await console_token(alice, vm_id)
     await asyncio.sleep(1.3)
     assert await ws_upgrade(url_for(websockify_server, token)) == b""
@@ -286,13 +297,72 @@ async def test_live_session_ends_when_its_user_logs_out(
 
 
 @qemu
-async def test_live_session_ends_at_its_maximum_duration(
-    make_server: MakeServer, sessions: Any, database_url: str, websockify_server: WebsockifyServer,
-    redis_flush: redis.Redis, vm_a: Vm,
+async def test_live_session_opened_with_an_api_token_ends_when_the_token_is_revoked(
+    owner_of_a: OwnerOfA, websockify_server: WebsockifyServer, redis_flush: redis.Redis, vm_a: Vm,
 ) -> None:
-    server = await make_server(console_max_session=2)
+    alice, vm_id = await owner_of_a()
+    status, made = await alice.request("POST", "/api/me/tokens", json={"name": "ci"})
+    assert status == 201, made
+    bearer = {"Authorization": f"Bearer {made['token']}"}
+    status, grant = await alice.request("GET", f"/api/vms/{vm_id}/console", headers=bearer)
+    assert status == 200, grant
+    status, spare = await alice.request("GET", f"/api/vms/{vm_id}/console", headers=bearer)  # not redeemed yet
+    assert status == 200, spare
+    async with (await RFBClient.connect_ws(url_for(websockify_server, grant["token"])) as with_token,
+                await open_console(alice, vm_id, websockify_server) as with_cookie):
+        await wait_until_shown(with_token)
+        status, _ = await alice.request("DELETE", f"/api/me/tokens/{made['id']}")
+        assert status == 200
+        assert await wait_closed(with_token) == f"the WebSocket closed (code {redis_keys.CLOSE_REVOKED})"
+        await still_live(with_cookie)  # the browser session's console is not the token's
+    await wait_for_log(websockify_server, rf"console session of vm {vm_id}, user \S+ ended: API token revoked")
+    # A console token the revoked API token got earlier opens nothing either.
+    assert await ws_upgrade(url_for(websockify_server, spare["token"])) == b""
+    await wait_for_log(websockify_server, "the API token it was issued to is revoked")
+
+
+@qemu
+async def test_one_user_holds_at_most_consoles_per_user_sessions(
+    make_server: MakeServer, sessions: Any, database_url: str, websockify_server: WebsockifyServer,
+    redis_flush: redis.Redis, vm_a: Vm, vm_b: Vm,
+) -> None:
+    server = await make_server(consoles_per_user=2)
     alice = await user(server, sessions, database_url)
-    vm_id = await running_vm(alice, redis_flush, vm_a)
+    bob = await user(server, sessions, database_url)
+    vm_alice = await running_vm(alice, redis_flush, vm_a)
+    vm_bob = await running_vm(bob, redis_flush, vm_b)
+    early = await console_token(alice, vm_alice)  # issued while she had room, redeemed when she has none
+    async with (await open_console(alice, vm_alice, websockify_server) as first,
+                await open_console(alice, vm_alice, websockify_server) as second):
+        await wait_until_shown(first)
+        status, body = await alice.request("GET", f"/api/vms/{vm_alice}/console")
+        assert status == 429, body
+        assert body["error"]["code"] == "too_many_consoles"
+        assert body["error"]["details"] == {"open": 2, "limit": 2}
+        # The gateway's answer is a courtesy; websockify holds the cap for a token issued earlier.
+        assert await ws_upgrade(url_for(websockify_server, early)) == b""
+        await wait_for_log(websockify_server, "has 2 consoles open already")
+        # Another user is not affected by hers.
+        async with await open_console(bob, vm_bob, websockify_server) as bobs:
+            await still_live(bobs)
+        await still_live(second)
+    # Closed sessions give their places back as their processes end, without waiting for a lease.
+    assert alice.user is not None
+    for _ in range(100):
+        if redis_flush.zcard(redis_keys.user_sessions_key(alice.user["id"])) == 0:
+            break
+        await asyncio.sleep(0.1)
+    else:
+        pytest.fail("closed console sessions still hold their places after 10 s")
+    async with await open_console(alice, vm_alice, websockify_server) as again:
+        await still_live(again)
+
+
+@qemu
+async def test_live_session_ends_at_its_maximum_duration(
+    owner_of_a: OwnerOfA, websockify_server: WebsockifyServer, redis_flush: redis.Redis, vm_a: Vm,
+) -> None:
+    alice, vm_id = await owner_of_a(console_max_session=2)
     started = time.monotonic()
     async with await open_console(alice, vm_id, websockify_server) as client:
         assert await wait_closed(client) == f"the WebSocket closed (code {redis_keys.CLOSE_TIME_LIMIT})"

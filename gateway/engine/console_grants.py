@@ -34,8 +34,13 @@ async def publish_target(redis: aioredis.Redis, vm_id: str, target: VncTarget) -
 
 
 async def issue_token(redis: aioredis.Redis, vm_id: str, user_id: str, ttl: int, ws_url: str,
-                      max_session: int = redis_keys.DEFAULT_MAX_SESSION) -> ConsoleGrant:
-    """A new token for one connection to ``vm_id``'s console, lasting at most ``max_session`` s once open."""
+                      max_session: int = redis_keys.DEFAULT_MAX_SESSION,
+                      max_consoles: int = redis_keys.DEFAULT_MAX_CONSOLES,
+                      api_token_id: str | None = None) -> ConsoleGrant:
+    """A new token for one connection to ``vm_id``'s console, lasting at most ``max_session`` s once open.
+
+    The plugin refuses it if the user then holds ``max_consoles`` live sessions; a session opened with
+    an API token (``api_token_id``) ends when that token is revoked."""
     token = redis_keys.new_token()
     digest = redis_keys.hash_token(token)
     expires_at = time.time() + ttl
@@ -43,6 +48,7 @@ async def issue_token(redis: aioredis.Redis, vm_id: str, user_id: str, ttl: int,
     # even if the redemption read it before the logout deleted it.
     generation = await redis.get(redis_keys.user_generation_key(user_id))
     record = json.dumps({"vm_id": vm_id, "user_id": user_id, "expires_at": expires_at, "max_session": max_session,
+                         "max_consoles": max_consoles, "api_token_id": api_token_id,
                          "user_generation": None if generation is None else _text(generation)})
     async with redis.pipeline(transaction=True) as pipe:
         pipe.set(redis_keys.token_key(digest), record, ex=ttl)
@@ -78,6 +84,20 @@ async def revoke_user(redis: aioredis.Redis, user_id: str, reason: str = "logged
         pipe.set(redis_keys.user_generation_key(user_id), secrets.token_hex(8), ex=redis_keys.GENERATION_TTL)
         pipe.publish(redis_keys.user_end_channel(user_id), reason)
         await pipe.execute()
+
+
+async def revoke_api_token(redis: aioredis.Redis, token_id: str, reason: str = "API token revoked") -> None:
+    """End the live console sessions opened with one API token; tokens it got and not yet redeemed are
+    refused when they are (the plugin checks the same key)."""
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.set(redis_keys.api_token_revoked_key(token_id), "1", ex=redis_keys.GENERATION_TTL)
+        pipe.publish(redis_keys.api_token_end_channel(token_id), reason)
+        await pipe.execute()
+
+
+async def live_sessions(redis: aioredis.Redis, user_id: str) -> int:
+    """How many console sessions the user holds open now (leases not yet lapsed)."""
+    return int(await redis.zcount(redis_keys.user_sessions_key(user_id), f"({time.time()}", "+inf"))
 
 
 async def has_target(redis: aioredis.Redis, vm_id: str) -> bool:

@@ -22,6 +22,10 @@ log = logging.getLogger("vmgate.api")
 routes = web.RouteTableDef()
 
 MAX_LOG_BYTES = 1024 * 1024
+class TooManyConsoles(ApiError):
+    status, code = 429, "too_many_consoles"
+
+
 CONSOLE_RESUME_WAIT = 30  # seconds a console request waits for its suspended VM to resume
 
 
@@ -208,8 +212,16 @@ async def console(request: web.Request) -> web.Response:
         raise Conflict(f"The VM is {vm['state']}; start it to open its console.", code="vm_not_running",
                        details={"state": vm["state"]})
     settings = request.app[settings_key]
+    # The plugin holds the cap when the token is redeemed; this answers plainly before one is issued.
+    open_now = await console_grants.live_sessions(redis, str(user["id"]))
+    if open_now >= settings.consoles_per_user:
+        raise TooManyConsoles(f"You have {open_now} consoles open; close one first (at most "
+                              f"{settings.consoles_per_user} at once).",
+                              details={"open": open_now, "limit": settings.consoles_per_user})
+    caller = await auth.authenticate(request)
     grant = await console_grants.issue_token(redis, vm_id, str(user["id"]), settings.console_token_ttl,
-                                             settings.vnc_public_url, max_session=settings.console_max_session)
+                                             settings.vnc_public_url, max_session=settings.console_max_session,
+                                             max_consoles=settings.consoles_per_user, api_token_id=caller.token_id)
     async with store.db.cursor(request.app[db_key]) as cur:
         await store.audit.record(cur, action="vm.console", outcome="ok", user_id=str(user["id"]), ip=client_ip(request),
                                  vm_id=vm_id)

@@ -11,9 +11,10 @@ from __future__ import annotations
 from aiohttp import web
 
 from gateway import credentials, store
+from gateway.engine import console_grants
 from gateway.errors import Forbidden, ValidationFailed
 from gateway.web import auth, paging, validation, views
-from gateway.web.appkeys import db_key
+from gateway.web.appkeys import db_key, redis_key
 from gateway.web.http import client_ip, json_body, json_response
 
 routes = web.RouteTableDef()
@@ -74,9 +75,13 @@ async def revoke_token(request: web.Request) -> web.Response:
     caller = await auth.authenticate(request)
     user_id = str(caller.user["id"])
     async with store.db.cursor(request.app[db_key]) as cur:
-        row = await store.tokens.revoke_api_token(cur, request.match_info["token_id"], user_id)
-        if row["revoked_now"]:
-            await store.audit.record(cur, action="token.revoke", outcome="ok", user_id=user_id, ip=client_ip(request),
-                                     details={"token_id": str(row["id"]), "name": row["name"], "prefix": row["prefix"],
-                                              "via": caller.method})
+        async with cur.begin():  # if Redis is down the token stays live (503) rather than half revoked
+            row = await store.tokens.revoke_api_token(cur, request.match_info["token_id"], user_id)
+            if row["revoked_now"]:
+                # Consoles opened with it close too (event streams it holds end at their next re-check).
+                await console_grants.revoke_api_token(request.app[redis_key], str(row["id"]))
+                await store.audit.record(cur, action="token.revoke", outcome="ok", user_id=user_id,
+                                         ip=client_ip(request),
+                                         details={"token_id": str(row["id"]), "name": row["name"],
+                                                  "prefix": row["prefix"], "via": caller.method})
     return json_response(views.public_token(row, caller.token_id))
