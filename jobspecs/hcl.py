@@ -89,7 +89,12 @@ _SCHEMA: dict[str, list[tuple[str, str, str]]] = {
         ("Templates", BLOCKS, "template"),
         ("Resources", BLOCK, "resources"),
         ("KillTimeout", DURATION, "kill_timeout"),
+        ("LogConfig", BLOCK, "logs"),
         ("Meta", MAP, "meta"),
+    ],
+    "logs": [
+        ("MaxFiles", ATTR, "max_files"),
+        ("MaxFileSizeMB", ATTR, "max_file_size"),
     ],
     "resources": [
         ("CPU", ATTR, "cpu"),

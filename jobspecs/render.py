@@ -385,13 +385,13 @@ def _job(vm: VMSpec, template: Template, settings: JobSettings, name: str) -> di
                         "Config": {
                             "image_path": str(vm.overlay_path),
                             "accelerator": settings.accelerator,
-                            "machine_type": "pc",
-                            "drive_interface": "virtio",
+                            "machine_type": "pc", "drive_interface": "virtio",
                             "graceful_shutdown": True,
                             "args": qemu_args(vm, template, settings.target),
                         },
                         "Resources": {"CPU": vm.cpu * CPU_MHZ_PER_VCPU, "MemoryMB": vm.memory_mb},
                         "KillTimeout": settings.stop_timeout * SECOND,
+                        "LogConfig": {"MaxFiles": 2, "MaxFileSizeMB": 1},  # the serial console: 2 MiB, rotated
                         "Meta": {"hostname": vm.hostname, "disk_gb": str(vm.disk_gb)},
                     }
                 ],

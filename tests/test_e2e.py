@@ -18,6 +18,7 @@ import redis
 
 from console import redis_keys
 from console.rfb import RFBClient
+from drivers.local.taskdir import SERIAL_LOG_LIMIT, tail
 from gateway.config import Settings
 from gateway.web.app import create_app
 from gateway.web.appkeys import driver_key
@@ -172,4 +173,30 @@ async def test_userdata_runs_once_and_its_output_reaches_the_logs(local_gateway:
     assert (await s.request("POST", f"/api/vms/{vm_id}/start?wait=60"))[0] == 200
     text = await wait_for_serial(s, vm_id, "vmgate-tiny: user data already ran")
     assert text.count("userdata ran: 42") == 1
+    assert (await s.request("DELETE", f"/api/vms/{vm_id}?wait=60"))[0] == 200
+
+
+async def test_a_guest_flooding_its_serial_port_fills_no_disk(local_gateway: Any, sessions: Any) -> None:
+    """``yes > /dev/ttyS0`` in a guest: serial.log stays near SERIAL_LOG_LIMIT while the VM runs, and
+    what the guest wrote last is still there to read (issue 13)."""
+    s: Session = sessions(local_gateway)
+    await s.signup_and_login()
+    lines = 400_000  # of 31 bytes: 12 MiB
+    script = f"yes vmgate-serial-flood-0123456789 | head -n {lines} >/dev/ttyS0; echo flood-done >/dev/ttyS0\n"
+    status, vm = await s.request("POST", "/api/vms?wait=60", json={**VM, "userdata": script})
+    assert status == 201, vm
+    vm_id = vm["vm_id"]
+    log = Path((await local_gateway.app[driver_key].status(vm_id)).details["task_dir"]) / "serial.log"
+    biggest = 0
+    deadline = time.monotonic() + 240
+    while b"flood-done" not in tail(log, 4096):
+        assert time.monotonic() < deadline, f"the flood did not finish; serial.log is {log.stat().st_size} bytes"
+        biggest = max(biggest, log.stat().st_size, log.stat().st_blocks * 512)
+        await asyncio.sleep(0.2)
+    text = await wait_for_serial(s, vm_id, "vmgate-tiny: user data exit 0")
+    st = log.stat()
+    # The guest wrote 12 MiB; the file never held more than the limit and what came in between two trims.
+    assert biggest < SERIAL_LOG_LIMIT + (4 << 20), biggest
+    assert st.st_size < SERIAL_LOG_LIMIT + (4 << 20) and st.st_blocks * 512 < SERIAL_LOG_LIMIT + (4 << 20)
+    assert "vmgate-serial-flood-0123456789\nflood-done" in text.replace("\r\n", "\n")
     assert (await s.request("DELETE", f"/api/vms/{vm_id}?wait=60"))[0] == 200

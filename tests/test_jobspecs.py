@@ -380,6 +380,9 @@ def _check_hcl_matches_json(job: dict[str, Any]) -> None:
     assert htask["config"] == task["Config"]
     assert htask["resources"] == {"cpu": task["Resources"]["CPU"], "memory": task["Resources"]["MemoryMB"]}
     assert go_duration(htask["kill_timeout"]) == task["KillTimeout"]
+    # Nomad keeps the serial console (the task's stdout) to two rotated files of 1 MiB.
+    assert task["LogConfig"] == {"MaxFiles": 2, "MaxFileSizeMB": 1}
+    assert htask["logs"] == {"max_files": 2, "max_file_size": 1}
     assert htask["meta"] == task["Meta"]
 
 
@@ -472,6 +475,7 @@ def test_nomad_parses_the_hcl_into_the_same_job(templates: dict[str, Template], 
     [task] = group["Tasks"]
     ours = job["TaskGroups"][0]["Tasks"][0]
     assert task["Config"] == ours["Config"] and task["KillTimeout"] == ours["KillTimeout"]
+    assert {k: task["LogConfig"][k] for k in ours["LogConfig"]} == ours["LogConfig"]
     assert (task["Resources"]["CPU"], task["Resources"]["MemoryMB"]) == (ours["Resources"]["CPU"],
                                                                           ours["Resources"]["MemoryMB"])
 

@@ -29,7 +29,8 @@ Read in this order:
 docs/DRIVERS.md describes the files, the stop sequence and how this maps to Nomad.
 """
 
-from drivers.local.driver import SERIAL_LOG_KEEP, LocalDriver
+from drivers.local.driver import LocalDriver
 from drivers.local.job import QemuTask, build_task, check_vm_id
+from drivers.local.taskdir import SERIAL_LOG_KEEP
 
 __all__ = ["SERIAL_LOG_KEEP", "LocalDriver", "QemuTask", "build_task", "check_vm_id"]

@@ -40,7 +40,6 @@ from drivers.local.taskdir import (
 
 log = logging.getLogger(__name__)
 
-SERIAL_LOG_KEEP = 1 << 20  # serial.log is cut to its last MiB whenever the VM starts
 BOOT_TIMEOUT = 10.0  # seconds from exec until QMP says "running"
 ACPI_REPEAT = 3.0  # seconds between ACPI power button presses while a guest shuts down
 QUIT_TIMEOUT = 5.0  # after QMP quit or SIGTERM, before SIGKILL
@@ -85,6 +84,7 @@ class LocalDriver(Driver):
 
     async def start(self, vm_id: str, job: dict[str, Any]) -> VMStatus:
         check_vm_id(vm_id)
+        self._procs.trimmer.ensure_running()
         task_dir = self.tasks_root / vm_id
         # A job this driver cannot run is refused whatever the VM's state, before anything is created.
         task = build_task(vm_id, job, task_dir, self._qemu.path(), image_paths=self.image_paths,
@@ -111,7 +111,7 @@ class LocalDriver(Driver):
                     self._procs.adopt(vm_id, task_dir, orphan)
                     return self._procs.status(vm_id)
                 remove_runtime(task_dir, task)
-                cap_log(task_dir / "serial.log", SERIAL_LOG_KEEP)
+                cap_log(task_dir / "serial.log")
                 # job.json first: a gateway that dies from here on leaves a QEMU the next one can
                 # re-adopt with its VNC endpoint, and no record of an earlier exit.
                 write_atomic(task_dir / "job.json", json.dumps(job, indent=2) + "\n")
@@ -340,6 +340,7 @@ class LocalDriver(Driver):
         return self._procs.status(vm_id)
 
     async def list_vms(self) -> dict[str, VMStatus]:
+        self._procs.trimmer.ensure_running()  # the VMs a new driver found running are trimmed too
         found: dict[str, VMStatus] = {}
         try:
             entries = sorted(self.tasks_root.iterdir())

@@ -30,6 +30,7 @@ from drivers.base import DriverError, VMStatus
 from drivers.local.job import QemuTask, build_task
 from drivers.local.taskdir import (
     POLL,
+    LogTrimmer,
     exit_message,
     powered_off_by_serial,
     read_exit,
@@ -82,6 +83,7 @@ class Processes:
         self._watches: dict[int, tuple[int, asyncio.AbstractEventLoop]] = {}  # pid -> (pidfd, loop)
         self._exit_codes: dict[int, int] = {}  # children reaped, until someone reads the code
         self._children: dict[int, Path] = {}  # QEMUs this driver spawned and has not reaped: their task dirs
+        self.trimmer = LogTrimmer(tasks_root)  # keeps the running VMs' serial logs bounded
 
     # ------------------------------------------------------------ one VM, from its files and /proc
 
@@ -266,7 +268,8 @@ class Processes:
         self._exit_codes.pop(pid, None)
 
     def close(self) -> None:
-        """Stop every watch; the QEMUs run on."""
+        """Stop every watch and the log trimmer; the QEMUs run on."""
+        self.trimmer.close()
         for pid in list(self._watches):
             self.unwatch(pid)
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import fcntl
 import json
+import logging
 import os
 import shutil
 import signal
@@ -23,10 +25,15 @@ from typing import Any
 from drivers.base import DriverError
 from drivers.local.job import GUEST_AGENT_SOCKET, MONITOR_SOCKET, QemuTask
 
+log = logging.getLogger(__name__)
+
 POLL = 0.05
 LOCK_TIMEOUT = 120.0  # waiting for another process working on the same VM
 RUNTIME_FILES = ("qemu.pid",)
 POWERED_OFF = b"reboot: Power down"  # what Linux prints on the console as it powers the machine off
+SERIAL_LOG_LIMIT = 2 << 20  # a running VM's serial.log is cut back to about SERIAL_LOG_KEEP beyond this
+SERIAL_LOG_KEEP = 1 << 20  # and to its last MiB whenever the VM starts
+LOG_TRIM_INTERVAL = 2.0  # seconds between two looks at the running VMs' serial logs
 
 
 def exit_message(returncode: int | None) -> str:
@@ -67,7 +74,7 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def cap_log(path: Path, keep: int) -> None:
+def cap_log(path: Path, keep: int = SERIAL_LOG_KEEP) -> None:
     """Cut ``path`` to its last ``keep`` bytes, starting at a line boundary."""
     try:
         if path.stat().st_size <= keep:
@@ -82,6 +89,60 @@ def cap_log(path: Path, keep: int) -> None:
     tmp.write_bytes(data)
     os.chmod(tmp, 0o600)
     os.replace(tmp, path)
+
+
+# fallocate(2) modes (linux/falloc.h). Not in the os module, which has only posix_fallocate.
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_FALLOC_FL_COLLAPSE_RANGE = 0x08
+_libc = ctypes.CDLL(None, use_errno=True)
+_fallocate = _libc.fallocate
+_fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+_fallocate.restype = ctypes.c_int
+
+
+def _fallocate_or_raise(fd: int, mode: int, offset: int, length: int) -> None:
+    if _fallocate(fd, mode, offset, length) != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, os.strerror(errno))
+
+
+def trim_live_log(path: Path, limit: int, keep: int) -> int:
+    """Bound a log a running QEMU appends to: once it holds more than ``limit`` bytes, drop its head so
+    that about ``keep`` remain. Returns the bytes dropped (0: nothing to do).
+
+    QEMU writes with O_APPEND and never seeks, so the head can go under it without a byte of what it
+    writes being lost: ``FALLOC_FL_COLLAPSE_RANGE`` (ext4, xfs) removes whole blocks from the start
+    and shifts the rest down, atomically with respect to the appends (both hold the inode lock). Where
+    the filesystem cannot collapse, the head is punched out instead (``FALLOC_FL_PUNCH_HOLE``): its
+    blocks are freed, so the disk used stays bounded, while the file's apparent size goes on growing
+    (readers only ever read its tail). An ``flock`` keeps two trimmers of one file apart.
+    """
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return 0
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        st = os.fstat(fd)
+        block = st.st_blksize or 4096
+        allocated = st.st_blocks * 512
+        if st.st_size <= limit and allocated <= limit:
+            return 0
+        drop = (st.st_size - keep) // block * block
+        if drop <= 0:
+            return 0
+        try:
+            _fallocate_or_raise(fd, _FALLOC_FL_COLLAPSE_RANGE, 0, drop)
+            return drop
+        except OSError:
+            pass
+        if allocated <= limit:
+            return 0  # punched before: the head is a hole already
+        _fallocate_or_raise(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, 0, drop)
+        return drop
+    finally:
+        os.close(fd)
 
 
 def remove_tree(path: Path) -> None:
@@ -174,3 +235,45 @@ class VMLocks:
                     path.unlink(missing_ok=True)
             finally:
                 os.close(fd)
+
+
+
+
+class LogTrimmer:
+    """Keeps every running VM's serial.log under SERIAL_LOG_LIMIT (plus what a guest writes in one
+    LOG_TRIM_INTERVAL): a guest that writes to its serial port without end (``yes > /dev/ttyS0``) fills
+    no disk. One background task per driver, started by the driver's first call inside an event loop."""
+
+    def __init__(self, tasks_root: Path) -> None:
+        self.tasks_root = tasks_root
+        self._task: asyncio.Task[None] | None = None
+
+    def ensure_running(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="vmgate-serial-log-trim")
+
+    def trim_all(self) -> int:
+        """One pass over the task directories of running VMs; returns the bytes dropped."""
+        dropped = 0
+        try:
+            entries = list(os.scandir(self.tasks_root))
+        except FileNotFoundError:
+            return 0
+        for entry in entries:
+            if entry.name.startswith(".") or not os.path.exists(os.path.join(entry.path, "qemu.pid")):
+                continue
+            try:
+                dropped += trim_live_log(Path(entry.path) / "serial.log", SERIAL_LOG_LIMIT, SERIAL_LOG_KEEP)
+            except OSError as exc:
+                log.warning("cannot trim %s/serial.log: %s", entry.path, exc.strerror or exc)
+        return dropped
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.to_thread(self.trim_all)
+            await asyncio.sleep(LOG_TRIM_INTERVAL)
+
+    def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
