@@ -162,6 +162,8 @@ RATE_LIMIT_DEFAULTS: dict[str, tuple[int, int]] = {
     "reset_email": (3, 3600),
     "vm_create_user": (30, 600),
     "console_user": (30, 60),
+    "vm_action_user": (60, 600),
+    "snapshot_user": (30, 600),
 }
 
 
@@ -298,6 +300,9 @@ class Settings:
     quota_vcpus: int = _setting("QUOTA_VCPUS", _int(0, 100000), "4", "Default per-user vCPUs")
     quota_memory_mb: int = _setting("QUOTA_MEMORY_MB", _int(0, 10**8), "2048", "Default per-user memory, MB")
     quota_disk_gb: int = _setting("QUOTA_DISK_GB", _int(0, 10**6), "20", "Default per-user disk, GB")
+    quota_storage_gb: int = _setting("QUOTA_STORAGE_GB", _int(0, 10**6), "40",
+                                     "Default per-user storage, GB: what the user's overlays, snapshots and saved"
+                                     " memory take on disk, measured")
 
     def __post_init__(self) -> None:
         # Derived default: frozen dataclass, so set through object.__setattr__.

@@ -103,6 +103,7 @@ class UserQuota(TypedDict):
     quota_vcpus: int | None
     quota_memory_mb: int | None
     quota_disk_gb: int | None
+    quota_storage_gb: int | None
 
 
 class UserRecord(UserRow, UserQuota):

@@ -249,6 +249,11 @@ async def sessions(database_url: str) -> AsyncIterator[Any]:
 VM = {"template": "tiny", "cpu": 1, "memory_mb": 256, "disk_gb": 1, "userdata": None}
 
 
+def declared(usage: dict[str, int]) -> dict[str, int]:
+    """The counted part of /api/me's usage: what VMs were created with (storage is measured on disk)."""
+    return {name: value for name, value in usage.items() if name != "storage_bytes"}
+
+
 def assert_envelope(status: int, body: Any, expected_status: int, code: str | None = None) -> dict[str, Any]:
     """Assert an error answer is exactly the JSON envelope with this status (and code); return its error."""
     assert status == expected_status, body

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import os
 import uuid
 from typing import Any
 
@@ -17,6 +18,7 @@ import psycopg2
 import pytest
 
 from gateway import credentials
+from gateway.engine import storage
 from gateway.web import events
 from tests.conftest import VM, Session, assert_envelope, link_token, outbox_link
 from tests.test_admin import cli, login
@@ -306,3 +308,46 @@ async def test_two_hundred_streams_from_one_user_starve_no_one(server: Any, sess
                 break
         await asyncio.sleep(0.1)
     assert again.status == 200
+
+
+async def test_storage_quota_counts_the_bytes_on_disk(server: Any, sessions: Any, database_url: str,
+                                                      app_settings: Any) -> None:
+    """The storage quota measures what the user's folder takes on disk, whatever put it there; a create or a
+    snapshot that would not fit is refused whole, and making room lets it through (issue 13)."""
+    alice: Session = sessions(server)
+    await alice.signup_and_login()
+    user_id = alice.user["id"]  # type: ignore[index]
+    with contextlib.closing(psycopg2.connect(database_url)) as conn, conn.cursor() as cur:
+        cur.execute("UPDATE users SET quota_storage_gb = 1 WHERE id = %s", (user_id,))
+        conn.commit()
+    status, vm = await alice.request("POST", "/api/vms?wait=30", json=VM)
+    assert status == 201, vm
+    status, me = await alice.request("GET", "/api/me")
+    assert me["quota"]["storage_gb"] == 1 and 0 < me["usage"]["storage_bytes"] < 1 << 20, me  # a fresh overlay
+
+    # 1 GiB of allocated blocks in the user's folder: what saved memory of snapshots and suspends adds up to.
+    folder = storage.user_dir(app_settings.vms_root, user_id)
+    filler = folder / f"{uuid.uuid4()}.state"
+    with filler.open("wb") as handle:
+        os.posix_fallocate(handle.fileno(), 0, 1 << 30)
+    status, me = await alice.request("GET", "/api/me")
+    used = me["usage"]["storage_bytes"]
+    assert used > 1 << 30, me
+    files = sorted(folder.iterdir())
+    status, body = await alice.request("POST", "/api/vms", json=VM)
+    assert_envelope(status, body, 403, "quota_exceeded")
+    assert body["error"]["details"]["exceeded"]["storage_bytes"] == {"quota": 1 << 30, "used": used,
+                                                                     "requested": 1 << 20}
+    status, listed = await alice.request("GET", "/api/me/vms")
+    assert [v["vm_id"] for v in listed["vms"]] == [vm["vm_id"]] and sorted(folder.iterdir()) == files
+
+    assert (await alice.request("POST", f"/api/vms/{vm['vm_id']}/stop?wait=30"))[0] == 200
+    status, body = await alice.request("POST", f"/api/vms/{vm['vm_id']}/snapshots", json={"name": "full"})
+    assert_envelope(status, body, 403, "quota_exceeded")
+    assert (await alice.request("GET", f"/api/vms/{vm['vm_id']}/snapshots"))[1]["snapshots"] == []
+
+    filler.unlink()  # room again
+    status, snap = await alice.request("POST", f"/api/vms/{vm['vm_id']}/snapshots?wait=30", json={"name": "fits"})
+    assert status == 201 and snap["state"] == "ready", snap
+    status, me = await alice.request("GET", "/api/me")
+    assert me["usage"]["storage_bytes"] < 1 << 30

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from drivers.base import DriverError
-from tests.conftest import REPO, VM, Session, assert_envelope
+from tests.conftest import REPO, VM, Session, assert_envelope, declared
 from tests.test_api_tokens import BearerSession, make_token, sql
 
 PASSWORD = "correct horse battery"
@@ -104,9 +104,11 @@ async def test_admin_lists_users_and_vms_page_by_page(server: Any, admin: Sessio
             break
     assert [u["id"] for u in seen] == [uid(s) for s in reversed([admin, *users])]  # newest first
     first = next(u for u in seen if u["id"] == uid(users[1]))
-    assert first["quota"] == {"vms": 3, "vcpus": 4, "memory_mb": 2048, "disk_gb": 20}
-    assert first["quota_overrides"] == {"vms": None, "vcpus": None, "memory_mb": None, "disk_gb": None}
-    assert first["usage"] == {"vms": 1, "vcpus": 1, "memory_mb": 256, "disk_gb": 1}
+    assert first["quota"] == {"vms": 3, "vcpus": 4, "memory_mb": 2048, "disk_gb": 20, "storage_gb": 40}
+    assert first["quota_overrides"] == {"vms": None, "vcpus": None, "memory_mb": None, "disk_gb": None,
+                                        "storage_gb": None}
+    assert declared(first["usage"]) == {"vms": 1, "vcpus": 1, "memory_mb": 256, "disk_gb": 1}
+    assert first["usage"]["storage_bytes"] > 0  # its overlay, measured
     assert first["is_active"] is True and first["role"] == "user" and "password_hash" not in first
     # The destroyed VM frees its owner's share.
     assert next(u for u in seen if u["id"] == uid(users[0]))["usage"]["vms"] == 0
@@ -149,10 +151,11 @@ async def test_quota_override_is_shown_and_enforced(server: Any, admin: Session,
     status, body = await admin.request("PATCH", url, json={"quota": {"vms": 1, "memory_mb": 4096}})
     assert status == 200, body
     assert body["changed"] == ["quota.vms", "quota.memory_mb"]
-    assert body["user"]["quota"] == {"vms": 1, "vcpus": 4, "memory_mb": 4096, "disk_gb": 20}
-    assert body["user"]["quota_overrides"] == {"vms": 1, "vcpus": None, "memory_mb": 4096, "disk_gb": None}
+    assert body["user"]["quota"] == {"vms": 1, "vcpus": 4, "memory_mb": 4096, "disk_gb": 20, "storage_gb": 40}
+    assert body["user"]["quota_overrides"] == {"vms": 1, "vcpus": None, "memory_mb": 4096, "disk_gb": None,
+                                               "storage_gb": None}
     status, me = await alice.request("GET", "/api/me")
-    assert me["quota"] == {"vms": 1, "vcpus": 4, "memory_mb": 4096, "disk_gb": 20}
+    assert me["quota"] == {"vms": 1, "vcpus": 4, "memory_mb": 4096, "disk_gb": 20, "storage_gb": 40}
 
     assert (await alice.request("POST", "/api/vms?wait=60", json=VM))[0] == 201
     error = assert_envelope(*await alice.request("POST", "/api/vms?wait=60", json=VM), 403, "quota_exceeded")
@@ -163,7 +166,8 @@ async def test_quota_override_is_shown_and_enforced(server: Any, admin: Session,
     assert status == 200 and body["user"]["usage"]["vms"] == 1
     assert (await alice.request("GET", "/api/me/vms"))[1]["vms"][0]["state"] == "running"
     status, body = await admin.request("PATCH", url, json={"quota": {"vms": None, "memory_mb": None}})
-    assert status == 200 and body["user"]["quota"] == {"vms": 3, "vcpus": 4, "memory_mb": 2048, "disk_gb": 20}
+    assert status == 200 and body["user"]["quota"] == {"vms": 3, "vcpus": 4, "memory_mb": 2048, "disk_gb": 20,
+                                                         "storage_gb": 40}
     assert (await alice.request("POST", "/api/vms?wait=60", json=VM))[0] == 201
     # Setting what is already set changes nothing and is not audited.
     status, body = await admin.request("PATCH", url, json={"quota": {"vms": None}})

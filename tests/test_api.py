@@ -17,7 +17,7 @@ from console import redis_keys
 from drivers.fake import FakeDriver
 from gateway.config import Settings
 from gateway.web.app import create_app
-from tests.conftest import VM, Session, assert_envelope, truncate_all
+from tests.conftest import VM, Session, assert_envelope, declared, truncate_all
 
 
 @pytest.fixture
@@ -59,8 +59,8 @@ async def test_signup_login_me_logout(server: Any, sessions: Any) -> None:
     status, body = await s.request("GET", "/api/me")
     assert status == 200
     assert body["user"]["email"] == "Ada@Example.test"
-    assert body["quota"] == {"vms": 3, "vcpus": 4, "memory_mb": 2048, "disk_gb": 20}
-    assert body["usage"] == {"vms": 0, "vcpus": 0, "memory_mb": 0, "disk_gb": 0}
+    assert body["quota"] == {"vms": 3, "vcpus": 4, "memory_mb": 2048, "disk_gb": 20, "storage_gb": 40}
+    assert body["usage"] == {"vms": 0, "vcpus": 0, "memory_mb": 0, "disk_gb": 0, "storage_bytes": 0}
     assert (await s.request("GET", "/api/me/vms")) == (200, {"vms": []})
 
     stolen = cookie.value
@@ -158,7 +158,7 @@ async def test_vm_lifecycle_on_fake_driver(server: Any, alice: Session, app_sett
     assert overlay.is_file()
 
     status, me = await alice.request("GET", "/api/me")
-    assert me["usage"] == {"vms": 1, "vcpus": 1, "memory_mb": 256, "disk_gb": 1}
+    assert declared(me["usage"]) == {"vms": 1, "vcpus": 1, "memory_mb": 256, "disk_gb": 1}
     status, listing = await alice.request("GET", "/api/me/vms")
     assert [v["vm_id"] for v in listing["vms"]] == [vm_id]
 
@@ -250,7 +250,7 @@ async def test_quota_is_enforced(server: Any, alice: Session) -> None:
     error = assert_envelope(*await alice.request("POST", "/api/vms?wait=60", json=VM), 403, "quota_exceeded")
     assert "vms" in error["details"]["exceeded"]
     status, me = await alice.request("GET", "/api/me")
-    assert me["usage"] == {"vms": 3, "vcpus": 3, "memory_mb": 768, "disk_gb": 3}
+    assert declared(me["usage"]) == {"vms": 3, "vcpus": 3, "memory_mb": 768, "disk_gb": 3}
 
 
 async def test_memory_quota_names_memory(server: Any, alice: Session) -> None:
@@ -272,7 +272,7 @@ async def test_failed_create_leaves_nothing(server: Any, alice: Session, app_set
     assert (await server.driver.status(vm_id)).state == "missing"
     assert redis_flush.get(redis_keys.vnc_target_key(vm_id)) is None
     status, me = await alice.request("GET", "/api/me")
-    assert me["usage"] == {"vms": 0, "vcpus": 0, "memory_mb": 0, "disk_gb": 0}
+    assert me["usage"] == {"vms": 0, "vcpus": 0, "memory_mb": 0, "disk_gb": 0, "storage_bytes": 0}
     # The failed VM can be cleaned away; it holds nothing.
     status, gone = await alice.request("DELETE", f"/api/vms/{vm_id}?wait=60")
     assert status == 200 and gone["state"] == "destroyed"

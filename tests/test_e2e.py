@@ -119,7 +119,7 @@ async def test_signup_create_console_type_destroy(local_gateway: Any, sessions: 
     assert not (app_settings.vms_root / "tasks" / vm_id).exists()
     assert [k for k in redis_flush.scan_iter("vmgate:*") if vm_id in k] == []
     status, me = await s.request("GET", "/api/me")
-    assert me["usage"] == {"vms": 0, "vcpus": 0, "memory_mb": 0, "disk_gb": 0}
+    assert me["usage"] == {"vms": 0, "vcpus": 0, "memory_mb": 0, "disk_gb": 0, "storage_bytes": 0}
 
 
 async def test_stop_start_keeps_disk_and_console_follows(local_gateway: Any, sessions: Any,

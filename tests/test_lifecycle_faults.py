@@ -37,7 +37,7 @@ from gateway.config import RATE_LIMIT_DEFAULTS
 from gateway.engine.queue import STREAM
 from gateway.states import TRANSITIONAL as TRANSITIONAL_STATES
 from jobspecs import Template
-from tests.conftest import Session, assert_envelope
+from tests.conftest import Session, assert_envelope, declared
 from tests.fixtures.qemu import qmp, type_text
 from tests.test_e2e import READY, open_console, wait_for_serial
 
@@ -250,7 +250,7 @@ async def api_vm(session: Session, vm_id: str) -> dict[str, Any]:
 async def usage(session: Session) -> dict[str, int]:
     status, body = await session.request("GET", "/api/me")
     assert status == 200, body
-    return dict(body["usage"])
+    return declared(body["usage"])
 
 
 # ---- 1. a worker killed in the middle of a create ---------------------------------------------------

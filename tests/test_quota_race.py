@@ -12,7 +12,7 @@ import pytest
 
 from drivers.fake import FakeDriver
 from gateway.config import Settings
-from tests.conftest import VM, Session, assert_envelope
+from tests.conftest import VM, Session, assert_envelope, declared
 from tests.test_api_tokens import BearerSession, make_token, sql
 
 CONCURRENT = 20
@@ -52,7 +52,7 @@ async def check_books(session: Session, database_url: str, user_id: str) -> dict
     """/api/me's usage equals the table's, is within quota, and no VM is left half-made."""
     status, me = await session.request("GET", "/api/me")
     assert status == 200
-    assert me["usage"] == counted(database_url, user_id)
+    assert declared(me["usage"]) == counted(database_url, user_id)
     for name in RESOURCES:
         assert me["usage"][name] <= me["quota"][name], (name, me)
     assert not sql(database_url, "SELECT id, state FROM vms WHERE user_id = %s AND state NOT IN"
@@ -123,7 +123,7 @@ async def test_error_and_destroyed_vms_free_their_share(server: Any, user: tuple
         made.append(vm["vm_id"])
     assert_envelope(*await session.request("POST", "/api/vms?wait=60", json=VM), 403, "quota_exceeded")
     me = await check_books(session, database_url, user_id)
-    assert me["usage"] == {"vms": 3, "vcpus": 3, "memory_mb": 768, "disk_gb": 3}
+    assert declared(me["usage"]) == {"vms": 3, "vcpus": 3, "memory_mb": 768, "disk_gb": 3}
     assert sql(database_url, "SELECT state FROM vms WHERE id = %s", failed_id) == [("error",)]
 
     # A stopped VM still holds its share; a destroyed one does not, and the race for the freed slot

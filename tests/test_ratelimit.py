@@ -259,6 +259,25 @@ async def test_console_is_limited_per_user(make_server: MakeServer, sessions: An
     assert (await alice.request("GET", path))[0] == 200
 
 
+async def test_vm_actions_and_snapshots_are_limited_per_user(make_server: MakeServer, sessions: Any,
+                                                            database_url: str) -> None:
+    """Starts, stops and suspends share one rule, snapshots and restores another; a destroy is never held back."""
+    server = await make_server({"vm_action_user": (2, 600), "snapshot_user": (1, 600)})
+    alice, vm_id = await with_running_vm(server, sessions, database_url)
+    assert (await alice.request("POST", f"/api/vms/{vm_id}/stop?wait=30"))[0] == 200
+    assert (await alice.request("POST", f"/api/vms/{vm_id}/start?wait=30"))[0] == 200
+    assert_limited(*await request_with_headers(alice, "POST", f"/api/vms/{vm_id}/stop"), "vm_action_user")
+    status, vm = await alice.request("GET", f"/api/vms/{vm_id}")
+    assert status == 200 and \
+        vm["state"] == "running" and vm["desired_state"] == "running", vm  # the refused stop: nothing
+    path = f"/api/vms/{vm_id}/snapshots"
+    # Counted before anything else is checked: the fake driver cannot snapshot a running VM (409), and
+    # that attempt still used the one snapshot this user had.
+    assert_envelope(*await alice.request("POST", path, json={"name": "one"}), 409, "not_supported")
+    assert_limited(*await request_with_headers(alice, "POST", path, json={"name": "two"}), "snapshot_user")
+    assert (await alice.request("DELETE", f"/api/vms/{vm_id}?wait=30"))[0] == 200
+
+
 async def test_a_refused_console_request_resumes_nothing(make_server: MakeServer, sessions: Any,
                                                        database_url: str) -> None:
     """The console's rate limit is checked before a suspended VM is woken for it (issue 13)."""

@@ -145,12 +145,25 @@ async def test_idle_vm_is_suspended_and_its_console_resumes_it_intact(gateway: A
     assert not saved.exists()
 
 
+def set_storage_quota(database_url: str, user_id: str, gb: int | None) -> None:
+    with psycopg2.connect(database_url) as conn, conn.cursor() as cur:
+        cur.execute("UPDATE users SET quota_storage_gb = %s WHERE id = %s", (gb, user_id))
+    conn.close()
+
+
 async def test_suspend_start_stop_and_destroy_of_a_suspended_vm(gateway: Any, sessions: Any,
                                                                 database_url: str) -> None:
     s: Session = sessions(gateway)
     await s.signup_and_login()
     vm_id = await create(s)
     n1 = (await guest(gateway, s, vm_id, 'N=$RANDOM$RANDOM; echo "N1 $N" >/dev/ttyS0', "N1 ")).split()[1]
+    # A suspend that would take the user past their storage quota is refused, and nothing happens.
+    set_storage_quota(database_url, s.user["id"], 0)  # type: ignore[index]
+    code, body = await s.request("POST", f"/api/vms/{vm_id}/suspend?wait=60")
+    assert_envelope(code, body, 403, "quota_exceeded")
+    assert body["error"]["details"]["exceeded"]["storage_bytes"]["requested"] == VM["memory_mb"] << 20
+    assert (await s.request("GET", f"/api/vms/{vm_id}"))[1]["state"] == "running"
+    set_storage_quota(database_url, s.user["id"], None)  # type: ignore[index]
     # Suspended on request (not idle yet): 200 once the memory is saved.
     code, vm = await s.request("POST", f"/api/vms/{vm_id}/suspend?wait=60")
     assert code == 200 and vm["state"] == "suspended", vm
@@ -193,10 +206,14 @@ async def test_snapshots_of_a_running_and_a_stopped_vm(gateway: Any, sessions: A
     vm_id = await create(s)
     overlay = overlay_of(database_url, vm_id)
     await guest(gateway, s, vm_id, 'X=one; echo one > /mark; sync; echo "X1 $X" >/dev/ttyS0', "X1 ")
+    stored = (await s.request("GET", "/api/me"))[1]["usage"]["storage_bytes"]
+    assert 0 < stored == overlay.stat().st_blocks * 512  # measured: the overlay's allocated blocks
 
     code, snap = await s.request("POST", f"/api/vms/{vm_id}/snapshots?wait=60", json={"name": "before change"})
     assert code == 201, snap
     assert snap["state"] == "ready" and snap["memory"] is True and snap["memory_bytes"] > 10 << 20, snap
+    # The memory it saved is in the overlay now, and counts against the storage quota.
+    assert (await s.request("GET", "/api/me"))[1]["usage"]["storage_bytes"] >= stored + snap["memory_bytes"]
     assert f"s-{snap['snapshot_id']}" in snapshots_in(overlay)
     code, listing = await s.request("GET", f"/api/vms/{vm_id}/snapshots")
     assert code == 200 and [x["name"] for x in listing["snapshots"]] == ["before change"], listing

@@ -24,8 +24,31 @@ class StorageError(Exception):
     """Creating or removing an overlay failed; the message says why."""
 
 
+def user_dir(vms_root: Path, user_id: str) -> Path:
+    """The folder of a user's overlays and saved memory states (one level, no subfolders)."""
+    return vms_root / "users" / user_id
+
+
 def overlay_path(vms_root: Path, user_id: str, vm_id: str) -> Path:
-    return vms_root / "users" / user_id / f"{vm_id}.qcow2"
+    return user_dir(vms_root, user_id) / f"{vm_id}.qcow2"
+
+
+def allocated_bytes(vms_root: Path, user_id: str) -> int:
+    """What the user's files take on disk: allocated blocks, not apparent or virtual sizes. That is their
+    overlays with every internal snapshot in them (disk and saved memory), suspend states, and files
+    being written (``.part``). Symlinks are not followed (vmgate makes none)."""
+    total = 0
+    try:
+        with os.scandir(user_dir(vms_root, user_id)) as entries:
+            for entry in entries:
+                try:
+                    if entry.is_file(follow_symlinks=False):
+                        total += entry.stat(follow_symlinks=False).st_blocks * 512
+                except FileNotFoundError:  # removed while we looked
+                    continue
+    except FileNotFoundError:
+        return 0
+    return total
 
 
 def _stat_signature(path: Path) -> tuple[int, int, int, int]:

@@ -88,9 +88,16 @@ class Resources:
 
 
 # The API's quota names and the users columns that override them (NULL: the configured default).
-QuotaColumn = Literal["quota_max_vms", "quota_vcpus", "quota_memory_mb", "quota_disk_gb"]
+QuotaColumn = Literal["quota_max_vms", "quota_vcpus", "quota_memory_mb", "quota_disk_gb", "quota_storage_gb"]
 QUOTA_COLUMNS: dict[str, QuotaColumn] = {"vms": "quota_max_vms", "vcpus": "quota_vcpus", "memory_mb": "quota_memory_mb",
-                                         "disk_gb": "quota_disk_gb"}
+                                         "disk_gb": "quota_disk_gb", "storage_gb": "quota_storage_gb"}
+GIB = 1 << 30
+
+
+def storage_quota_bytes(user: Mapping[str, Any], settings: Settings) -> int:
+    """The bytes the user's files may take on disk (gateway/web/quota.py measures what they take)."""
+    value = user.get("quota_storage_gb")
+    return (settings.quota_storage_gb if value is None else int(value)) * GIB
 
 
 def quota_of(user: Mapping[str, Any], settings: Settings) -> Resources:
@@ -128,7 +135,7 @@ async def set_quota(cur: aiopg.Cursor, user_id: str, overrides: dict[str, int | 
 
 _ADMIN_USER_SQL = (
     "SELECT u.id, u.email, u.role, u.is_active, u.email_verified_at, u.created_at, u.quota_max_vms, u.quota_vcpus,"
-    " u.quota_memory_mb, u.quota_disk_gb, us.vms AS used_vms, us.vcpus AS used_vcpus,"
+    " u.quota_memory_mb, u.quota_disk_gb, u.quota_storage_gb, us.vms AS used_vms, us.vcpus AS used_vcpus,"
     " us.memory_mb AS used_memory_mb, us.disk_gb AS used_disk_gb FROM users u CROSS JOIN LATERAL"
     " (SELECT count(*) AS vms, coalesce(sum(cpu), 0) AS vcpus, coalesce(sum(memory_mb), 0) AS memory_mb,"
     f" coalesce(sum(disk_gb), 0) AS disk_gb FROM vms WHERE vms.user_id = u.id AND {HOLDS_QUOTA_SQL}) us")

@@ -21,12 +21,13 @@ from gateway.rows import UserRow
 from gateway.web import auth, paging, validation, views, vms
 from gateway.web.appkeys import db_key, engine_key, redis_key, settings_key
 from gateway.web.http import client_ip, json_body, json_response
+from gateway.web.quota import admin_views
 
 log = logging.getLogger("vmgate.admin")
 routes = web.RouteTableDef()
 
 # Largest override an admin may set, per resource (the same bounds as the QUOTA_* settings).
-QUOTA_BOUNDS = {"vms": 10000, "vcpus": 100000, "memory_mb": 10**8, "disk_gb": 10**6}
+QUOTA_BOUNDS = {"vms": 10000, "vcpus": 100000, "memory_mb": 10**8, "disk_gb": 10**6, "storage_gb": 10**6}
 # VMs of a disabled user stopped at once: each stop may wait STOP_TIMEOUT for the guest.
 STOP_CONCURRENCY = 4
 STOP_WAIT_MARGIN = 30  # seconds beyond STOP_TIMEOUT to wait for a disabled user's VM to stop
@@ -51,8 +52,7 @@ async def list_users(request: web.Request) -> web.Response:
     async with store.db.cursor(request.app[db_key]) as cur:
         rows = await store.users.users_page(cur, size + 1, after, email_contains=email)
     rows, next_cursor = paging.page(rows, size, paging.by_creation)
-    settings = request.app[settings_key]
-    return json_response({"users": [views.admin_user(r, settings) for r in rows], "next_cursor": next_cursor})
+    return json_response({"users": await admin_views(request.app, rows), "next_cursor": next_cursor})
 
 
 @routes.get("/api/admin/users/{user_id}")
@@ -60,7 +60,7 @@ async def get_user(request: web.Request) -> web.Response:
     await auth.require_admin(request)
     async with store.db.cursor(request.app[db_key]) as cur:
         row = await store.users.user_for_admin(cur, request.match_info["user_id"])
-    return json_response({"user": views.admin_user(row, request.app[settings_key])})
+    return json_response({"user": (await admin_views(request.app, [row]))[0]})
 
 
 def _quota_changes(body: dict[str, Any]) -> dict[str, int | None]:
@@ -160,7 +160,7 @@ async def update_user(request: web.Request) -> web.Response:
     stopped, failed = await _stop_vms(request.app, owner or before, to_stop, ip) if to_stop else ([], [])
     async with store.db.cursor(request.app[db_key]) as cur:
         row = await store.users.user_for_admin(cur, target_id)
-    return json_response({"user": views.admin_user(row, request.app[settings_key]), "changed": changed,
+    return json_response({"user": (await admin_views(request.app, [row]))[0], "changed": changed,
                           "tokens_revoked": tokens_revoked, "stopped_vms": stopped, "failed_vms": failed})
 
 

@@ -16,6 +16,7 @@ from gateway.errors import ApiError, BadRequest, Conflict, Forbidden, Unauthoriz
 from gateway.web import auth, mail, paging, ratelimit, validation, views, vms
 from gateway.web.appkeys import db_key, driver_key, health_key, mailer_key, redis_key, settings_key, templates_key
 from gateway.web.http import client_ip, json_body, json_response, owned_vm, wait_param
+from gateway.web.quota import quota_and_usage
 from jobspecs.render import to_hcl
 
 log = logging.getLogger("vmgate.api")
@@ -96,9 +97,9 @@ async def logout(request: web.Request) -> web.Response:
 async def me(request: web.Request) -> web.Response:
     user = await auth.current_user(request)
     async with store.db.cursor(request.app[db_key]) as cur:
-        usage = await store.users.usage_of(cur, str(user["id"]))
-    quota = store.users.quota_of(user, request.app[settings_key])
-    return json_response({"user": views.public_user(user), "quota": quota.to_json(), "usage": usage.to_json()})
+        counted = await store.users.usage_of(cur, str(user["id"]))
+    quota, usage = await quota_and_usage(request.app, user, counted)
+    return json_response({"user": views.public_user(user), "quota": quota, "usage": usage})
 
 
 @routes.get("/api/me/vms")
@@ -171,6 +172,8 @@ async def get_vm(request: web.Request) -> web.Response:
 async def _vm_action(request: web.Request, action: str) -> web.Response:
     user = await auth.current_user(request)
     wait = wait_param(request)
+    if action != "destroy":  # each boots, saves or ends a QEMU; getting rid of a VM is never held back
+        await ratelimit.limit(request, "vm_action_user", str(user["id"]))
     row, done = await vms.request_action(request.app, user, request.match_info["vm_id"], action,
                                          client_ip(request), wait=wait)
     return json_response(views.public_vm(row, request.app[settings_key].public_url), status=200 if done else 202)

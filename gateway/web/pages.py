@@ -20,6 +20,7 @@ from gateway import credentials, states, store
 from gateway.rows import UserRecord
 from gateway.web import auth, paging, views
 from gateway.web.appkeys import db_key, driver_key, settings_key, templates_key
+from gateway.web.quota import admin_views, quota_and_usage
 from jobspecs.render import to_hcl
 
 routes = web.RouteTableDef()
@@ -64,10 +65,10 @@ async def _dashboard_context(request: web.Request, user: UserRecord) -> dict[str
     user_id = str(user["id"])
     async with store.db.cursor(request.app[db_key]) as cur:
         rows = await store.vms.vms_of(cur, user_id)
-        usage = await store.users.usage_of(cur, user_id)
-    quota = store.users.quota_of(user, request.app[settings_key])
+        counted = await store.users.usage_of(cur, user_id)
+    quota, usage = await quota_and_usage(request.app, user, counted)
     return {"user": views.public_user(user), "vms": [views.public_vm(r, _public_url(request)) for r in rows],
-            "quota": quota.to_json(), "usage": usage.to_json()}
+            "quota": quota, "usage": usage}
 
 
 @routes.get("/")
@@ -163,9 +164,12 @@ async def account(request: web.Request) -> web.StreamResponse:
     before = paging.before(request)
     async with store.db.cursor(request.app[db_key]) as cur:
         rows = await store.audit.audit_of(cur, str(user["id"]), limit=AUDIT_PAGE + 1, before_id=before)
+        counted = await store.users.usage_of(cur, str(user["id"]))
     rows, next_before = paging.page(rows, AUDIT_PAGE, lambda row: row["id"])
     context = await _tokens_context(request, user)
-    context.update(entries=[views.audit_entry(r) for r in rows], next_before=next_before, paged=before is not None)
+    quota, usage = await quota_and_usage(request.app, user, counted)
+    context.update(entries=[views.audit_entry(r) for r in rows], next_before=next_before, paged=before is not None,
+                   quota=quota, usage=usage)
     return _render("account.html", request, context)
 
 
@@ -191,11 +195,10 @@ async def admin_users(request: web.Request) -> web.StreamResponse:
     async with store.db.cursor(request.app[db_key]) as cur:
         rows = await store.users.users_page(cur, ADMIN_PAGE + 1, after, email_contains=email)
     rows, next_cursor = paging.page(rows, ADMIN_PAGE, paging.by_creation)
-    settings = request.app[settings_key]
     next_url = "/admin/users?" + urlencode({"cursor": next_cursor, **({"email": email} if email else {})}) \
         if next_cursor else None
     return _render("admin_users.html", request, {
-        "user": views.public_user(me), "tab": "users", "users": [views.admin_user(r, settings) for r in rows],
+        "user": views.public_user(me), "tab": "users", "users": await admin_views(request.app, rows),
         "email": email or "", "next_url": next_url, "paged": after is not None})
 
 

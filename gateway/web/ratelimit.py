@@ -32,6 +32,8 @@ reset_ip       10 per hour          password-reset requests from one IP
 reset_email    3 per hour           password-reset mails to one address
 vm_create_user 30 per 10 min        VM creates by one user
 console_user   30 per minute        console tokens issued to one user
+vm_action_user 60 per 10 min        starts, stops and suspends by one user (destroys are not limited)
+snapshot_user  30 per 10 min        snapshots taken and restored by one user
 ============== ==================== ===================================================
 
 Logins go through ``login_attempt`` instead, which applies the three login rules at once and

@@ -21,7 +21,7 @@ from gateway.engine.publish import publish
 from gateway.errors import Conflict, ServiceUnavailable, ValidationFailed
 from gateway.rows import SnapshotRow, UserRow, VmRow
 from gateway.states import VmState
-from gateway.web import validation, views, vms
+from gateway.web import quota, ratelimit, validation, views, vms
 from gateway.web.appkeys import db_key, driver_key, engine_key, redis_key, settings_key
 from gateway.web.http import client_ip, json_body, json_response, owned_vm, wait_param
 
@@ -58,6 +58,7 @@ async def list_snapshots(request: web.Request) -> web.Response:
 @routes.post("/api/vms/{vm_id}/snapshots")
 async def create_snapshot(request: web.Request) -> web.Response:
     user, vm = await owned_vm(request)
+    await ratelimit.limit(request, "snapshot_user", str(user["id"]))
     body = await json_body(request)
     validation.check_unknown(body, {"name"})
     name = validation.string(body, "name", max_len=64, min_len=1) or ""
@@ -72,6 +73,9 @@ async def create_snapshot(request: web.Request) -> web.Response:
     if vm["state"] != "stopped" and not app[driver_key].saves_memory:
         raise Conflict(f"The {app[driver_key].name} driver cannot snapshot a running VM (its memory, or its disk "
                        "while in use); stop the VM first.", code="not_supported")
+    # A snapshot of a running (or suspended) VM saves its memory too, into the overlay.
+    needs = quota.NEW_OVERLAY_BYTES if vm["state"] == "stopped" else vm["memory_mb"] * quota.MIB
+    await quota.require_storage(app, user, needs, "This snapshot")
     async with store.db.cursor(app[db_key]) as cur:
         row = await store.snapshots.request_snapshot(cur, str(user["id"]), str(vm["id"]), name,
                                                      app[settings_key].snapshot_quota)
@@ -124,6 +128,7 @@ async def restore_snapshot(request: web.Request) -> web.Response:
     """The VM goes back to the snapshot: a running one, or any VM to a snapshot with memory, runs on from
     that moment; otherwise the disk goes back and the VM stays stopped."""
     user, vm = await owned_vm(request)
+    await ratelimit.limit(request, "snapshot_user", str(user["id"]))
     wait = wait_param(request)
     app = request.app
     async with store.db.cursor(app[db_key]) as cur:

@@ -28,12 +28,14 @@ def public_user(user: UserRow) -> dict[str, Any]:
     }
 
 
-def admin_user(row: AdminUserRow, settings: Settings) -> dict[str, Any]:
-    """A user as admins see them: the public view plus quota (effective and overrides) and usage."""
+def admin_user(row: AdminUserRow, settings: Settings, storage_bytes: int) -> dict[str, Any]:
+    """A user as admins see them: the public view plus quota (effective and overrides) and usage
+    (``storage_bytes``: what their files take on disk, measured by the caller)."""
     return {**public_user(row),
-            "quota": store.users.quota_of(row, settings).to_json(),
+            "quota": {**store.users.quota_of(row, settings).to_json(),
+                      "storage_gb": store.users.storage_quota_bytes(row, settings) // store.users.GIB},
             "quota_overrides": {name: row[column] for name, column in store.users.QUOTA_COLUMNS.items()},
-            "usage": store.users.usage_in(row).to_json()}
+            "usage": {**store.users.usage_in(row).to_json(), "storage_bytes": storage_bytes}}
 
 
 def public_vm(row: VmRow, public_url: str) -> dict[str, Any]:

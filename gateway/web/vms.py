@@ -27,6 +27,7 @@ from gateway.engine.templates import Templates
 from gateway.errors import ApiError, Conflict, NotFound, ServiceUnavailable
 from gateway.rows import UserRow, VmChange, VmRow
 from gateway.states import Desired, VmState
+from gateway.web import quota
 from gateway.web.appkeys import db_key, driver_key, engine_key, redis_key, settings_key, templates_key
 from jobspecs.render import MAX_USERDATA as MAX_JOB_USERDATA
 
@@ -97,6 +98,7 @@ async def create(app: web.Application, user: UserRow, request: dict[str, Any],
           "memory_mb": request["memory_mb"], "disk_gb": request["disk_gb"],
           "userdata": request.get("userdata"), "overlay_path": str(overlay)}
     vm["jobspec"] = catalog.render(template, vm, owner=user_id, settings=settings)
+    await quota.require_storage(app, user, quota.NEW_OVERLAY_BYTES, "A new VM")
     async with store.db.cursor(app[db_key]) as cur:
         try:
             row: VmRow = await store.vms.admit_vm(cur, settings, user_id, vm)
@@ -149,6 +151,8 @@ async def request_action(app: web.Application, user: UserRow, vm_id: str, action
     if action == "suspend" and not app[driver_key].saves_memory:
         raise Conflict(f"The {app[driver_key].name} driver cannot save a running VM's memory; stop it instead.",
                        code="not_supported")
+    if action == "suspend":  # its memory goes to a file beside the overlay
+        await quota.require_storage(app, user, vm["memory_mb"] * quota.MIB, "Suspending this VM")
     if action == "start" and vm["state"] in states.WAKEABLE:
         woken = await wake(app, vm_id)
         if woken is not None:
