@@ -138,10 +138,13 @@ class Processes:
         if read_pid(task_dir) != pid:
             return
         code = self.exit_code(pid)
-        info = self.record_exit(task_dir, pid, "exited", exit_message(code))
-        if code is None:  # an adopted QEMU: not our child, its status is lost
-            powered_off_by_serial(task_dir, info)
-        remove_runtime(task_dir, self.load_task(vm_id, task_dir))
+        try:
+            info = self.record_exit(task_dir, pid, "exited", exit_message(code))
+            if code is None:  # an adopted QEMU: not our child, its status is lost
+                powered_off_by_serial(task_dir, info)
+            remove_runtime(task_dir, self.load_task(vm_id, task_dir))
+        except FileNotFoundError:
+            return  # another gateway process destroyed the VM as its QEMU died
         log.info("VM %s: %s", vm_id, info["message"])
 
     # ------------------------------------------------------------ processes

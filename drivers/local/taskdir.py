@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import errno
 import fcntl
 import json
 import logging
@@ -146,15 +147,22 @@ def trim_live_log(path: Path, limit: int, keep: int) -> int:
 
 
 def remove_tree(path: Path) -> None:
-    """Remove a task directory; raises DriverError if it cannot."""
-    for _ in range(3):  # a file vanishing under rmtree (QEMU unlinking a socket) is fine: go again
+    """Remove a task directory; raises DriverError if it cannot.
+
+    Files may come and go under rmtree: QEMU unlinking a socket as it dies, or the exit watcher of
+    another gateway process recording ``exit.json`` the moment the QEMU it watched was killed. Either
+    makes one pass fail (ENOENT, ENOTEMPTY); a few more passes, a moment apart, finish the job."""
+    for attempt in range(10):
         try:
             shutil.rmtree(path)
+            return
         except FileNotFoundError:
-            continue
+            if not path.exists():
+                return
         except OSError as exc:
-            raise DriverError(f"cannot remove {path}: {exc.strerror or exc}") from exc
-        return
+            if exc.errno != errno.ENOTEMPTY or attempt == 9:
+                raise DriverError(f"cannot remove {path}: {exc.strerror or exc}") from exc
+        time.sleep(0.05)
     if path.exists():
         raise DriverError(f"cannot remove {path}")
 
