@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -130,6 +131,12 @@ def _host(key: str, value: str) -> str:
     return value
 
 
+def _user(key: str, value: str) -> str:
+    if value and not re.fullmatch(r"[a-z_][a-z0-9_-]{0,31}", value):
+        raise ConfigError(key, f"expected an account name (a-z 0-9 _ -, at most 32) or nothing, got {value!r}")
+    return value
+
+
 def _networks(key: str, value: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
     nets = []
     for item in (v.strip() for v in value.split(",")):
@@ -249,6 +256,8 @@ class Settings:
                                      "tcg (works everywhere) or kvm (needs a usable /dev/kvm)")
     nomad_datacenters: tuple[str, ...] = _setting("NOMAD_DATACENTERS", _csv, "dc1", "Datacenters of VM jobs")
     nomad_namespace: str = _setting("NOMAD_NAMESPACE", _host, "default", "Namespace of VM jobs")
+    nomad_task_user: str = _setting("NOMAD_TASK_USER", _user, "vmgate",
+                                    "Account QEMU runs as on fleet nodes (the VM task's user); empty: Nomad's default")
     console_token_ttl: int = _setting("CONSOLE_TOKEN_TTL", _int(5, 60), "60", "Console token lifetime, seconds")
     console_max_session: int = _setting("CONSOLE_MAX_SESSION", _int(60, 7 * 86400), "28800",
                                         "Longest a console connection stays open, seconds; then websockify ends it")

@@ -85,6 +85,7 @@ _SCHEMA: dict[str, list[tuple[str, str, str]]] = {
     "task": [
         ("Name", LABEL, ""),
         ("Driver", ATTR, "driver"),
+        ("User", ATTR, "user"),
         ("Config", CONFIG, "config"),
         ("Templates", BLOCKS, "template"),
         ("Resources", BLOCK, "resources"),

@@ -1,11 +1,10 @@
 """The VM job: one Nomad job per VM, rendered from typed variables.
 
-Laid out like a Nomad pack: the variables are the fields of ``VMSpec`` (per VM) and ``JobSettings``
-(per installation), each with a type, a description and (where it has one) a default;
-``variables()`` lists them. ``render_job`` is the one template; it returns the Nomad API ``Job``
-object (what goes under ``"Job"`` in ``POST /v1/jobs``) and ``jobspecs.hcl.to_hcl`` prints the same
-dict as HCL (also importable from here), so the JSON and the HCL cannot disagree.
-Name helpers: ``job_name``, ``vm_id_of``.
+Laid out like a Nomad pack: the variables are the fields of ``VMSpec`` (per VM) and ``JobSettings`` (per
+installation), each with a type, a description and (where it has one) a default; ``variables()`` lists them.
+``render_job`` is the one template; it returns the Nomad API ``Job`` object (what goes under ``"Job"`` in ``POST
+/v1/jobs``) and ``jobspecs.hcl.to_hcl`` prints the same dict as HCL (also importable from here), so the JSON and the
+HCL cannot disagree. Name helpers: ``job_name``, ``vm_id_of``.
 
 The job (``vm-<id>``, type service):
 
@@ -16,30 +15,27 @@ The job (``vm-<id>``, type service):
                 -smp N -kernel K -initrd I -append "<cmdline> vmgate.hostname=<hostname>"
                 -vnc unix:${NOMAD_TASK_DIR}/vnc.sock
                 -qmp unix:${NOMAD_TASK_DIR}/qmp.sock,server=on,wait=off
-                -sandbox on -nic none
+                -sandbox on,obsolete=deny,... -nodefaults -vga std -serial stdio -nic none
                 -device virtio-rng-pci -fw_cfg name=opt/vmgate/hostname,string=<hostname>
                 -set drive.image0.file.auto-read-only=off
                 [-incoming "exec:cat <warm state>"]             (a warm job: the VM's first start only)
         resources: cpu = 1000 MHz per vCPU, memory = memory_mb
 
-Warm jobs (``render_job(..., warm=WarmImage)``): the VM's overlay sits on the template's warm disk
-layer and its first start restores the memory state saved with it (``-incoming``) instead of booting.
-Only that first start may restore it: once the VM has run, its disk has moved on from the moment the
-state was saved, and the state restored over it would corrupt it. ``cold_job`` is the same job without
-``-incoming``; the lifecycle engine stores it before the first start, so every later start (and any
-retry of the first) boots from the VM's own disk. A warm job's restart and reschedule blocks allow no
-attempt, for the same reason: a scheduler that restarts the task itself (Nomad) would restore again.
+Warm jobs (``render_job(..., warm=WarmImage)``): the VM's overlay sits on the template's warm disk layer and its
+first start restores the memory state saved with it (``-incoming``) instead of booting. Only that first start may
+restore it: once the VM has run, its disk has moved on from the moment the state was saved, and the state restored
+over it would corrupt it. ``cold_job`` is the same job without ``-incoming``; the lifecycle engine stores it before
+the first start, so every later start (and any retry of the first) boots from the VM's own disk. A warm job's
+restart and reschedule blocks allow no attempt, for the same reason: a scheduler that restarts the task itself
+(Nomad) would restore again.
 
 Two targets (``JobSettings.target``), one template:
 
-- ``local`` (the local driver, one machine): VNC listens on a unix socket in the task directory;
-  the console proxy reads it from there and nothing listens on TCP.
-- ``nomad`` (a fleet): the group also gets a ``network`` with a dynamic port ``vnc`` and a Consul
-  ``service`` (``vmgate-vnc``, tagged ``vm-<id>``, meta vm_id/owner) with a TCP check on it. QEMU's
-  ``-vnc`` takes a display number (port - 5900), not a port, so a ``template`` (env = true) computes
-  ``VMGATE_VNC_DISPLAY = NOMAD_PORT_vnc - 5900`` on the client before the task starts and the args say
-  ``-vnc ${NOMAD_IP_vnc}:${VMGATE_VNC_DISPLAY}`` (Nomad interpolates task config with the task's
-  environment, template variables included). docs/DRIVERS.md explains the choice.
+- ``local`` (the local driver, one machine): VNC listens on a unix socket in the task directory; nothing on TCP.
+- ``nomad`` (a fleet): the group also gets a ``network`` with a dynamic port ``vnc`` and a Consul ``service``
+  (``vmgate-vnc``, tagged ``vm-<id>``, meta vm_id/owner) with a TCP check; a ``template`` computes the VNC display
+  (port - 5900) that ``-vnc ${NOMAD_IP_vnc}:${VMGATE_VNC_DISPLAY}`` takes (docs/DRIVERS.md); the task runs as
+  ``task_user``.
 """
 
 from __future__ import annotations
@@ -50,6 +46,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from jobspecs import sandbox
 from jobspecs.catalog import NOMAD_MEMORY_MB, SIZE_NAMES, Template, WarmImage
 from jobspecs.hcl import to_hcl
 
@@ -95,13 +92,12 @@ FW_CFG_HOSTNAME = "opt/vmgate/hostname"
 # ${...} interpolation, well under Linux's 128 KiB per argument (images/tiny/rootfs/sbin/vmgate-userdata).
 FW_CFG_USERDATA = "opt/vmgate/userdata"
 MAX_USERDATA = 32 * 1024
-INCOMING = "-incoming"
 LOADVM = "-loadvm"
 # A qcow2 internal snapshot's tag as vmgate names them (a user's snapshot: s-<uuid>).
 SNAPSHOT_TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 # With -drive's default auto-read-only, QEMU reopens the disk by path whenever its write access changes:
 # read-write after an -incoming restore, read-only when a migration (a suspend) completes. Both fail once
-# QEMU dropped to nobody (the overlay's directory is root's alone). Nomad's qemu driver writes
+# QEMU dropped root (the overlay's directory is root's alone). Nomad's qemu driver writes
 # `-drive ...,id=image0` before the args, so -set can reach that drive's file node: opened read-write from
 # the start and never reopened. Every job carries it, so that any VM can be suspended.
 WARM_ARGS = ("-set", "drive.image0.file.auto-read-only=off")
@@ -187,6 +183,7 @@ class JobSettings:
     restart_interval: int = _var("number", "Seconds of the window in which restart_attempts are counted", 1800)
     restart_delay: int = _var("number", "Seconds to wait before restarting a crashed VM", 15)
     restart_mode: str = _var("string", "fail (the VM goes to error) or delay (wait for the window to pass)", "fail")
+    task_user: str = _var("string", "Account QEMU runs as on fleet nodes (task user); empty: Nomad's default", "vmgate")
 
     @classmethod
     def from_settings(cls, settings: Any) -> JobSettings:
@@ -195,7 +192,8 @@ class JobSettings:
                    accelerator=settings.qemu_accelerator, stop_timeout=settings.stop_timeout,
                    target="nomad" if settings.driver == "nomad" else "local",
                    restart_attempts=settings.restart_attempts, restart_interval=settings.restart_interval,
-                   restart_delay=settings.restart_delay, restart_mode=settings.restart_mode)
+                   restart_delay=settings.restart_delay, restart_mode=settings.restart_mode,
+                   task_user=settings.nomad_task_user)
 
 
 def variables() -> dict[str, dict[str, Any]]:
@@ -290,7 +288,8 @@ def qemu_args(vm: VMSpec, template: Template, target: str = "local") -> list[str
         # ${NOMAD_TASK_DIR} is interpolated by the driver at start (Nomad's runtime variables).
         "-vnc", vnc_arg(target),
         "-qmp", "unix:${NOMAD_TASK_DIR}/qmp.sock,server=on,wait=off",
-        "-sandbox", "on",
+        "-sandbox", sandbox.value(),  # jobspecs/sandbox.py
+        "-nodefaults", "-vga", "std", "-serial", "stdio",  # these devices, Nomad's own, and no CD-ROM, floppy...
         # Without this QEMU adds an e1000 NIC on user networking, where the guest reaches the host's
         # loopback (10.0.2.2 is the host's 127.0.0.1: Postgres, Redis, the gateway). No NIC until
         # networking is designed; Nomad's port_map adds its own -netdev/-device when used.
@@ -320,8 +319,9 @@ def policies(settings: JobSettings, warm: bool) -> tuple[dict[str, Any], dict[st
     return restart, reschedule
 
 
-def _fleet_parts(vm: VMSpec, name: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """What the nomad target adds: (group fields: network and service, task fields: the display template)."""
+def _fleet_parts(vm: VMSpec, name: str, user: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """What the nomad target adds: (group fields: network and service, task fields: the display template, the
+    unprivileged user QEMU runs as: nomad/README.md)."""
     group = {
         "Networks": [{"Mode": "host", "DynamicPorts": [{"Label": VNC_PORT_LABEL}]}],
         "Services": [{
@@ -334,7 +334,7 @@ def _fleet_parts(vm: VMSpec, name: str) -> tuple[dict[str, Any], dict[str, Any]]
         }],
     }
     task = {"Templates": [{"EmbeddedTmpl": VNC_DISPLAY_TEMPLATE, "DestPath": VNC_ENV_FILE, "Envvars": True,
-                           "ChangeMode": "noop"}]}
+                           "ChangeMode": "noop"}], **({"User": user} if user else {})}
     return group, task
 
 
@@ -352,12 +352,12 @@ def render_job(vm: VMSpec, template: Template, settings: JobSettings,
     job = _job(vm, template, settings, name)
     if warm is not None:
         task = job["TaskGroups"][0]["Tasks"][0]
-        task["Config"]["args"] += [INCOMING, f"exec:cat {warm.state}"]
+        task["Config"]["args"] = sandbox.fit([*task["Config"]["args"], sandbox.INCOMING, f"exec:cat {warm.state}"])
         job["TaskGroups"][0]["RestartPolicy"], job["TaskGroups"][0]["ReschedulePolicy"] = policies(settings, True)
         job["Meta"]["start"] = "warm"
         job["Meta"]["warm_layer"] = warm.id
     if settings.target == "nomad":
-        group_extra, task_extra = _fleet_parts(vm, name)
+        group_extra, task_extra = _fleet_parts(vm, name, settings.task_user)
         group = job["TaskGroups"][0]
         group.update(group_extra)
         group["Tasks"][0].update(task_extra)

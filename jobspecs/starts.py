@@ -16,7 +16,9 @@ import json
 import re
 from typing import Any
 
-from jobspecs.render import INCOMING, LOADVM, SNAPSHOT_TAG_RE, WARM_ARGS, JobSettings, JobSpecError, policies
+from jobspecs import sandbox
+from jobspecs.render import LOADVM, SNAPSHOT_TAG_RE, WARM_ARGS, JobSettings, JobSpecError, policies
+from jobspecs.sandbox import INCOMING
 
 
 def is_warm(job: dict[str, Any]) -> bool:
@@ -37,7 +39,7 @@ def cold_job(job: dict[str, Any], settings: JobSettings) -> dict[str, Any]:
     config = group["Tasks"][0]["Config"]
     args = config["args"]
     at = args.index(INCOMING)
-    config["args"] = args[:at] + args[at + 2:]
+    config["args"] = sandbox.fit(args[:at] + args[at + 2:])
     group["RestartPolicy"], group["ReschedulePolicy"] = policies(settings, warm=False)
     copy.get("Meta", {}).pop("start", None)
     return copy
@@ -76,7 +78,7 @@ def resume_job(job: dict[str, Any], state: str, settings: JobSettings) -> dict[s
     config = copy["TaskGroups"][0]["Tasks"][0]["Config"]
     args = config["args"]
     has_set = any(tuple(args[i:i + 2]) == WARM_ARGS for i in range(len(args) - 1))
-    config["args"] = [*args, *(() if has_set else WARM_ARGS), INCOMING, f"exec:cat {state}"]
+    config["args"] = sandbox.fit([*args, *(() if has_set else WARM_ARGS), INCOMING, f"exec:cat {state}"])
     group = copy["TaskGroups"][0]
     group["RestartPolicy"], group["ReschedulePolicy"] = policies(settings, warm=True)
     copy.setdefault("Meta", {})["start"] = "resume"

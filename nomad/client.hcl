@@ -2,6 +2,8 @@
 # Install as /etc/nomad.d/client.hcl next to a common.hcl holding datacenter, data_dir, tls and acl.
 # Paths assume the operator layout of docs/OPERATIONS.md ("Fleet"): IMAGES_DIR=/srv/vmgate/images and
 # VMS_ROOT=/srv/vmgate/vms, both on storage every node mounts at the same path.
+# VM tasks run QEMU as the account NOMAD_TASK_USER names (default vmgate, the owner of the overlays):
+# create it on every VM node with the same uid as on the gateway's node (nomad/vmgate.nomad.hcl).
 
 data_dir  = "/var/lib/nomad"
 bind_addr = "{{ GetPrivateIP }}"
@@ -45,7 +47,8 @@ plugin "qemu" {
     image_paths = ["/srv/vmgate/images", "/srv/vmgate/vms"]
 
     # Exactly the flags jobspecs.render puts in a VM job's args (tests/test_fleet.py checks it):
-    # kernel boot, vCPUs, VNC, QMP, QEMU's seccomp sandbox, no NIC, virtio-rng (-device), the VM's
+    # kernel boot, vCPUs, VNC, QMP, QEMU's seccomp sandbox, only the devices a VM needs (-nodefaults,
+    # -vga std, -serial stdio: the serial console is the task's stdout), no NIC, virtio-rng (-device), the VM's
     # name for the guest (-fw_cfg), and the restore of a warm template's saved state on a warm VM's
     # first start (-incoming "exec:cat IMAGES_DIR/warm/<template>/<id>/state", with
     # -set drive.image0.file.auto-read-only=off: docs/IMAGES.md "Warm templates").
@@ -61,6 +64,9 @@ plugin "qemu" {
       "-vnc",
       "-qmp",
       "-sandbox",
+      "-nodefaults",
+      "-vga",
+      "-serial",
       "-nic",
       "-device",
       "-fw_cfg",

@@ -44,6 +44,10 @@ job "vmgate" {
 
     task "gateway" {
       driver = "raw_exec"
+      # The account that owns /srv/vmgate/vms (the overlays, mode 0600) and that VM tasks run QEMU as
+      # (NOMAD_TASK_USER, the VM job's task user): neither the gateway nor any QEMU runs as root. Create it
+      # with the same uid on every node: useradd --system --no-create-home --shell /usr/sbin/nologin vmgate
+      user = "vmgate"
 
       config {
         command = "/opt/vmgate/.venv/bin/python"

@@ -160,8 +160,8 @@ def test_the_client_allowlist_is_exactly_the_renderers_flags(templates: dict[str
             emitted |= set(flags_of(loadvm_job(job, "vmgate-suspend", dataclasses.replace(NOMAD, target=target))))
     assert emitted <= allowed, f"flags missing from {CLIENT_HCL}: {sorted(emitted - allowed)}"
     assert allowed == emitted, f"{CLIENT_HCL} allows flags no job uses: {sorted(allowed - emitted)}"
-    assert allowed == {"-smp", "-kernel", "-initrd", "-append", "-vnc", "-qmp", "-sandbox", "-nic", "-device",
-                       "-fw_cfg", "-set", "-incoming", "-loadvm"}
+    assert allowed == {"-smp", "-kernel", "-initrd", "-append", "-vnc", "-qmp", "-sandbox", "-nodefaults", "-vga",
+                       "-serial", "-nic", "-device", "-fw_cfg", "-set", "-incoming", "-loadvm"}
 
 
 # ---------------------------------------------------------------- Nomad's errors, one mapping

@@ -30,11 +30,13 @@ from jobspecs import (
     loadvm_job,
     render_job,
     resume_job,
+    sandbox,
     to_hcl,
     variables,
     vm_id_of,
 )
 from jobspecs.catalog import SIZE_NAMES
+from jobspecs.starts import cold_job
 
 REPO = Path(__file__).resolve().parent.parent
 SECOND = 1_000_000_000
@@ -252,7 +254,8 @@ def test_every_template_renders_at_every_size(templates: dict[str, Template]) ->
             "-append", f"{template.cmdline} vmgate.hostname=box-1",
             "-vnc", "unix:${NOMAD_TASK_DIR}/vnc.sock",
             "-qmp", "unix:${NOMAD_TASK_DIR}/qmp.sock,server=on,wait=off",
-            "-sandbox", "on",
+            "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+            "-nodefaults", "-vga", "std", "-serial", "stdio",
             "-nic", "none",
             "-device", "virtio-rng-pci",
             "-fw_cfg", "name=opt/vmgate/hostname,string=box-1",
@@ -289,7 +292,7 @@ def test_variables_are_described() -> None:
     table = variables()
     assert set(table) == {"id", "owner", "template", "cpu", "memory_mb", "disk_gb", "overlay_path", "hostname",
                           "userdata", "datacenters", "namespace", "accelerator", "stop_timeout", "target",
-                          "restart_attempts", "restart_interval", "restart_delay", "restart_mode"}
+                          "restart_attempts", "restart_interval", "restart_delay", "restart_mode", "task_user"}
     for name, var in table.items():
         assert var["type"] in ("string", "number", "list(string)") and var["description"], name
     assert table["datacenters"]["default"] == ["dc1"] and table["stop_timeout"]["default"] == 30
@@ -534,7 +537,9 @@ def test_resume_job_restores_the_state_file_of_a_suspend(templates: dict[str, Te
     state = "/srv/vmgate/vms/users/42/0f9c2f4e.state"
     job = resume_job(cold, state, settings)
     args = job["TaskGroups"][0]["Tasks"][0]["Config"]["args"]
-    assert args == [*cold["TaskGroups"][0]["Tasks"][0]["Config"]["args"], "-incoming", f"exec:cat {state}"]
+    # The same args, the restore added, and the sandbox lets QEMU run `cat` for it (spawn=allow).
+    assert args == sandbox.fit([*cold["TaskGroups"][0]["Tasks"][0]["Config"]["args"], "-incoming", f"exec:cat {state}"])
+    assert sandbox_of(job) == "on,obsolete=deny,elevateprivileges=deny,spawn=allow,resourcecontrol=deny"
     assert args.count("-set") == 1  # every job opens its disk read-write for good (a suspend needs it)
     assert job["TaskGroups"][0]["RestartPolicy"]["Attempts"] == 0 and job["Meta"]["start"] == "resume"
     _check_hcl_matches_json(job)
@@ -550,3 +555,51 @@ def test_resume_job_restores_the_state_file_of_a_suspend(templates: dict[str, Te
     for bad in ("relative/x.state", "/a b", "/a;rm", "/x/../etc/shadow", ""):
         with pytest.raises(JobSpecError, match="state"):
             resume_job(cold, bad, settings)
+
+
+# ---------------------------------------------------------------- QEMU's sandbox
+
+def sandbox_of(job: dict[str, Any]) -> str:
+    args = job["TaskGroups"][0]["Tasks"][0]["Config"]["args"]
+    return str(args[args.index("-sandbox") + 1])
+
+
+DENY_ALL = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+
+
+@pytest.mark.parametrize("target", ["local", "nomad"])
+def test_every_job_denies_what_qemu_never_needs(templates: dict[str, Template], target: str) -> None:
+    """Obsolete calls, privilege changes, spawning and resource control are denied; a restore through
+    `exec:cat` gets spawning back and its cold job loses it again; only the devices a VM needs."""
+    tiny = templates["tiny"]
+    settings = JobSettings(target=target)
+    cold = render_job(spec(tiny), tiny, settings)
+    assert sandbox_of(cold) == DENY_ALL
+    assert sandbox_of(loadvm_job(cold, "s-1", settings)) == DENY_ALL
+    resumed = resume_job(cold, "/srv/vmgate/vms/users/42/x.state", settings)
+    assert "spawn=allow" in sandbox_of(resumed)
+    back = cold_job(resumed, settings)
+    assert sandbox_of(back) == DENY_ALL and "-incoming" not in back["TaskGroups"][0]["Tasks"][0]["Config"]["args"]
+    args = cold["TaskGroups"][0]["Tasks"][0]["Config"]["args"]
+    # No default devices (floppy, CD-ROM, parallel port, default NIC, monitor); the display and the serial
+    # console (the task's stdout: the VM's log) are named.
+    at = args.index("-nodefaults")
+    assert args[at:at + 5] == ["-nodefaults", "-vga", "std", "-serial", "stdio"]
+    # On a fleet the task runs as an unprivileged account; the local driver picks its own uid per VM.
+    task = cold["TaskGroups"][0]["Tasks"][0]
+    assert task.get("User") == ("vmgate" if target == "nomad" else None)
+    if target == "nomad":
+        assert re.search(r'^ +user += "vmgate"$', to_hcl(cold), re.M)
+    assert "User" not in render_job(spec(tiny), tiny, replace(settings, task_user=""))["TaskGroups"][0]["Tasks"][0]
+
+
+def test_the_sandbox_fits_the_start() -> None:
+    args = ["-sandbox", "on", "-m", "1"]
+    assert sandbox.fit(args) == ["-sandbox", DENY_ALL, "-m", "1"] and args[1] == "on"
+    assert sandbox.fit([*args, "-incoming", "exec:cat /s"])[1] == DENY_ALL.replace("spawn=deny", "spawn=allow")
+    assert sandbox.fit([*args, "-incoming", "fd:3"])[1] == DENY_ALL  # a descriptor: nothing to spawn
+    # QEMU drops root (-runas) after it installs the filter: the drop must stay allowed.
+    assert sandbox.fit(args, drops_root=True)[1] == DENY_ALL.replace("elevateprivileges=deny",
+                                                                    "elevateprivileges=allow")
+    assert sandbox.fit(["-m", "1"]) == ["-m", "1"]
+

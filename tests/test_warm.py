@@ -21,7 +21,7 @@ import pytest
 from gateway.config import Settings
 from gateway.engine.templates import Templates
 from gateway.web.appkeys import driver_key, templates_key
-from jobspecs import DEFAULT_CATALOG, is_warm, load_catalog
+from jobspecs import DEFAULT_CATALOG, is_warm, load_catalog, sandbox
 from tests.conftest import Session
 from tests.fixtures.qemu import type_text
 from tests.test_e2e import READY, VM, local_gateway, wait_for_serial
@@ -194,8 +194,11 @@ def test_only_the_saved_sizes_start_warm(tiny_images_dir: Path, app_settings: Se
     cold = catalog.cold(warm_job, settings)
     assert not is_warm(cold) and catalog.overlay_base(template, cold) == catalog.overlay_base(template, warm_job)
     cold_args = cold["TaskGroups"][0]["Tasks"][0]["Config"]["args"]
-    # The cold job keeps -set (every job opens its disk read-write for good: a suspend needs it).
-    assert cold_args == args[:-2] and "start" not in cold["Meta"]
+    # The cold job keeps -set (every job opens its disk read-write for good: a suspend needs it), and its
+    # sandbox denies spawning again: only the restore through exec:cat needed it (jobspecs/sandbox.py).
+    assert cold_args == sandbox.fit(args[:-2]) and "start" not in cold["Meta"]
+    assert "spawn=allow" in args[args.index("-sandbox") + 1]
+    assert "spawn=deny" in cold_args[cold_args.index("-sandbox") + 1]
     assert cold["TaskGroups"][0]["RestartPolicy"]["Attempts"] == settings.restart_attempts
     _check_hcl_matches_json(cold)
 

@@ -8,10 +8,10 @@ builds the same command line:
            [-monitor unix:<task dir>/qm.sock,server=on,wait=off]          (graceful_shutdown)
            [-chardev socket,path=<task dir>/qa.sock,... -device virtio-serial ...] (guest_agent)
            <args, with ${NOMAD_TASK_DIR} & co. interpolated> [-enable-kvm]
-           [-runas nobody]                                              (this driver, when root)
+           [-runas UID:GID]                                (this driver, when root: the VM's own uid)
 
 Each VM has a task directory ``<vms_root>/tasks/<vm_id>/`` (mode 0700): ``job.json`` (the job it
-runs), ``qemu.pid``, ``serial.log`` (QEMU's stdout: with -nographic the serial console), ``stderr.log``,
+runs), ``qemu.pid``, ``serial.log`` (QEMU's stdout: the serial console, -serial stdio), ``stderr.log``,
 ``exit.json`` (how it last stopped) and the unix sockets QEMU listens on (qmp.sock, vnc.sock, qm.sock).
 QEMU runs in its own session, not as a child the gateway must keep: a new ``LocalDriver`` on the same
 root re-adopts every VM whose ``qemu.pid`` names a live QEMU whose command line points into that

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from drivers.base import Driver, DriverError, JobInvalid, VMStatus
+from drivers.local.confine import identity, release_uid
 from drivers.local.job import SNAPSHOT_TAG_RE, VM_ID_RE, QemuTask, build_task, check_vm_id
 from drivers.local.process import Processes, QemuBinary, default_run_as, run
 from drivers.local.qmp import QMP_ERRORS, QMP_TIMEOUT, RESTORE_POLL, hmp, qmp, save_memory, snapshot_sizes
@@ -59,8 +60,8 @@ class LocalDriver(Driver):
                  run_as: str | None = "auto", boot_timeout: float = BOOT_TIMEOUT) -> None:
         """``image_paths``: where image_path may point (default: vms_root), like Nomad's ``image_paths``.
         ``args_allowlist``: flags the job's args may use (default: any), like Nomad's ``args_allowlist``.
-        ``run_as``: user QEMU drops to after opening its files (``-runas``); "auto" is nobody when
-        running as root and nothing otherwise; None never drops."""
+        ``run_as``: user QEMU drops to after opening its files (``-runas``); "auto" is a uid of its own
+        per VM when running as root (drivers/local/confine.py) and nothing otherwise; None never drops."""
         self.vms_root = Path(vms_root).absolute()
         self.tasks_root = self.vms_root / "tasks"
         self.qemu_binary = qemu_binary
@@ -97,7 +98,7 @@ class LocalDriver(Driver):
                 raise JobInvalid(f"config.image_path {task.image_path} does not exist")
             if task.incoming is not None and not os.path.isfile(task.incoming):
                 raise JobInvalid(f"-incoming: the saved state {task.incoming} does not exist")
-            argv = [*task.argv, *await self._qemu.run_as_args(self.run_as)]
+            argv = [*task.argv, *await self._qemu.run_as_args(identity(self.run_as, self.tasks_root, vm_id))]
             created = not task_dir.exists()
             pid: int | None = None
             self._procs.busy.add(vm_id)
@@ -159,8 +160,7 @@ class LocalDriver(Driver):
                                   + (f": {last}" if last else ""))
             await asyncio.sleep(RESTORE_POLL if task.incoming is not None or "-loadvm" in task.argv else POLL)
 
-    def _abort_start(self, pid: int | None, task: QemuTask, task_dir: Path, created: bool,
-                     exc: BaseException) -> None:
+    def _abort_start(self, pid: int | None, task: QemuTask, task_dir: Path, created: bool, exc: BaseException) -> None:
         """Undo a failed start: no process, no sockets, no pid file; a new task dir goes entirely."""
         if pid is not None:
             self._procs.unwatch(pid)
@@ -173,6 +173,7 @@ class LocalDriver(Driver):
         remove_runtime(task_dir, task)
         if created:
             shutil.rmtree(task_dir, ignore_errors=True)
+            release_uid(self.tasks_root, task_dir.name)
         elif (task_dir / "job.json").exists():
             self._procs.record_exit(task_dir, pid, "start-failed", f"start failed: {exc}")
 
@@ -190,8 +191,7 @@ class LocalDriver(Driver):
                     await qmp(qmp_socket, "system_powerdown", timeout=min(QMP_TIMEOUT, left))
                 except QMP_ERRORS as exc:
                     log.warning("VM in %s: system_powerdown failed: %s", task_dir, exc)
-                if await self._procs.wait_gone(pid, task_dir,
-                                               min(ACPI_REPEAT, max(0.0, deadline - time.monotonic()))):
+                if await self._procs.wait_gone(pid, task_dir, min(ACPI_REPEAT, max(0.0, deadline - time.monotonic()))):
                     return "acpi"
         try:
             await qmp(qmp_socket, "quit")
@@ -260,6 +260,7 @@ class LocalDriver(Driver):
                 if pid is not None:
                     self._procs.forget(pid)
                 await asyncio.to_thread(remove_tree, task_dir)
+                release_uid(self.tasks_root, vm_id)
             finally:
                 self._procs.busy.discard(vm_id)
 

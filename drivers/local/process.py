@@ -18,7 +18,6 @@ import contextlib
 import json
 import logging
 import os
-import pwd
 import re
 import shutil
 import signal
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from drivers.base import DriverError, VMStatus
+from drivers.local.confine import PER_VM, cap_tasks
 from drivers.local.job import QemuTask, build_task
 from drivers.local.taskdir import (
     POLL,
@@ -39,6 +39,7 @@ from drivers.local.taskdir import (
     stderr_tail,
     write_atomic,
 )
+from jobspecs import sandbox
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,8 @@ def spawn(argv: list[str], task: QemuTask, task_dir: Path) -> int:
             fds.append(os.open(task.incoming, os.O_RDONLY | os.O_CLOEXEC))
             at = argv.index("-incoming")
             argv = [*argv[:at + 1], f"fd:{len(fds) - 1}", *argv[at + 2:]]
+        # Spawning was allowed for exec:cat only; a driver that makes QEMU drop root must let it (confine.py).
+        argv = sandbox.fit(argv, drops_root="-runas" in argv or "-run-with" in argv)
         env = {"PATH": os.environ.get("PATH", os.defpath), "LC_ALL": "C", **task.env}
         return os.posix_spawn(argv[0], argv, env, setsid=True, setsigmask=(),
                               setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),
@@ -153,6 +156,7 @@ class Processes:
         """``spawn`` QEMU and remember it as our child (to reap it, and to know it before /proc does)."""
         pid = spawn(argv, task, task_dir)
         self._children[pid] = task_dir
+        cap_tasks(pid, argv)  # a QEMU with a uid of its own: a thread cap (confine.py)
         return pid
 
     def reap(self, pid: int) -> None:
@@ -277,17 +281,11 @@ class Processes:
             self.unwatch(pid)
 
 
-# ---------------------------------------------------------------- the emulator, and running it as nobody
+# ---------------------------------------------------------------- the emulator, and dropping root
 
 def default_run_as() -> str | None:
-    """The user QEMU drops to by default: nobody when running as root, none otherwise."""
-    if os.geteuid() != 0:
-        return None
-    try:
-        pwd.getpwnam("nobody")
-    except KeyError:
-        return None
-    return "nobody"
+    """What QEMU drops to by default: a uid of its own per VM when running as root, nothing otherwise."""
+    return PER_VM if os.geteuid() == 0 else None
 
 
 async def run(argv: list[str], timeout: float = 10.0) -> str:

@@ -67,7 +67,7 @@ async def snapshot_sizes(socket_path: Path, image_path: str) -> dict[str, int]:
 async def save_memory(socket_path: Path, path: Path) -> None:
     """Pause the VM (QMP ``stop``) and write its memory, a migration stream, to ``path``; the VM stays
     paused. On failure the VM runs on (``cont``), ``path`` is removed and DriverError says why."""
-    # QEMU runs as nobody and cannot open a file in the VM's folder: it gets ours (getfd).
+    # QEMU runs as a uid of its own (confine.py) and cannot open a file in the VM's folder: it gets ours (getfd).
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     client = QMPClient("vmgate-suspend")
     try:

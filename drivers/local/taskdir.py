@@ -185,7 +185,7 @@ def read_exit(task_dir: Path) -> dict[str, Any]:
 
 
 def remove_runtime(task_dir: Path, task: QemuTask | None) -> None:
-    """Remove the pid file and every socket (QEMU cannot unlink them once it dropped to nobody)."""
+    """Remove the pid file and every socket (QEMU cannot unlink them once it dropped root)."""
     names = {"qmp.sock", "vnc.sock", MONITOR_SOCKET, GUEST_AGENT_SOCKET, *RUNTIME_FILES}
     paths = {task_dir / name for name in names} | set(task.sockets if task else ())
     for path in paths:

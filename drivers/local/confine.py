@@ -1,0 +1,110 @@
+"""Confining a VM's QEMU on this host: its own uid and gid, the sandbox that fits its start, a thread cap.
+
+**Its own identity.** When the driver runs as root, each VM's QEMU drops to a uid and gid of its own
+(``-runas UID:GID``) once it has opened its files, instead of a ``nobody`` shared by every VM: two QEMUs
+with the same uid could signal each other, ``ptrace`` each other, and read each other's memory through
+``/proc/<pid>/mem``. The ids are numbers no account uses (``UID_BASE`` and up), so QEMU owns no file
+on the host: it reaches its disk, sockets and logs only through what it opened as root, and another
+VM's QEMU reaches none of them. A VM keeps its id for its life (``<tasks>/.uids/<uid>`` names the VM;
+created with O_EXCL, so two VMs never share one; released when the VM is destroyed).
+
+**Its sandbox.** The job's ``-sandbox`` (jobspecs/sandbox.py) denies spawning, privilege changes,
+obsolete calls and resource control. This driver allows privilege changes back when it adds
+``-runas`` (QEMU 7.2 drops root after installing the filter; denied, the drop itself is killed),
+and denies spawning again when it turns ``-incoming "exec:cat STATE"`` into a descriptor.
+
+**A thread cap.** ``RLIMIT_NPROC`` counts the tasks of a real uid; with a uid per VM it caps that VM's
+QEMU at ``MAX_TASKS`` threads (it runs a few dozen at most), so a guest cannot make its QEMU exhaust the
+host's pids. CPU time and memory are bounded by ``-smp`` and ``-m`` only: cgroup limits are Nomad's on
+a fleet (docs/SECURITY.md, "Not yet").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import itertools
+import os
+import resource
+from pathlib import Path
+
+UID_BASE = 1_500_000_000  # far above any account (and below 2^31, where some tools turn uids negative)
+UID_SPAN = 1 << 24
+MAX_TASKS = 256
+PER_VM = "per-vm"  # the driver's run_as when each VM gets its own uid
+
+
+def _slots(tasks_root: Path) -> Path:
+    return tasks_root / ".uids"
+
+
+def uid_of(tasks_root: Path, vm_id: str) -> int:
+    """The VM's own uid (= its gid): the one it has, else a free one, claimed for it."""
+    slots = _slots(tasks_root)
+    slots.mkdir(mode=0o700, parents=True, exist_ok=True)
+    mine = slots / f"vm-{vm_id}"
+    try:
+        return int(mine.read_text())
+    except (FileNotFoundError, ValueError):
+        pass
+    offset = int.from_bytes(hashlib.sha256(vm_id.encode()).digest()[:8], "big") % UID_SPAN
+    for step in range(UID_SPAN):
+        uid = UID_BASE + (offset + step) % UID_SPAN
+        try:
+            fd = os.open(slots / str(uid), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except FileExistsError:
+            if (slots / str(uid)).read_text() == vm_id:  # ours, from a start whose record got lost
+                break
+            continue
+        with os.fdopen(fd, "w") as handle:
+            handle.write(vm_id)
+        break
+    else:
+        raise RuntimeError("no free uid for a VM")
+    tmp = slots / f".vm-{vm_id}.tmp"
+    tmp.write_text(str(uid))
+    os.replace(tmp, mine)
+    return uid
+
+
+def release_uid(tasks_root: Path, vm_id: str) -> None:
+    """Give the destroyed VM's uid back. Idempotent."""
+    slots = _slots(tasks_root)
+    mine = slots / f"vm-{vm_id}"
+    try:
+        uid = int(mine.read_text())
+    except (FileNotFoundError, ValueError):
+        return
+    slot = slots / str(uid)
+    try:
+        if slot.read_text() == vm_id:
+            slot.unlink()
+    except FileNotFoundError:
+        pass
+    mine.unlink(missing_ok=True)
+
+
+def identity(run_as: str | None, tasks_root: Path, vm_id: str) -> str | None:
+    """What the VM's QEMU drops to (``-runas``): its own ``UID:GID`` when ``run_as`` is PER_VM."""
+    if run_as != PER_VM:
+        return run_as
+    uid = uid_of(tasks_root, vm_id)
+    return f"{uid}:{uid}"
+
+
+def per_vm_uid(argv: list[str]) -> int | None:
+    """The per-VM uid a QEMU command line drops to (``-runas UID:GID``), if it drops to one."""
+    for flag, value in itertools.pairwise(argv):
+        if flag == "-runas" and value.partition(":")[0].isdigit():
+            uid = int(value.partition(":")[0])
+            return uid if UID_BASE <= uid < UID_BASE + UID_SPAN else None
+    return None
+
+
+def cap_tasks(pid: int, argv: list[str]) -> None:
+    """Cap the threads of a QEMU that drops to a per-VM uid (set on the process before it drops root;
+    the limit holds across the uid change). No-op for any other QEMU: a cap on a shared uid would cap
+    every VM of that uid together."""
+    if per_vm_uid(argv) is not None:
+        with contextlib.suppress(ProcessLookupError):  # QEMU died at once: its start reports why
+            resource.prlimit(pid, resource.RLIMIT_NPROC, (MAX_TASKS, MAX_TASKS))
