@@ -41,7 +41,8 @@ from gateway.config import RATE_LIMIT_DEFAULTS, Settings
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
 PYTHON = REPO / ".venv" / "bin" / "python"
-WEBSOCKIFY = REPO / ".venv" / "bin" / "websockify"
+# websockify's command line, run through console/proxy.py (which answers fleet VMs' VNC passwords).
+WEBSOCKIFY = [str(REPO / ".venv" / "bin" / "python"), "-m", "console.proxy"]
 DATABASE = "vmgate_bench"
 REDIS_DB = 10
 START_TIMEOUT = 60.0
@@ -275,7 +276,7 @@ class Stack:
 
     def _start_websockify(self) -> None:
         child = self._spawn("websockify", [
-            str(WEBSOCKIFY),
+            *WEBSOCKIFY,
             "--token-plugin", "console.token_plugin.RedisTokens",
             "--token-source", "env:REDIS_URL",
             "--auth-plugin", "websockify.auth_plugins.ExpectOrigin",

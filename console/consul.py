@@ -1,9 +1,10 @@
 """Find a fleet VM's VNC endpoint in Consul: its healthy instance of the ``vmgate-vnc`` service.
 
 Every fleet job registers its VNC port as the Consul service ``vmgate-vnc``, tagged ``vm-<id>``, with
-meta ``vm_id`` and a TCP check (jobspecs/render.py). websockify's token plugin asks Consul's health
-API for the passing instances of that service with the VM's tag, so a console always goes where the
-VM runs now — after Nomad restarted or moved it — and never to an instance whose check fails.
+meta ``vm_id`` and ``alloc_id`` (Nomad's allocation) and a TCP check (jobspecs/render.py). websockify's
+token plugin asks Consul's health API for the passing instances of that service with the VM's tag and
+takes the one of the allocation Nomad runs the VM in (the gateway's console target names it), so a
+console never goes to an instance whose check fails, nor to one that merely says it is the VM's.
 
 Consul is reached at ``CONSUL_HTTP_ADDR`` (``host:port`` or a URL; default ``127.0.0.1:8500``),
 with ``CONSUL_HTTP_TOKEN`` as the ACL token and ``CONSUL_CACERT`` as the CA for https, the names the
@@ -42,13 +43,17 @@ def base_url(addr: str | None = None) -> str:
     return addr.rstrip("/")
 
 
-def pick_instance(entries: Any, vm_id: str) -> tuple[str, int] | None:
-    """From a ``/v1/health/service/<name>?passing`` answer, the (address, port) of ``vm_id``'s instance."""
+def pick_instance(entries: Any, vm_id: str, alloc_id: str | None = None) -> tuple[str, int] | None:
+    """From a ``/v1/health/service/<name>?passing`` answer, the (address, port) of ``vm_id``'s instance (of
+    the allocation ``alloc_id``, when given)."""
     if not isinstance(entries, list):
         return None
     for entry in entries:
         service = entry.get("Service") if isinstance(entry, dict) else None
-        if not isinstance(service, dict) or (service.get("Meta") or {}).get("vm_id") != vm_id:
+        meta = (service.get("Meta") or {}) if isinstance(service, dict) else {}
+        if not isinstance(service, dict) or meta.get("vm_id") != vm_id:
+            continue
+        if alloc_id is not None and meta.get("alloc_id") != alloc_id:
             continue
         node = entry.get("Node") if isinstance(entry.get("Node"), dict) else {}
         address = service.get("Address") or node.get("Address")
@@ -71,19 +76,21 @@ def _get(url: str) -> Any:
         return json.load(response)
 
 
-def healthy_endpoint(service: str, vm_id: str, *, addr: str | None = None,
+def healthy_endpoint(service: str, vm_id: str, *, alloc_id: str | None = None, addr: str | None = None,
                      wait: float = HEALTHY_WAIT) -> tuple[str, int]:
-    """The (address, port) of the VM's passing instance of ``service``; waits up to ``wait`` s for one."""
+    """The (address, port) of the VM's passing instance of ``service`` (of allocation ``alloc_id``, when
+    given); waits up to ``wait`` s for one."""
     query = urllib.parse.urlencode({"passing": "true", "tag": f"vm-{vm_id}"})
     url = f"{base_url(addr)}/v1/health/service/{urllib.parse.quote(service, safe='')}?{query}"
     deadline = time.monotonic() + wait
     while True:
         try:
-            found = pick_instance(_get(url), vm_id)
+            found = pick_instance(_get(url), vm_id, alloc_id)
         except (urllib.error.URLError, OSError, ValueError) as exc:
             raise ConsulError(f"Consul at {base_url(addr)} did not answer: {exc}") from exc
         if found is not None:
             return found
         if time.monotonic() >= deadline:
-            raise ConsulError(f"Consul has no passing instance of {service} for vm {vm_id}")
+            of_alloc = f" in allocation {alloc_id}" if alloc_id else ""
+            raise ConsulError(f"Consul has no passing instance of {service} for vm {vm_id}{of_alloc}")
         time.sleep(POLL)

@@ -6,9 +6,10 @@ uses it at run time, and ``bench/`` imports nothing from ``tests/``. It talks ei
 URL (through websockify; one binary message carries any number of RFB bytes, with no relation to
 message boundaries) or to a raw stream (QEMU's VNC unix socket or a TCP host and port).
 
-What it does: the 3.8 handshake with security type None (vmgate's VNC servers listen on loopback
-or a unix socket and have no password), a shared ClientInit, ServerInit, a 32-bit true-colour
-pixel format, the Raw and DesktopSize encodings, full and incremental update requests, key events.
+What it does: the 3.8 handshake with security type None (vmgate's VNC servers listen on a unix
+socket and have no password, or websockify answers a fleet VM's password: console/proxy.py), a
+shared ClientInit, ServerInit, a 32-bit true-colour pixel format, the Raw and DesktopSize encodings,
+full and incremental update requests, key events.
 A background task reads server messages as they come and applies every FramebufferUpdate to
 ``framebuffer``, so a timed-out wait never leaves the byte stream half-parsed.
 

@@ -2,12 +2,15 @@
 
 Run websockify with::
 
-    websockify --token-plugin console.token_plugin.RedisTokens --token-source env:REDIS_URL 127.0.0.1:6080
+    python -m console.proxy --token-plugin console.token_plugin.RedisTokens --token-source env:REDIS_URL 127.0.0.1:6080
 
 ``--token-source`` is a Redis URL, or ``env:NAME`` to read the URL from the environment variable
 NAME (which keeps the Redis password out of the process list). A fleet VM's target names its
-Consul service instead of an address: the plugin then asks Consul (``CONSUL_HTTP_ADDR``) for the
-VM's healthy instance (console/consul.py).
+Consul service: the plugin then asks Consul (``CONSUL_HTTP_ADDR``) for the VM's healthy instance
+(console/consul.py) and takes it only if it is the allocation, address and port Nomad runs the VM at
+(the target names them). A fleet target also carries the start's VNC password, kept on the plugin
+(``vnc_password``) for console/proxy.py, which answers it to QEMU; run ``python -m console.proxy``
+(websockify's command line) rather than ``websockify`` for that.
 
 websockify 0.13 forks one child per connection and calls ``lookup`` in that child before it
 accepts the WebSocket, so every call opens its own Redis connection and keeps nothing. A token is
@@ -42,6 +45,7 @@ __all__ = ["END_GRACE", "RedisTokens", "Session", "SessionWatcher", "mask_tokens
 log = logging.getLogger("vmgate.console.tokens")
 
 MAX_SESSION_LIMIT = 7 * 86400  # the longest max_session a token record may ask for
+_PASSWORD_RE = re.compile(r"[A-Za-z0-9]{1,8}")  # a VNC password as jobspecs/vnc_password.py makes them
 
 # Where a token can appear in websockify's own log lines: the request path and query it logs after
 # an upgrade (and in access log lines with --verbose), and its "Token '...' not found" on refusal.
@@ -112,12 +116,16 @@ class RedisTokens(BasePlugin):
         # Fail at start-up, not on the first connection, if the URL cannot be parsed.
         redis.Redis.from_url(self.url).close()
         _install_log_filter()
+        # The VNC password of the target the last lookup resolved (console/proxy.py answers it). websockify
+        # forks a process per connection before the lookup, so this is the connection's own.
+        self.vnc_password: str | None = None
 
     def lookup(self, token: str) -> Target | None:
         """Redeem ``token`` once; return ``['unix_socket', path]`` or ``(host, port)``, else None."""
         masked = redis_keys.mask(token) if isinstance(token, str) else "?"
+        self.vnc_password = None
         try:
-            target, session = self._redeem(token)
+            target, session, self.vnc_password = self._redeem(token)
         except Refused as exc:
             log.warning("console token %r refused: %s", masked, exc)
             return None
@@ -140,7 +148,7 @@ class RedisTokens(BasePlugin):
                         " per connection (do not use --libserver or --run-once)", session.vm_id)
         return target
 
-    def _redeem(self, token: str) -> tuple[Target, Session]:
+    def _redeem(self, token: str) -> tuple[Target, Session, str | None]:
         if not isinstance(token, str) or not redis_keys.TOKEN_RE.fullmatch(token):
             raise Refused("malformed")
         token_hash = redis_keys.hash_token(token)
@@ -176,7 +184,7 @@ class RedisTokens(BasePlugin):
                 raise Refused(f"revoked: the API token it was issued to is revoked (vm {vm_id})")
             if raw_target is None:
                 raise Refused(f"vm {vm_id} has no VNC target (not running)")
-            target = _parse_target(raw_target, vm_id)
+            target, password = _parse_target(raw_target, vm_id)
             member = f"{socket.gethostname()}:{os.getpid()}:{token_hash[:16]}"
             now = time.time()
             claimed = client.eval(_CLAIM, 1, redis_keys.user_sessions_key(user_id), f"{now:.3f}",
@@ -185,7 +193,7 @@ class RedisTokens(BasePlugin):
             if not claimed:
                 raise Refused(f"user {user_id} has {record['max_consoles']} consoles open already (vm {vm_id})")
         return target, Session(vm_id, user_id, record["max_session"], raw_target, user_generation,
-                               api_token_id, member)
+                               api_token_id, member), password
 
 
 def _parse_record(raw: str | bytes) -> dict[str, Any]:
@@ -216,7 +224,8 @@ def _parse_record(raw: str | bytes) -> dict[str, Any]:
     return record
 
 
-def _parse_target(raw: str | bytes, vm_id: str) -> Target:
+def _parse_target(raw: str | bytes, vm_id: str) -> tuple[Target, str | None]:
+    """Where the VM's VNC is, and the VNC password to answer there (None: none asked)."""
     try:
         data = json.loads(raw)
     except ValueError:
@@ -229,21 +238,31 @@ def _parse_target(raw: str | bytes, vm_id: str) -> Target:
             raise Refused(f"VNC target of vm {vm_id} has a bad unix_socket")
         # websockify 0.13's validate_connection() reads this pair as (host, port) and, when
         # host == 'unix_socket', connects to the path in "port" as a unix socket.
-        return ["unix_socket", path]
-    service = data.get("consul_service")
-    if service is not None:
-        # A fleet VM: go where Consul says its healthy instance is now (console/consul.py).
-        if not isinstance(service, str) or not service:
-            raise Refused(f"VNC target of vm {vm_id} has a bad consul_service")
-        try:
-            found = consul.healthy_endpoint(service, vm_id)
-        except consul.ConsulError as exc:
-            raise Refused(str(exc)) from None
-        log.info("vm %s: VNC at %s:%d, from Consul's healthy %s instance", vm_id, found[0], found[1], service)
-        return found
+        return ["unix_socket", path], None
+    password = data.get("password")
+    if password is not None and (not isinstance(password, str) or not _PASSWORD_RE.fullmatch(password)):
+        raise Refused(f"VNC target of vm {vm_id} has a bad password")
     host, port = data.get("host"), data.get("port")
     if not isinstance(host, str) or not host:
         raise Refused(f"VNC target of vm {vm_id} has neither unix_socket nor host")
     if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
         raise Refused(f"VNC target of vm {vm_id} has a bad port")
-    return (host, port)
+    service, alloc_id = data.get("consul_service"), data.get("alloc_id")
+    if service is not None:
+        # A fleet VM: its healthy instance in Consul (console/consul.py), which must be the allocation
+        # Nomad runs the VM in, at the address and port Nomad gave it: an instance that merely claims
+        # to be the VM's (anyone who can register a service could) gets no console.
+        if not isinstance(service, str) or not service:
+            raise Refused(f"VNC target of vm {vm_id} has a bad consul_service")
+        if alloc_id is not None and (not isinstance(alloc_id, str) or not alloc_id):
+            raise Refused(f"VNC target of vm {vm_id} has a bad alloc_id")
+        try:
+            found = consul.healthy_endpoint(service, vm_id, alloc_id=alloc_id)
+        except consul.ConsulError as exc:
+            raise Refused(str(exc)) from None
+        if found != (host, port):
+            raise Refused(f"Consul's {service} instance of vm {vm_id} is at {found[0]}:{found[1]}, "
+                          f"not where Nomad runs it ({host}:{port})")
+        log.info("vm %s: VNC at %s:%d, Consul's healthy %s instance of allocation %s", vm_id, host, port,
+                 service, alloc_id)
+    return (host, port), password

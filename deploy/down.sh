@@ -18,7 +18,7 @@ rm -f "$sup"
 # Children left behind by a supervisor that was killed outright. Their pid files hold process group leaders.
 for name in gateway websockify nginx; do
     f=$RUN_DIR/$name.pid
-    case $name in gateway) word="-m gateway" ;; *) word=$name ;; esac
+    case $name in gateway) word="-m gateway" ;; websockify) word="-m console.proxy" ;; *) word=$name ;; esac
     if [ -f "$f" ] && pid_matches "$(cat "$f")" "$word"; then
         say "$name: stopping leftover process $(cat "$f")"
         terminate_pids 10 "$(cat "$f")"

@@ -132,7 +132,8 @@ def build_children(
     children = [
         Child("gateway", [str(venv_bin / "python"), "-m", "gateway"], child_env, log_dir, run_dir),
         Child("websockify", [
-            str(venv_bin / "websockify"),
+            # websockify's own command line; console/proxy.py adds answering fleet VMs' VNC passwords.
+            str(venv_bin / "python"), "-m", "console.proxy",
             "--token-plugin", "console.token_plugin.RedisTokens",
             # env: makes the plugin read the URL from the environment, keeping the password out of ps.
             "--token-source", "env:REDIS_URL",

@@ -41,29 +41,34 @@ class JobInvalid(DriverError):
 class VncTarget:
     """Where a VM's VNC server listens: a unix socket path, or a host and port.
 
-    ``consul_service`` (fleet VMs) tells websockify to find the VM's healthy instance of that Consul
-    service (tagged ``vm-<id>``) rather than trust ``host``/``port``, which say where it was at start.
+    ``consul_service`` (fleet VMs) tells websockify to take the VM's healthy instance of that Consul
+    service (tagged ``vm-<id>``), which must be the allocation ``alloc_id`` at ``host``/``port``, where
+    Nomad runs the VM. ``password`` is the VNC password QEMU asks for (fleet VMs, new at each start:
+    jobspecs/vnc_password.py); websockify answers it, the browser never sees it. Never in a repr.
     """
 
     unix_socket: str | None = None
     host: str | None = None
     port: int | None = None
     consul_service: str | None = None
+    alloc_id: str | None = None
+    password: str | None = field(default=None, repr=False)
 
     def to_json(self) -> dict[str, Any]:
         if self.unix_socket:
             return {"unix_socket": self.unix_socket}
         data: dict[str, Any] = {"host": self.host, "port": self.port}
-        if self.consul_service:
-            data["consul_service"] = self.consul_service
+        for name in ("consul_service", "alloc_id", "password"):
+            if getattr(self, name):
+                data[name] = getattr(self, name)
         return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> VncTarget:
         if data.get("unix_socket"):
             return cls(unix_socket=str(data["unix_socket"]))
-        service = data.get("consul_service")
-        return cls(host=str(data["host"]), port=int(data["port"]), consul_service=str(service) if service else None)
+        optional = {name: str(data[name]) for name in ("consul_service", "alloc_id", "password") if data.get(name)}
+        return cls(host=str(data["host"]), port=int(data["port"]), **optional)
 
 
 @dataclass

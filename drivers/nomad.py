@@ -7,14 +7,15 @@ thread (``asyncio.to_thread``) and every error it raises is mapped, here and onl
 ``NomadUnavailable`` (Nomad cannot be reached or failed) or ``NomadRefused`` (Nomad answered no: a
 bad job, a missing ACL capability).
 
-    start    POST /v1/jobs {"Job": job} (an upsert by job ID: a retried create makes no second job),
-             then wait until the allocation's qemu task runs; on failure the job is purged
+    start    POST /v1/jobs {"Job": job} (an upsert by job ID: a retried create makes no second job) with a
+             new VNC password in its args, then wait until the allocation's qemu task runs; on failure
+             the job is purged
     stop     DELETE /v1/job/vm-<id> (no purge): Nomad stops the allocation with graceful_shutdown
              (ACPI) and kill_timeout; the overlay on shared storage is untouched, and start
              registers the stored job again, which places a new allocation on the same overlay
     destroy  stop, then DELETE /v1/job/vm-<id>?purge=true (a purge forgets allocations whose QEMU still runs)
     status   the job and its allocations, mapped by ``status_of`` (a pure function)
-    logs     the allocation's stdout: the serial console under -nographic
+    logs     the allocation's stdout: the serial console (-serial stdio)
 
 docs/DRIVERS.md ("The Nomad driver") has the details and the storage choice.
 
@@ -37,6 +38,7 @@ import requests
 from nomad.api import exceptions as nomad_exc
 
 from drivers.base import Driver, DriverConfigError, DriverError, JobInvalid, VMStatus, VncTarget
+from jobspecs import vnc_password
 from jobspecs.render import VNC_SERVICE
 
 log = logging.getLogger(__name__)
@@ -138,7 +140,8 @@ def last_event(alloc: dict[str, Any]) -> str | None:
     for event in reversed(_task_state(alloc).get("Events") or []):
         kind = event.get("Type") or ""
         message = event.get("DisplayMessage") or event.get("DriverError") or event.get("Message") or ""
-        if kind in ("Received", "Task Setup", "Started", "Killing", "Killed", "Restart Signaled", "Restarting"):
+        if kind in ("Received", "Task Setup", "Started", "Killing", "Killed", "Restart Signaled", "Restarting",
+                    "Alloc Unhealthy"):  # "Unhealthy because of failed task": the failure before it says which
             continue
         shown.append(f"{kind}: {message}".strip(": ") if message else kind)
         if kind != "Not Restarting" or len(shown) == 2:
@@ -183,8 +186,11 @@ def status_of(job: dict[str, Any] | None, allocs: list[dict[str, Any]],
     if client_status == "running" and _task_state(alloc).get("State") == "running":
         source = detail if detail is not None and detail.get("ID") == alloc.get("ID") else alloc
         vnc = vnc_of(source)
-        # websockify looks the VM up in Consul (its healthy instance), not at the port seen at start.
-        vnc = dataclasses.replace(vnc, consul_service=VNC_SERVICE) if vnc is not None else None
+        # websockify takes the VM's healthy instance in Consul, if it is this allocation at this address, and
+        # answers the start's VNC password (jobspecs/vnc_password.py).
+        if vnc is not None:
+            vnc = dataclasses.replace(vnc, consul_service=VNC_SERVICE, alloc_id=str(alloc.get("ID") or "") or None,
+                                      password=vnc_password.password_of(job))
         return VMStatus("running", vnc=vnc, details=details)
     event = last_event(alloc)
     if client_status in LIVE:
@@ -292,6 +298,10 @@ class NomadDriver(Driver):
         status, _ = await self._status(vm_id)
         if status.state == "running" and status.vnc is not None:
             return status
+        try:  # a new VNC password for every start: VNC listens on the node's network
+            job = vnc_password.with_password(job, vnc_password.new_password())
+        except (KeyError, IndexError, TypeError, ValueError) as exc:
+            raise JobInvalid(f"job vm-{vm_id} has no qemu task with a -vnc argument ({exc})") from None
         answer = await self._call(f"registering job vm-{vm_id}", self.client.jobs.register_job, {"Job": job})
         try:
             return await self._wait_running(vm_id, (answer or {}).get("EvalID"))

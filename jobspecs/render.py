@@ -329,7 +329,7 @@ def _fleet_parts(vm: VMSpec, name: str, user: str) -> tuple[dict[str, Any], dict
             "PortLabel": VNC_PORT_LABEL,
             "Provider": "consul",
             "Tags": [name],
-            "Meta": {"vm_id": vm.id, "owner": vm.owner},
+            "Meta": {"vm_id": vm.id, "owner": vm.owner, "alloc_id": "${NOMAD_ALLOC_ID}"},
             "Checks": [{"Name": "vnc-tcp", "Type": "tcp", **VNC_CHECK}],
         }],
     }

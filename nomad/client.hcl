@@ -55,7 +55,8 @@ plugin "qemu" {
     # The allowlist is per flag: -device, -fw_cfg, -set and -incoming "exec:" accept anything QEMU
     # does (a device, a host file copied into the guest, any option, a shell command), so only the
     # gateway may submit VM jobs (the Nomad ACL policy, docs/SECURITY.md). -loadvm TAG starts a VM from an
-    # internal snapshot of its own disk (a resume or a restore: docs/SNAPSHOTS.md).
+    # internal snapshot of its own disk (a resume or a restore: docs/SNAPSHOTS.md). -object carries each
+    # start's VNC password (secret,id=vmgate-vnc,data=...: jobspecs/vnc_password.py).
     args_allowlist = [
       "-smp",
       "-kernel",
@@ -73,6 +74,7 @@ plugin "qemu" {
       "-set",
       "-incoming",
       "-loadvm",
+      "-object",
     ]
 
     emulators_allowlist = ["x86_64"]

@@ -114,8 +114,10 @@ job "vmgate" {
       driver = "raw_exec"
 
       config {
-        command = "/opt/vmgate/.venv/bin/websockify"
+        # websockify's command line through console/proxy.py, which answers the VMs' VNC passwords.
+        command = "/opt/vmgate/.venv/bin/python"
         args = [
+          "-m", "console.proxy",
           "--token-plugin", "console.token_plugin.RedisTokens",
           "--token-source", "env:REDIS_URL",
           "--auth-plugin", "websockify.auth_plugins.ExpectOrigin",

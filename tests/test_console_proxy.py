@@ -20,7 +20,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -78,8 +78,9 @@ class Vm:
         return f"QEMU ({self.vm_id})"
 
 
-def start_vm(vm_id: str) -> Vm:
-    """Boot a diskless QEMU with VNC on a unix socket; return once VNC accepts connections."""
+def start_vm(vm_id: str, tcp_vnc: tuple[str, int] | None = None, extra: Sequence[str] = ()) -> Vm:
+    """Boot a diskless QEMU with VNC on a unix socket (or ``tcp_vnc``: a -vnc value and the port it listens
+    on) and ``extra`` args; return once VNC accepts connections."""
     # Short path: a unix socket's path must fit in 108 bytes.
     root = Path(tempfile.mkdtemp(prefix="vg", dir="/tmp"))
     cmd = [
@@ -90,10 +91,11 @@ def start_vm(vm_id: str) -> Vm:
         "-nographic",
         "-nic",
         "none",
-        "-vnc", f"unix:{root}/vnc.sock",
+        "-vnc", tcp_vnc[0] if tcp_vnc else f"unix:{root}/vnc.sock",
         "-qmp", f"unix:{root}/qmp.sock,server=on,wait=off",
         "-trace", "ps2_keyboard_event",
         "-D", str(root / "qemu.log"),
+        *extra,
     ]  # fmt: skip
     with (root / "console.out").open("wb") as out:
         process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
@@ -105,13 +107,16 @@ def start_vm(vm_id: str) -> Vm:
             stop_vm(vm)
             pytest.fail(f"QEMU exited with {process.returncode}: {output}")
         try:
+            if tcp_vnc:
+                socket.create_connection(("127.0.0.1", tcp_vnc[1]), timeout=1).close()
+                return vm
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
                 sock.connect(vm.vnc_socket)
             return vm
         except OSError:
             if time.monotonic() > deadline:
                 stop_vm(vm)
-                pytest.fail("QEMU's VNC socket did not appear within 20s")
+                pytest.fail("QEMU's VNC socket (or port) did not open within 20s")
             time.sleep(0.05)
 
 

@@ -24,7 +24,7 @@ from drivers.local import LocalDriver
 from drivers.nomad import NomadConfig, NomadDriver
 from jobspecs import DEFAULT_CATALOG, JobSettings, Template, VMSpec, load_catalog, render_job
 from tests.fixtures.qemu import destroy_all, qemu_pids_under, zombie_children
-from tests.test_fleet_integration import MISSING, SKIP_REASON, Agent, agent_dir, consul_agent, nomad_agent
+from tests.test_fleet_integration import AS_AGENT, MISSING, SKIP_REASON, Agent, agent_dir, consul_agent, nomad_agent
 
 __all__ = ["agent_dir", "consul_agent", "nomad_agent"]  # fixtures, imported for the Nomad params
 
@@ -135,7 +135,8 @@ def _nomad(request: pytest.FixtureRequest) -> Case:
 
     def render(vm_id: str, target: str) -> dict[str, Any]:
         vm = VMSpec.for_template(template, id=vm_id, owner="test", overlay_path=make_overlay(vm_id))
-        return render_job(vm, template, JobSettings(stop_timeout=30, target=target))
+        # The agent's own user runs the task (tests/test_fleet_integration.py's AS_AGENT says why).
+        return render_job(vm, template, JobSettings(stop_timeout=30, target=target, task_user=AS_AGENT))
 
     def refused(vm_id: str, job: dict[str, Any]) -> dict[str, dict[str, Any]]:
         # What the Nomad driver checks itself; the rest of a job is Nomad's to judge, once registered.

@@ -41,6 +41,7 @@ from jobspecs import (
     loadvm_job,
     render_job,
     to_hcl,
+    vnc_password,
 )
 from tests.conftest import VM
 from tests.test_jobspecs import _check_hcl_matches_json, go_duration, parse_hcl, sizes_of, spec
@@ -50,9 +51,9 @@ SECOND = 1_000_000_000
 NOMAD = JobSettings(datacenters=("dc1",), namespace="vmgate", target="nomad")
 
 
-def fleet_vnc(host: str, port: int) -> VncTarget:
+def fleet_vnc(host: str, port: int, alloc_id: str | None = None, password: str | None = None) -> VncTarget:
     """A fleet VM's VNC target as the Nomad driver reports it: websockify resolves it through Consul."""
-    return VncTarget(host=host, port=port, consul_service="vmgate-vnc")
+    return VncTarget(host=host, port=port, consul_service="vmgate-vnc", alloc_id=alloc_id, password=password)
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +75,7 @@ def test_nomad_target_renders_every_template_at_every_size(templates: dict[str, 
             assert group["Networks"] == [{"Mode": "host", "DynamicPorts": [{"Label": "vnc"}]}]
             assert group["Services"] == [{
                 "Name": "vmgate-vnc", "PortLabel": "vnc", "Provider": "consul", "Tags": [name],
-                "Meta": {"vm_id": vm.id, "owner": "42"},
+                "Meta": {"vm_id": vm.id, "owner": "42", "alloc_id": "${NOMAD_ALLOC_ID}"},
                 "Checks": [{"Name": "vnc-tcp", "Type": "tcp", "Interval": 10 * SECOND, "Timeout": 2 * SECOND}],
             }]
             [task] = group["Tasks"]
@@ -158,10 +159,12 @@ def test_the_client_allowlist_is_exactly_the_renderers_flags(templates: dict[str
             emitted |= set(flags_of(job))
             # Started from a snapshot of its own disk (resume, restore): -loadvm.
             emitted |= set(flags_of(loadvm_job(job, "vmgate-suspend", dataclasses.replace(NOMAD, target=target))))
+            # What the Nomad driver submits: the start's VNC password in an -object secret.
+            emitted |= set(flags_of(vnc_password.with_password(job, vnc_password.new_password())))
     assert emitted <= allowed, f"flags missing from {CLIENT_HCL}: {sorted(emitted - allowed)}"
     assert allowed == emitted, f"{CLIENT_HCL} allows flags no job uses: {sorted(allowed - emitted)}"
     assert allowed == {"-smp", "-kernel", "-initrd", "-append", "-vnc", "-qmp", "-sandbox", "-nodefaults", "-vga",
-                       "-serial", "-nic", "-device", "-fw_cfg", "-set", "-incoming", "-loadvm"}
+                       "-serial", "-nic", "-device", "-fw_cfg", "-set", "-incoming", "-loadvm", "-object"}
 
 
 # ---------------------------------------------------------------- Nomad's errors, one mapping
@@ -214,12 +217,16 @@ JOB = {"ID": "vm-1", "Status": "running", "Version": 0, "Stop": False}
 def test_status_mapping() -> None:
     assert status_of(None, []).state == "missing"
     running = status_of(JOB, [alloc("a1", "running")], full("a1"))
-    assert running.state == "running" and running.vnc == fleet_vnc("10.0.0.5", 23456)
+    assert running.state == "running" and running.vnc == fleet_vnc("10.0.0.5", 23456, "a1")
     assert running.details["alloc_id"] == "a1" and running.details["node"] == "node-1"
     # A newer replacement wins over the old (stopped) one; its ports come from its own full record.
     moved = status_of(JOB, [alloc("old", "complete", "stop", "dead", 5), alloc("new", "running", create=20)],
                       full("new", 24000, "10.0.0.6"))
-    assert moved.details["alloc_id"] == "new" and moved.vnc == fleet_vnc("10.0.0.6", 24000)
+    assert moved.details["alloc_id"] == "new" and moved.vnc == fleet_vnc("10.0.0.6", 24000, "new")
+    # The job Nomad runs carries the start's VNC password: the target gets it, for websockify to answer.
+    locked = vnc_password.with_password({**JOB, "TaskGroups": [{"Tasks": [{"Config": {"args": ["-vnc", "h:1"]}}]}]},
+                                        "Abc123xy")
+    assert status_of(locked, [alloc("a1", "running")], full("a1")).vnc == fleet_vnc("10.0.0.5", 23456, "a1", "Abc123xy")
     pending = status_of(JOB, [alloc("a1", "pending", task="pending")])
     assert pending.state == "stopped" and pending.details["how"] == "pending"
     unplaced = status_of(JOB, [])
@@ -275,7 +282,7 @@ class FakeNomad:
         class Jobs:
             def register_job(self, job: dict[str, Any]) -> dict[str, Any]:
                 outer.jobs_registered.append(job)
-                outer.job_record = {"ID": job["Job"]["ID"], "Stop": False, "Status": "running", "Version": 0}
+                outer.job_record = {**job["Job"], "Stop": False, "Status": "running", "Version": 0}
                 outer.allocs = [alloc("a1", "running")]
                 return {"EvalID": "e1"}
 
@@ -299,19 +306,27 @@ def driver_with(fake: FakeNomad) -> NomadDriver:
 async def test_driver_start_stop_destroy_against_recorded_answers() -> None:
     fake = FakeNomad()
     driver = driver_with(fake)
-    job = {"ID": "vm-1", "TaskGroups": [{"Networks": [{"DynamicPorts": [{"Label": "vnc"}]}]}]}
+    task = {"Config": {"args": ["-vnc", "${NOMAD_IP_vnc}:${VMGATE_VNC_DISPLAY}"]}}
+    job = {"ID": "vm-1", "TaskGroups": [{"Networks": [{"DynamicPorts": [{"Label": "vnc"}]}], "Tasks": [task]}]}
     with pytest.raises(JobInvalid, match="rendered for the local driver"):
         await driver.start("1", {"ID": "vm-1", "TaskGroups": [{"Tasks": []}]})
+    with pytest.raises(JobInvalid, match="-vnc"):
+        await driver.start("1", {**job, "TaskGroups": [{**job["TaskGroups"][0], "Tasks": [{"Config": {"args": []}}]}]})
     assert (await driver.status("1")).state == "missing"
     await driver.stop("1", 5)  # unknown: a no-op
     status = await driver.start("1", job)
-    assert status.state == "running" and status.vnc == fleet_vnc("10.0.0.5", 23456)
+    first_password = vnc_password.password_of(fake.jobs_registered[0]["Job"])
+    assert first_password and "password-secret=vmgate-vnc" in str(fake.jobs_registered[0]["Job"])
+    assert status.state == "running" and status.vnc == fleet_vnc("10.0.0.5", 23456, "a1", first_password)
+    assert first_password not in repr(status)  # never in a log line
     again = await driver.start("1", job)  # already running: nothing registered twice
     assert again.vnc == status.vnc and len(fake.jobs_registered) == 1
     await driver.stop("1", 5)
     assert fake.deregistered == [("vm-1", None)] and (await driver.status("1")).state == "stopped"
-    await driver.start("1", job)  # the same job again, on the same overlay
+    restarted = await driver.start("1", job)  # the same job again, on the same overlay, with a new password
     assert len(fake.jobs_registered) == 2
+    assert restarted.vnc is not None and restarted.vnc.password not in (None, first_password)
+    assert "-object" not in job["TaskGroups"][0]["Tasks"][0]["Config"]["args"]  # the stored job is untouched
     await driver.destroy("1")
     await driver.destroy("1")
     assert fake.deregistered[-1] == ("vm-1", True) and (await driver.status("1")).state == "missing"
@@ -383,6 +398,11 @@ def test_consul_instance_is_the_vms_own() -> None:
 
     answer = [entry("other", "10.0.0.1", 21000), entry("abc", "10.0.0.2", 22000)]
     assert pick_instance(answer, "abc") == ("10.0.0.2", 22000)
+    # With the allocation Nomad runs the VM in, only that allocation's instance is the VM's.
+    of_alloc = [{**e, "Service": {**e["Service"], "Meta": {**e["Service"]["Meta"], "alloc_id": a}}}
+                for e, a in ((entry("abc", "10.0.0.7", 23000), "old"), (entry("abc", "10.0.0.2", 22000), "a1"))]
+    assert pick_instance(of_alloc, "abc", "a1") == ("10.0.0.2", 22000)
+    assert pick_instance(of_alloc, "abc", "gone") is None and pick_instance(answer, "abc", "a1") is None
     assert pick_instance([entry("abc", "", 22000)], "abc") == ("10.0.0.9", 22000)  # no service address: the node's
     assert pick_instance(answer, "missing") is None
     assert pick_instance([entry("abc", "10.0.0.2", 0)], "abc") is None
@@ -397,4 +417,8 @@ def test_fleet_vnc_target_names_the_consul_service() -> None:
     target = fleet_vnc("10.0.0.5", 23456)
     assert target.to_json() == {"host": "10.0.0.5", "port": 23456, "consul_service": "vmgate-vnc"}
     assert VncTarget.from_json(target.to_json()) == target
+    full_target = fleet_vnc("10.0.0.5", 23456, "a1", "pw")
+    assert full_target.to_json() == {"host": "10.0.0.5", "port": 23456, "consul_service": "vmgate-vnc",
+                                     "alloc_id": "a1", "password": "pw"}
+    assert VncTarget.from_json(full_target.to_json()) == full_target and "pw" not in repr(full_target)
     assert VncTarget.from_json({"host": "h", "port": 1}).consul_service is None

@@ -26,15 +26,22 @@ from typing import Any
 import aiohttp
 import pytest
 
+from console.rfb import RFBClient, RFBError
 from gateway.cli.jobspec import client_allowlist
 from gateway.config import Settings
 from gateway.web.app import create_app, driver_from_settings
 from gateway.web.appkeys import engine_key
+from jobspecs import vnc_password
 from tests.conftest import VM, Session, kill_qemu_under, truncate_all
 from tests.fixtures.websockify import WebsockifyServer, free_port
 from tests.test_e2e import READY, open_console, wait_for_screen, wait_for_serial
 
 AGENT_TIMEOUT = 60.0
+# VM tasks run as the agent's own user here, not as the fleet's `vmgate` account (NOMAD_TASK_USER): this
+# machine has no such account, and the test's gateway (root) creates the overlays, 0600 and root's. On a
+# fleet the gateway runs as that account too (nomad/vmgate.nomad.hcl). Nomad parsing the `user` field is
+# checked by tests/test_jobspecs.py's `nomad job run -output` test.
+AS_AGENT = ""
 MISSING = [name for name in ("nomad", "consul") if shutil.which(name) is None]
 SKIP_REASON = (f"{' and '.join(MISSING)} not on PATH: the fleet integration test needs real Nomad and Consul "
                "agent binaries (DESIGN.md: build them beside the project, never in it)")
@@ -233,7 +240,7 @@ async def fleet_gateway(aiohttp_server: Any, app_settings: Settings, tiny_images
                         nomad_agent: Agent, database_url: str) -> Any:
     settings = dataclasses.replace(app_settings, images_dir=tiny_images_dir, driver="nomad",
                                    nomad_addr=nomad_agent.http, nomad_namespace="default",
-                                   vnc_public_url=websockify_server.ws_url)
+                                   vnc_public_url=websockify_server.ws_url, nomad_task_user=AS_AGENT)
     server = await aiohttp_server(create_app(settings))
     truncate_all(database_url)
     return server
@@ -278,6 +285,12 @@ async def test_a_vm_on_nomad(fleet_gateway: Any, sessions: Any, nomad_agent: Age
                                   lambda: vnc_instances(passing=True), 45, consul_agent)
         assert instance["Service"]["Port"] == port["Value"] and instance["Service"]["Address"] == "127.0.0.1"
         assert instance["Service"]["Meta"]["vm_id"] == vm_id
+        assert instance["Service"]["Meta"]["alloc_id"] == first["ID"]  # Nomad interpolated ${NOMAD_ALLOC_ID}
+        # The start's VNC password is in the job Nomad runs; QEMU lets no one in without it (issue 13, item 5).
+        first_password = vnc_password.password_of(job)
+        assert first_password and f"password-secret={vnc_password.SECRET_ID}" in json.dumps(job)
+        with pytest.raises(RFBError, match="security types"):
+            await RFBClient.connect_tcp("127.0.0.1", port["Value"])
 
         serial = await wait_for_serial(s, vm_id, READY, timeout=120)
         assert "Linux version" in serial or READY in serial
@@ -285,9 +298,10 @@ async def test_a_vm_on_nomad(fleet_gateway: Any, sessions: Any, nomad_agent: Age
         async with open_console(s, vm_id) as rfb:
             await wait_for_screen(rfb, lambda: not rfb.is_blank())
             assert rfb.width > 0 and rfb.height > 0
-        # websockify went where Consul's passing instance is, not to an address stored at start.
-        assert f"vm {vm_id}: VNC at 127.0.0.1:{port['Value']}, from Consul's healthy vmgate-vnc instance" \
-            in websockify_server.log_text()
+        # websockify went to Consul's passing instance of the allocation Nomad runs, and answered the password.
+        assert f"vm {vm_id}: VNC at 127.0.0.1:{port['Value']}, Consul's healthy vmgate-vnc instance of allocation " \
+               f"{first['ID']}" in websockify_server.log_text()
+        assert first_password not in websockify_server.log_text()
 
         status, body = await s.request("POST", f"/api/vms/{vm_id}/stop?wait=60")
         assert status == 200 and body["state"] == "stopped", body
@@ -304,11 +318,13 @@ async def test_a_vm_on_nomad(fleet_gateway: Any, sessions: Any, nomad_agent: Age
         [again] = await _until("the VM's VNC service passing again", lambda: vnc_instances(passing=True), 45,
                                consul_agent)
         await wait_for_serial(s, vm_id, READY, timeout=120, count=1)
-        # The new allocation has a new port; the console follows it through Consul.
+        # The new allocation has a new port and a new VNC password; the console follows both.
         async with open_console(s, vm_id) as rfb:
             await wait_for_screen(rfb, lambda: not rfb.is_blank())
-        assert f"vm {vm_id}: VNC at 127.0.0.1:{again['Service']['Port']}, from Consul's healthy vmgate-vnc" \
-            in websockify_server.log_text()
+        assert f"vm {vm_id}: VNC at 127.0.0.1:{again['Service']['Port']}, Consul's healthy vmgate-vnc instance of " \
+               f"allocation {second['ID']}" in websockify_server.log_text()
+        status, job = await _get(http, f"{nomad_agent.http}/v1/job/{job_id}")
+        assert vnc_password.password_of(job) not in (None, first_password)
 
         status, body = await s.request("DELETE", f"/api/vms/{vm_id}?wait=60")
         assert status == 200 and body["state"] == "destroyed", body
@@ -441,7 +457,8 @@ consul {{
         assert set(nodes) == {"client-a", "client-b"}
 
         settings = dataclasses.replace(app_settings, images_dir=tiny_images_dir, driver="nomad",
-                                       nomad_addr=server_http, vnc_public_url=websockify_server.ws_url)
+                                       nomad_addr=server_http, vnc_public_url=websockify_server.ws_url,
+                                       nomad_task_user=AS_AGENT)
         gateway = await aiohttp_server(create_app(settings))
         truncate_all(database_url)
         s: Session = sessions(gateway)
@@ -492,8 +509,8 @@ consul {{
             await _until("the moved VM's VNC passing its check in Consul", passing, 60, consul_agent)
             async with open_console(s, vm_id) as rfb:
                 await wait_for_screen(rfb, lambda: not rfb.is_blank())
-            assert f"vm {vm_id}: VNC at 127.0.0.1:{port['Value']}, from Consul's healthy vmgate-vnc" \
-                in websockify_server.log_text()
+            assert f"vm {vm_id}: VNC at 127.0.0.1:{port['Value']}, Consul's healthy vmgate-vnc instance of " \
+                   f"allocation {second['ID']}" in websockify_server.log_text()
 
         status, body = await s.request("DELETE", f"/api/vms/{vm_id}?wait=90")
         assert status == 200 and body["state"] == "destroyed", body

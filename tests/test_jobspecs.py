@@ -461,8 +461,9 @@ def test_the_cli_renders_every_template() -> None:
 
 @pytest.mark.nomad
 @pytest.mark.skipif(shutil.which("nomad") is None, reason="nomad is not on PATH (a real agent binary is needed)")
-def test_nomad_parses_the_hcl_into_the_same_job(templates: dict[str, Template], tmp_path: Path) -> None:
-    job = render_job(spec(templates["tiny"], owner='${x} "q"'), templates["tiny"], JobSettings())
+@pytest.mark.parametrize("target", ["local", "nomad"])
+def test_nomad_parses_the_hcl_into_the_same_job(templates: dict[str, Template], tmp_path: Path, target: str) -> None:
+    job = render_job(spec(templates["tiny"], owner='${x} "q"'), templates["tiny"], JobSettings(target=target))
     path = tmp_path / "vm.nomad.hcl"
     path.write_text(to_hcl(job))
     result = subprocess.run(["nomad", "job", "run", "-output", str(path)], capture_output=True, text=True,
@@ -478,6 +479,7 @@ def test_nomad_parses_the_hcl_into_the_same_job(templates: dict[str, Template], 
     [task] = group["Tasks"]
     ours = job["TaskGroups"][0]["Tasks"][0]
     assert task["Config"] == ours["Config"] and task["KillTimeout"] == ours["KillTimeout"]
+    assert task.get("User", "") == ours.get("User", "")  # the fleet's unprivileged task user
     assert {k: task["LogConfig"][k] for k in ours["LogConfig"]} == ours["LogConfig"]
     assert (task["Resources"]["CPU"], task["Resources"]["MemoryMB"]) == (ours["Resources"]["CPU"],
                                                                           ours["Resources"]["MemoryMB"])

@@ -102,3 +102,12 @@ async def live_sessions(redis: aioredis.Redis, user_id: str) -> int:
 
 async def has_target(redis: aioredis.Redis, vm_id: str) -> bool:
     return bool(await redis.exists(redis_keys.vnc_target_key(vm_id)))
+
+
+async def target_of(redis: aioredis.Redis, vm_id: str) -> VncTarget | None:
+    """The console target published for ``vm_id`` (None: none, or one that cannot be read)."""
+    raw = await redis.get(redis_keys.vnc_target_key(vm_id))
+    try:
+        return VncTarget.from_json(json.loads(raw)) if raw is not None else None
+    except (ValueError, KeyError, TypeError):
+        return None

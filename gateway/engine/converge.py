@@ -194,7 +194,9 @@ class Converger:
         vm_id, driver = str(row["id"]), self.deps.driver
         status = await driver.status(vm_id)
         if status.state == "running":
-            if status.vnc is not None and not await console_grants.has_target(self.deps.redis, vm_id):
+            # Published again when missing, or when the VM's VNC moved (Nomad restarted or rescheduled it:
+            # another allocation, address, port or VNC password); consoles open on the old one end.
+            if status.vnc is not None and await console_grants.target_of(self.deps.redis, vm_id) != status.vnc:
                 await console_grants.publish_target(self.deps.redis, vm_id, status.vnc)
                 log.info("VM %s: console target published again", vm_id)
             return False
