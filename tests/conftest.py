@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from email import policy as email_policy
@@ -28,6 +29,7 @@ import pytest
 import redis
 
 from drivers.fake import FakeDriver
+from drivers.local import cgroups
 from gateway.config import Settings
 from gateway.web.app import create_app
 from gateway.web.appkeys import settings_key
@@ -88,9 +90,10 @@ def database_url(base_settings: Settings) -> Iterator[str]:
         admin.close()
 
 
-def kill_qemu_under(directory: Path) -> None:
+def kill_qemu_under(directory: Path) -> int:
     """A safety net: kill any QEMU whose command line points into ``directory`` (ours, by path),
-    whichever driver started it (the local driver's own children, or a Nomad executor's)."""
+    whichever driver started it (the local driver's own children, or a Nomad executor's). Returns how many."""
+    killed = 0
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
@@ -98,6 +101,18 @@ def kill_qemu_under(directory: Path) -> None:
             cmdline = (proc / "cmdline").read_bytes().split(b"\0")
             if cmdline and b"qemu-system" in cmdline[0] and any(str(directory).encode() in a for a in cmdline):
                 os.kill(int(proc.name), signal.SIGKILL)
+                killed += 1
+    return killed
+
+
+def release_vms_under(root: Path) -> None:
+    """Kill the QEMUs of a VM root and remove their cgroups (drivers/local/cgroups.py): a test that ends with
+    VMs running leaves no process and no empty cgroup behind."""
+    deadline = time.monotonic() + 10
+    while kill_qemu_under(root) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for task_dir in sorted((root / "tasks").glob("*")):
+        cgroups.remove(task_dir)
 
 
 @pytest.fixture
@@ -105,7 +120,7 @@ def vms_root() -> Iterator[Path]:
     """A short VM root under /tmp: unix socket paths must stay under 108 bytes."""
     root = Path(tempfile.mkdtemp(prefix="vg", dir="/tmp"))
     yield root
-    kill_qemu_under(root)
+    release_vms_under(root)
     shutil.rmtree(root, ignore_errors=True)
 
 

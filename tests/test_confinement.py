@@ -1,5 +1,6 @@
 """Each VM's QEMU confined on this host (issue 13, item 4): its own uid and gid, a seccomp filter that denies
-spawning, privilege changes, obsolete calls and resource control, a thread cap, and no default devices. Two real
+spawning, privilege changes, obsolete calls and resource control, a thread cap, a cgroup with CPU, memory and task
+limits from its sizes, and no default devices. Two real
 QEMUs boot the tiny image; a shell running as the first VM's uid (what a guest that broke out of its QEMU would
 be) tries to reach the second, and cannot.
 
@@ -16,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from drivers.local import LocalDriver
+from drivers.local import LocalDriver, cgroups
 from drivers.local.confine import MAX_TASKS, UID_BASE, UID_SPAN
 from tests.fixtures.qemu import wait_for_serial
 
@@ -45,6 +46,27 @@ try overlay_own   'head -c1 "$OWN_DISK"'
 def proc_status(pid: int) -> dict[str, str]:
     lines = Path(f"/proc/{pid}/status").read_text().splitlines()
     return {key: value.strip() for key, _, value in (line.partition(":") for line in lines)}
+
+
+def cgroup_dirs(pid: int) -> list[Path]:
+    """The cgroup directories of ``pid`` that the driver made (under a ``vmgate`` parent), v1 or v2."""
+    found = []
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if f"/{cgroups.PARENT}/" in path:  # v2 ("0::/vmgate/...") or a v1 hierarchy ("4:memory:/.../vmgate/...")
+            mount = cgroups.ROOT / controllers.split(",")[0] if controllers else cgroups.ROOT
+            found.append(mount / path.lstrip("/"))
+    return found
+
+
+def read_limits(dirs: list[Path]) -> dict[str, int]:
+    """The CPU quota (per period), memory and task limits of a VM's cgroup(s), v1 or v2."""
+    files = {p.name: p for d in dirs for p in d.iterdir()}
+    if "cpu.max" in files:  # v2
+        return {"cpu": int(files["cpu.max"].read_text().split()[0]), "memory": int(files["memory.max"].read_text()),
+                "pids": int(files["pids.max"].read_text())}
+    return {"cpu": int(files["cpu.cfs_quota_us"].read_text()),
+            "memory": int(files["memory.limit_in_bytes"].read_text()), "pids": int(files["pids.max"].read_text())}
 
 
 def max_processes(pid: int) -> str:
@@ -100,6 +122,16 @@ async def test_each_vm_is_its_own_user_and_cannot_reach_another(local_driver: Lo
     }, probe.stderr
     assert proc_status(pids["conf-b"])["State"][0] in "RS"  # B runs on, never stopped
 
+    # Its cgroup(s): CPU, memory and tasks bounded by its sizes (tiny: 1 vCPU, 256 MiB).
+    groups = {name: cgroup_dirs(pid) for name, pid in pids.items()}
+    for name, dirs in groups.items():
+        assert dirs and all(d.name == cgroups.name_of(vms_root / "tasks", name) for d in dirs), dirs
+        limits = read_limits(dirs)
+        assert limits["cpu"] == int(1.25 * cgroups.PERIOD_US)
+        assert limits["memory"] == (256 + cgroups.QEMU_OVERHEAD_MB) << 20
+        assert limits["pids"] == cgroups.MAX_TASKS
+    assert groups["conf-a"] != groups["conf-b"]
+
     # Destroyed, a VM gives its uid back; a VM keeps its uid across its own restarts.
     await driver.stop("conf-a", 0)
     pid_again = (await driver.start("conf-a", render_tiny("conf-a", disks["conf-a"]))).pid
@@ -107,3 +139,4 @@ async def test_each_vm_is_its_own_user_and_cannot_reach_another(local_driver: Lo
     await driver.destroy("conf-a")
     await driver.destroy("conf-b")
     assert sorted(p.name for p in (vms_root / "tasks" / ".uids").iterdir()) == []
+    assert not [d for dirs in groups.values() for d in dirs if d.exists()]  # and its cgroups

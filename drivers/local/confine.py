@@ -15,23 +15,33 @@ and denies spawning again when it turns ``-incoming "exec:cat STATE"`` into a de
 
 **A thread cap.** ``RLIMIT_NPROC`` counts the tasks of a real uid; with a uid per VM it caps that VM's
 QEMU at ``MAX_TASKS`` threads (it runs a few dozen at most), so a guest cannot make its QEMU exhaust the
-host's pids. CPU time and memory are bounded by ``-smp`` and ``-m`` only: cgroup limits are Nomad's on
-a fleet (docs/SECURITY.md, "Not yet").
+host's pids.
+
+**A cgroup** (drivers/local/cgroups.py): CPU, memory, tasks and (cgroup v2) disk I/O limits from the VM's
+sizes. ``limit`` applies the thread cap and the cgroup to a QEMU just spawned; ``dispose`` removes what a
+destroyed VM had on this host (its cgroup, its task directory, its uid).
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import itertools
+import logging
 import os
 import resource
+import shutil
 from pathlib import Path
+
+from drivers.local import cgroups
+from drivers.local.taskdir import remove_tree
+
+log = logging.getLogger(__name__)
 
 UID_BASE = 1_500_000_000  # far above any account (and below 2^31, where some tools turn uids negative)
 UID_SPAN = 1 << 24
-MAX_TASKS = 256
+MAX_TASKS = cgroups.MAX_TASKS  # threads of one VM's QEMU: its RLIMIT_NPROC, and pids.max of its cgroup
 PER_VM = "per-vm"  # the driver's run_as when each VM gets its own uid
+cgroup_problem: str | None = None  # why QEMUs run without cgroup limits here (None: they do not)
 
 
 def _slots(tasks_root: Path) -> Path:
@@ -101,10 +111,30 @@ def per_vm_uid(argv: list[str]) -> int | None:
     return None
 
 
-def cap_tasks(pid: int, argv: list[str]) -> None:
-    """Cap the threads of a QEMU that drops to a per-VM uid (set on the process before it drops root;
-    the limit holds across the uid change). No-op for any other QEMU: a cap on a shared uid would cap
-    every VM of that uid together."""
-    if per_vm_uid(argv) is not None:
-        with contextlib.suppress(ProcessLookupError):  # QEMU died at once: its start reports why
-            resource.prlimit(pid, resource.RLIMIT_NPROC, (MAX_TASKS, MAX_TASKS))
+def limit(pid: int, argv: list[str], task_dir: Path, disk: str | None) -> None:
+    """Cap the threads of a QEMU that drops to a per-VM uid (set on the process before it drops root; the
+    limit holds across the uid change) and place it in its cgroup. No-op for any other QEMU: a cap on a
+    shared uid would cap every VM of that uid together, and only root places processes in cgroups."""
+    if per_vm_uid(argv) is None:
+        return
+    try:
+        resource.prlimit(pid, resource.RLIMIT_NPROC, (MAX_TASKS, MAX_TASKS))
+        cgroups.place(pid, argv, task_dir, disk)
+    except ProcessLookupError:
+        return  # QEMU died at once: its start reports why
+    except cgroups.CgroupError as exc:
+        global cgroup_problem
+        if cgroup_problem is None:
+            log.warning("VMs run without cgroup limits: %s", exc)
+        cgroup_problem = str(exc)
+
+
+def dispose(task_dir: Path, *, strict: bool = True) -> None:
+    """Remove what a VM whose QEMU is gone has on this host: its cgroups, its task directory and its uid.
+    ``strict``: raise DriverError if the directory cannot be removed (else leave what is left)."""
+    cgroups.remove(task_dir)
+    if strict:
+        remove_tree(task_dir)
+    else:
+        shutil.rmtree(task_dir, ignore_errors=True)
+    release_uid(task_dir.parent, task_dir.name)

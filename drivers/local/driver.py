@@ -13,7 +13,6 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import signal
 import time
 from collections.abc import Iterable
@@ -21,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from drivers.base import Driver, DriverError, JobInvalid, VMStatus
-from drivers.local.confine import identity, release_uid
+from drivers.local import cgroups, confine
+from drivers.local.confine import PER_VM, dispose, identity
 from drivers.local.job import SNAPSHOT_TAG_RE, VM_ID_RE, QemuTask, build_task, check_vm_id
 from drivers.local.process import Processes, QemuBinary, default_run_as, run
 from drivers.local.qmp import QMP_ERRORS, QMP_TIMEOUT, RESTORE_POLL, hmp, qmp, save_memory, snapshot_sizes
@@ -33,7 +33,6 @@ from drivers.local.taskdir import (
     read_exit,
     read_pid,
     remove_runtime,
-    remove_tree,
     stderr_tail,
     tail,
     write_atomic,
@@ -172,8 +171,7 @@ class LocalDriver(Driver):
                 time.sleep(0.01)
         remove_runtime(task_dir, task)
         if created:
-            shutil.rmtree(task_dir, ignore_errors=True)
-            release_uid(self.tasks_root, task_dir.name)
+            dispose(task_dir, strict=False)
         elif (task_dir / "job.json").exists():
             self._procs.record_exit(task_dir, pid, "start-failed", f"start failed: {exc}")
 
@@ -259,8 +257,7 @@ class LocalDriver(Driver):
                         raise DriverError(f"QEMU (pid {pid}) did not exit after SIGKILL")
                 if pid is not None:
                     self._procs.forget(pid)
-                await asyncio.to_thread(remove_tree, task_dir)
-                release_uid(self.tasks_root, vm_id)
+                await asyncio.to_thread(dispose, task_dir)
             finally:
                 self._procs.busy.discard(vm_id)
 
@@ -392,6 +389,8 @@ class LocalDriver(Driver):
             report["vms_root_writable"] = False
             problems.append(f"VMS_ROOT {self.vms_root} is not writable: {exc.strerror or exc}")
         report["running"] = sum(1 for s in (await self.list_vms()).values() if s.state == "running")
+        # Per-VM limits (drivers/local/cgroups.py): which cgroup version, or why QEMUs run without them.
+        report["cgroups"] = confine.cgroup_problem or (f"v{cgroups.version()}" if self.run_as == PER_VM else "off")
         report["problems"] = problems
         report["ok"] = not problems
         return report

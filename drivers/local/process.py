@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from drivers.base import DriverError, VMStatus
-from drivers.local.confine import PER_VM, cap_tasks
+from drivers.local.confine import PER_VM, limit
 from drivers.local.job import QemuTask, build_task
 from drivers.local.taskdir import (
     POLL,
@@ -156,7 +156,7 @@ class Processes:
         """``spawn`` QEMU and remember it as our child (to reap it, and to know it before /proc does)."""
         pid = spawn(argv, task, task_dir)
         self._children[pid] = task_dir
-        cap_tasks(pid, argv)  # a QEMU with a uid of its own: a thread cap (confine.py)
+        limit(pid, argv, task_dir, task.image_path)  # a QEMU with a uid of its own: a thread cap, a cgroup
         return pid
 
     def reap(self, pid: int) -> None:
