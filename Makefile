@@ -9,7 +9,7 @@ NOVNC_STAMP := node_modules/.package-lock.json
 CSS_OUT := gateway/web/static/build/app.css
 export PYTEST_ARGS
 
-.PHONY: help deps venv novnc css env images services status migrate admin run down test test-fast bench lint typecheck clean
+.PHONY: help deps venv novnc css env images images-tiny services status migrate admin run down test test-fast bench lint typecheck clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z][a-z-]*:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -39,8 +39,11 @@ $(CSS_OUT): $(NOVNC_STAMP) gateway/web/static/tailwind.css $(wildcard gateway/we
 env: ## create .env with random secrets if it does not exist
 	@deploy/ensure-env.sh
 
-images: deps venv env ## build the tiny base image and its warm layer into IMAGES_DIR (skipped when up to date)
+images: deps venv env ## build the base images (tiny, debian-12) and warm layers into IMAGES_DIR (skipped when up to date)
 	@deploy/images.sh
+
+images-tiny: deps venv env # what make run builds: tiny and its warm layer
+	@deploy/images.sh tiny
 
 services: deps env ## start Postgres and Redis (reuses running ones; they stay up)
 	@deploy/services.sh up postgres redis
@@ -55,7 +58,7 @@ admin: services venv ## create an admin: make admin EMAIL=you@example.com [ADMIN
 	@[ -n "$(EMAIL)" ] || { echo "usage: make admin EMAIL=you@example.com [ADMIN_ARGS='--promote|--generate-password']"; exit 2; }
 	@deploy/with-env.sh $(PY) -m gateway.cli create-admin --email "$(EMAIL)" $(ADMIN_ARGS)
 
-run: deps venv novnc css env images ## start everything in the foreground and print the URL; Ctrl-C stops it (VMs keep running)
+run: deps venv novnc css env images-tiny ## start everything in the foreground and print the URL; Ctrl-C stops it (VMs keep running)
 	@deploy/run.sh
 
 down: ## stop what make run started, the servers and every VM

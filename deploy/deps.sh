@@ -9,6 +9,7 @@ PACKAGES=(
     qemu-system-x86 qemu-utils              # the local driver's VMs
     postgresql redis-server nginx           # the servers make run starts
     busybox-static e2fsprogs cpio zstd xz-utils   # images/build-tiny.sh
+    mmdebstrap                              # images/build-debian.sh
     python3 python3-venv                    # .venv and the deploy/ helpers
     nodejs npm                              # noVNC from npm
     chromium chromium-driver                # browser tests

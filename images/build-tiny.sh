@@ -24,8 +24,6 @@ die() { echo "build-tiny: $*" >&2; exit 1; }
 say() { echo "build-tiny: $*" >&2; }
 
 if [ $# -lt 1 ] || [ $# -gt 2 ]; then die "usage: $0 OUTDIR [WORKDIR]"; fi
-OUTDIR="$1"
-WORKDIR="${2:-${XDG_CACHE_HOME:-${HOME:-/tmp}/.cache}/vmgate/build/$NAME}"
 DISK_MB="${TINY_DISK_MB:-128}"
 case "$DISK_MB" in '' | *[!0-9]*) die "TINY_DISK_MB must be a number of MiB" ;; esac
 [ "$DISK_MB" -ge 32 ] || die "TINY_DISK_MB must be at least 32"
@@ -34,26 +32,9 @@ for tool in apt-cache apt-get dpkg-deb cpio gzip mkfs.ext4 debugfs qemu-img floc
 	command -v "$tool" >/dev/null || die "$tool is missing (install: qemu-utils busybox-static e2fsprogs cpio python3)"
 done
 
-mkdir -p "$(dirname "$OUTDIR")"
-OUTDIR="$(cd "$(dirname "$OUTDIR")" && pwd)/$(basename "$OUTDIR")"
-
-if [ "${FORCE:-0}" != 1 ] && [ -f "$OUTDIR/manifest.json" ] && "$PY" "$HERE/manifest.py" check "$OUTDIR" 2>/dev/null; then
-	echo "$NAME image up to date"
-	exit 0
-fi
-
-mkdir -p "$WORKDIR/debs"
-WORKDIR="$(cd "$WORKDIR" && pwd)"
-# One build at a time per work directory.
-exec 9>"$WORKDIR/.lock"
-flock 9
-
-# Scratch space, removed on exit; the new image is assembled next to OUTDIR so the final rename is atomic.
-STAGE="$(mktemp -d "$WORKDIR/stage.XXXXXX")"
-NEWOUT="$(mktemp -d "$(dirname "$OUTDIR")/.$NAME.new.XXXXXX")"
-cleanup() { rm -rf "$STAGE" "$NEWOUT"; }
-trap cleanup EXIT
-trap "exit 1" INT TERM HUP
+# shellcheck source=lib.sh
+. "$HERE/lib.sh"
+image_begin "$1" "${2:-${XDG_CACHE_HOME:-${HOME:-/tmp}/.cache}/vmgate/build/$NAME}"
 
 # ---------------------------------------------------------------- 1. packages
 # The real kernel package behind the linux-image-cloud-amd64 meta package.
@@ -180,19 +161,5 @@ cp "$VMLINUZ" "$NEWOUT/vmlinuz"
 SOURCES=()
 for pkg in "${PACKAGES[@]}"; do SOURCES+=("$pkg=${VERSION[$pkg]}"); done
 "$PY" "$HERE/manifest.py" write "$NEWOUT" "$NAME" "$KREL" vmlinuz,initrd.img,disk.qcow2 "${SOURCES[@]}"
-chmod 0444 "$NEWOUT"/*
-chmod 0755 "$NEWOUT"
-
-if [ -f "$OUTDIR/disk.qcow2" ] && ! cmp -s "$OUTDIR/disk.qcow2" "$NEWOUT/disk.qcow2"; then
-	say "warning: disk.qcow2 changed; overlays made on the previous $NAME image must be recreated"
-fi
-if [ -e "$OUTDIR" ]; then
-	OLD="$(mktemp -d "$(dirname "$OUTDIR")/.$NAME.old.XXXXXX")"
-	rmdir "$OLD"
-	mv "$OUTDIR" "$OLD"
-	mv "$NEWOUT" "$OUTDIR"
-	rm -rf "$OLD"
-else
-	mv "$NEWOUT" "$OUTDIR"
-fi
+image_install
 say "built $OUTDIR: $(cd "$OUTDIR" && du -b vmlinuz initrd.img disk.qcow2 | awk '{ printf "%s %d KiB  ", $2, $1 / 1024 }')"

@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# Build the "debian-12" base image from Debian packages only: a Debian 12 (bookworm) system with systemd,
+# a root login on tty1 and ttyS0, apt, cloud-init (NoCloud, seeded from QEMU's fw_cfg), the QEMU guest
+# agent and OpenSSH, booted by direct kernel boot like tiny (vmlinuz, initrd.img, disk.qcow2).
+#
+# Usage: images/build-debian.sh OUTDIR [WORKDIR]
+#   OUTDIR   where vmlinuz, initrd.img, disk.qcow2 and manifest.json end up (read-only files)
+#   WORKDIR  package cache and scratch space (default: ~/.cache/vmgate/build/debian-12)
+#   FORCE=1  rebuild even when OUTDIR/manifest.json matches the files
+#   DEBIAN_DISK_MB  size of the root file system in the base image (default 2048; VMs grow it at boot)
+#
+# mmdebstrap builds the tree in a folder (root mode: it mounts /proc, /sys and /dev inside its chroot,
+# so this runs as root), images/debian-12/customize.sh makes it a VM's root, and mkfs.ext4 -d makes the
+# disk from the folder: no loop device, no partition table. About a minute from nothing here (100 MB of
+# packages from deb.debian.org); the downloaded packages are kept in WORKDIR for the next build.
+set -euo pipefail
+umask 022
+
+NAME=debian-12
+SUITE=bookworm
+MIRROR=http://deb.debian.org/debian
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+PY=python3
+# The system, and what a person working in it expects to find.
+PACKAGES=(systemd systemd-sysv udev dbus linux-image-cloud-amd64 initramfs-tools zstd qemu-guest-agent cloud-init
+	openssh-server sudo ca-certificates e2fsprogs iproute2 less nano login passwd)
+
+die() { echo "build-debian: $*" >&2; exit 1; }
+say() { echo "build-debian: $*" >&2; }
+
+if [ $# -lt 1 ] || [ $# -gt 2 ]; then die "usage: $0 OUTDIR [WORKDIR]"; fi
+DISK_MB="${DEBIAN_DISK_MB:-2048}"
+case "$DISK_MB" in '' | *[!0-9]*) die "DEBIAN_DISK_MB must be a number of MiB" ;; esac
+[ "$DISK_MB" -ge 1024 ] || die "DEBIAN_DISK_MB must be at least 1024"
+[ "$(id -u)" = 0 ] || die "mmdebstrap's root mode needs root (make images runs this as root; make deps installs mmdebstrap)"
+for tool in mmdebstrap mkfs.ext4 qemu-img flock sha256sum cmp "$PY"; do
+	command -v "$tool" >/dev/null || die "$tool is missing (install: mmdebstrap e2fsprogs qemu-utils python3)"
+done
+
+# shellcheck source=lib.sh
+. "$HERE/lib.sh"
+image_begin "$1" "${2:-${XDG_CACHE_HOME:-${HOME:-/tmp}/.cache}/vmgate/build/$NAME}"
+
+# ---------------------------------------------------------------- 1. the tree
+TREE="$STAGE/tree"
+began=$(date +%s)
+say "mmdebstrap $SUITE with ${#PACKAGES[@]} packages and their dependencies (cache: $WORKDIR/debs)"
+(IFS=,; nice -n 10 mmdebstrap --mode=root --variant=apt --format=directory --include="${PACKAGES[*]}" \
+	--aptopt='Acquire::Languages "none"' --skip=essential/unlink \
+	--dpkgopt='path-exclude=/usr/share/doc/*' --dpkgopt='path-include=/usr/share/doc/*/copyright' \
+	--dpkgopt='path-exclude=/usr/share/man/*' --dpkgopt='path-exclude=/usr/share/locale/*' \
+	--dpkgopt='path-include=/usr/share/locale/locale.alias' \
+	--setup-hook="mkdir -p \"\$1/var/cache/apt/archives\"; find '$WORKDIR/debs' -name '*.deb' -exec cp -t \"\$1/var/cache/apt/archives\" {} +" \
+	--customize-hook="find \"\$1/var/cache/apt/archives\" -name '*.deb' -exec cp -u -t '$WORKDIR/debs' {} +" \
+	--customize-hook="'$HERE/debian-12/customize.sh' \"\$1\"" \
+	"$SUITE" "$TREE" \
+	"deb $MIRROR $SUITE main" "deb $MIRROR $SUITE-updates main" \
+	"deb http://deb.debian.org/debian-security $SUITE-security main") >"$STAGE/mmdebstrap.log" 2>&1 ||
+	die "mmdebstrap failed: $(tail -n 5 "$STAGE/mmdebstrap.log")"
+say "tree built in $(($(date +%s) - began)) s: $(du -sm "$TREE" | cut -f1) MiB"
+# Keep the cache to what this build used.
+chroot "$TREE" dpkg-query -W -f '${Package}_${Version}\n' | sed 's/:/%3a/' | LC_ALL=C sort >"$STAGE/packages.txt"
+for deb in "$WORKDIR/debs"/*.deb; do
+	[ -f "$deb" ] || continue
+	base="$(basename "$deb")"
+	grep -qxF "${base%_*.deb}" "$STAGE/packages.txt" || rm -f "$deb"
+done
+
+# ---------------------------------------------------------------- 2. kernel, initrd, disk
+KREL="$(basename "$(readlink -f "$TREE/vmlinuz")" | sed 's/^vmlinuz-//')"
+cp -L "$TREE/vmlinuz" "$NEWOUT/vmlinuz"
+cp -L "$TREE/initrd.img" "$NEWOUT/initrd.img"
+mkfs.ext4 -q -F -t ext4 -b 4096 -L vmgate-root -d "$TREE" "$STAGE/rootfs.ext4" "${DISK_MB}M" >/dev/null
+qemu-img convert -f raw -O qcow2 "$STAGE/rootfs.ext4" "$NEWOUT/disk.qcow2"
+
+# ---------------------------------------------------------------- 3. manifest, move into place
+KPKG="$(chroot "$TREE" dpkg-query -W -f '${Package}=${Version}\n' 'linux-image-6*' | head -n 1)"
+"$PY" "$HERE/manifest.py" write "$NEWOUT" "$NAME" "$KREL" vmlinuz,initrd.img,disk.qcow2 "$KPKG" \
+	"packages-sha256=$(sha256sum <"$STAGE/packages.txt" | cut -d' ' -f1)" \
+	"packages=$(wc -l <"$STAGE/packages.txt")"
+image_install
+say "built $OUTDIR in $(($(date +%s) - began)) s: $(cd "$OUTDIR" && du -b vmlinuz initrd.img disk.qcow2 | awk '{ printf "%s %d KiB  ", $2, $1 / 1024 }')"
