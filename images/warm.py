@@ -53,9 +53,8 @@ from jobspecs.manifest import sha256_of
 from jobspecs.render import ACCELERATORS, FW_CFG_HOSTNAME, JobSettings, VMSpec, render_job
 
 FORMAT = 1  # bump when the way a layer is made changes: every layer is then rebuilt
-READY = "vmgate-tiny: ready"
-PROMPT = "~ # "
-BOOT_TIMEOUT = 120.0  # seconds to the ready line (a cold boot takes 3-9 s under TCG on a busy host)
+READY = ("vmgate-tiny: ready", "~ # ")  # a template whose catalog entry says no "ready"
+BOOT_TIMEOUT = 300.0  # seconds to the ready line (TCG on a busy host: tiny 3-9 s, debian-12 35-60 s)
 SETTLE = 1.5  # seconds after the prompt, so the shells have drawn and the guest is idle when saved
 # What the template boot finds in fw_cfg opt/vmgate/hostname: as long as any hostname (63, a clone
 # reads the entry with the size its kernel saw at boot) and never one (':' and '.'), so every clone,
@@ -133,9 +132,10 @@ async def boot_and_save(template: Template, settings: JobSettings, qemu_binary: 
         def alive() -> bool:
             return status.pid is not None and Path(f"/proc/{status.pid}").exists()
 
-        await _wait_serial(serial, (READY,), BOOT_TIMEOUT, alive)
+        ready = template.ready or READY
+        await _wait_serial(serial, ready[:1], BOOT_TIMEOUT, alive)
         timings["ready_s"] = round(time.monotonic() - began, 2)
-        await _wait_serial(serial, (READY, PROMPT), 30.0, alive)
+        await _wait_serial(serial, ready, 30.0, alive)
         await asyncio.sleep(SETTLE)
         saving = time.monotonic()
         # The driver's own suspend: pause, save the memory to a file, end QEMU (the VMs' suspend path).

@@ -124,6 +124,9 @@ class Template:
     # catalog "idle_suspend_after": seconds idle before a VM of this template is suspended (0 never);
     # None: the installation's IDLE_SUSPEND_AFTER.
     idle_suspend_after: int | None = None
+    # catalog "ready": what the serial console shows once a boot is done, in order (the warm layer's
+    # builder waits for all of it before it saves the state: images/warm.py)
+    ready: tuple[str, ...] = ()
 
     @property
     def manifest(self) -> Path:
@@ -211,6 +214,9 @@ def _template(name: str, entry: Any, images_dir: Path, where: str) -> Template:
     warm = entry.get("warm", False)
     if not isinstance(warm, bool):
         raise CatalogError(f"{where}: warm must be true or false")
+    ready = entry.get("ready", [])
+    if not (isinstance(ready, list) and all(isinstance(r, str) and r and r.isprintable() for r in ready)):
+        raise CatalogError(f"{where}: ready must be a list of the lines the serial console shows once booted")
     idle = entry.get("idle_suspend_after")
     if idle is not None and not (_int(idle) and 0 <= idle <= 30 * 86400):
         raise CatalogError(f"{where}: idle_suspend_after must be whole seconds from 0 (never) to 2592000")
@@ -232,6 +238,7 @@ def _template(name: str, entry: Any, images_dir: Path, where: str) -> Template:
         defaults=Sizes(**defaults),
         warm=warm,
         idle_suspend_after=idle,
+        ready=tuple(ready),
     )
 
 

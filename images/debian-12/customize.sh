@@ -3,7 +3,8 @@
 set -eu
 R="$1"
 cp -R "$(dirname "$0")/rootfs/." "$R/"
-chmod 0755 "$R/usr/local/sbin/vmgate-nocloud-seed"
+chmod 0755 "$R/usr/local/sbin/vmgate-nocloud-seed" "$R/usr/local/sbin/vmgate-name" "$R/usr/local/sbin/vmgate-clone" \
+	"$R/usr/local/sbin/vmgate-clone-watch"
 echo debian >"$R/etc/hostname"
 printf '127.0.0.1\tlocalhost\n127.0.1.1\tdebian\n::1\tlocalhost ip6-localhost ip6-loopback\n' >"$R/etc/hosts"
 echo LANG=C.UTF-8 >"$R/etc/default/locale"
@@ -13,7 +14,7 @@ echo 'LABEL=vmgate-root / ext4 rw,errors=remount-ro 0 1' >"$R/etc/fstab"
 # network reaches a VM yet, and sshd refuses empty passwords.
 chroot "$R" passwd -d root >/dev/null
 echo qemu_fw_cfg >"$R/etc/modules-load.d/qemu_fw_cfg.conf"
-chroot "$R" systemctl enable -q vmgate-nocloud-seed.service vmgate-ready.service
+chroot "$R" systemctl enable -q vmgate-nocloud-seed.service vmgate-ready.service vmgate-clone-watch.service
 mkdir -p "$R/etc/systemd/network"
 printf '[Match]\nName=en* eth*\n\n[Network]\nDHCP=yes\n' >"$R/etc/systemd/network/80-dhcp.network"
 chroot "$R" systemctl enable -q systemd-networkd.service
