@@ -50,10 +50,10 @@ def pick_instance(entries: Any, vm_id: str, alloc_id: str | None = None) -> tupl
         return None
     for entry in entries:
         service = entry.get("Service") if isinstance(entry, dict) else None
-        meta = (service.get("Meta") or {}) if isinstance(service, dict) else {}
-        if not isinstance(service, dict) or meta.get("vm_id") != vm_id:
+        if not isinstance(service, dict):
             continue
-        if alloc_id is not None and meta.get("alloc_id") != alloc_id:
+        meta = service.get("Meta") or {}
+        if meta.get("vm_id") != vm_id or (alloc_id is not None and meta.get("alloc_id") != alloc_id):
             continue
         node = entry.get("Node") if isinstance(entry.get("Node"), dict) else {}
         address = service.get("Address") or node.get("Address")

@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, modes
 from websockify import websocketproxy
 
 HANDSHAKE_TIMEOUT = 15.0  # seconds for the whole handshake, both sides
-SECURITY_NONE = 1
+SECURITY_NONE = 1  # as console/rfb.py says, which is not imported here: it would bring aiohttp into websockify
 SECURITY_VNC_AUTH = 2
 VERSIONS = {b"RFB 003.007\n": 7, b"RFB 003.008\n": 8}
 RESULT_OK = b"\0\0\0\0"
@@ -79,6 +79,11 @@ class _Stream:
         data, self.buffer = self.buffer[:n], self.buffer[n:]
         return data
 
+    def reason(self, what: str) -> str:
+        """An RFB reason string: its length (u32), then up to 1 KiB of it."""
+        (length,) = struct.unpack(">I", self.read(4, f"the length of {what}"))
+        return self.read(min(length, 1024), what).decode(errors="replace")
+
 
 def bridge(server_recv: Callable[[float], bytes], server_send: Callable[[bytes], None],
            client_recv: Callable[[float], bytes], client_send: Callable[[bytes], None], password: str,
@@ -99,9 +104,7 @@ def bridge(server_recv: Callable[[float], bytes], server_send: Callable[[bytes],
     server_send(client_version)
     count = server.read(1, "the security types")[0]
     if count == 0:
-        (length,) = struct.unpack(">I", server.read(4, "the refusal's length"))
-        reason = server.read(min(length, 1024), "the refusal").decode(errors="replace")
-        raise VncAuthError(f"the VNC server refused the connection: {reason}")
+        raise VncAuthError(f"the VNC server refused the connection: {server.reason('the refusal')}")
     types = server.read(count, "the security types")
     if SECURITY_VNC_AUTH not in types:
         raise VncAuthError(f"the VNC server offers security types {list(types)}, not VNC authentication")
@@ -114,10 +117,8 @@ def bridge(server_recv: Callable[[float], bytes], server_send: Callable[[bytes],
     result = server.read(4, "the authentication result")
     if result != RESULT_OK:
         reason = "authentication failed"
-        if minor == 8:
-            (length,) = struct.unpack(">I", server.read(4, "the failure's length"))
-            reason = server.read(min(length, 1024), "the failure").decode(errors="replace") or reason
-        if minor == 8:  # the client hears of it too (3.7 has no SecurityResult for None)
+        if minor == 8:  # a reason follows; and the client hears of it too (3.7 has no SecurityResult for None)
+            reason = server.reason("the failure") or reason
             message = b"the VM's console refused the proxy"
             client_send(b"\0\0\0\1" + struct.pack(">I", len(message)) + message)
         raise VncAuthError(f"the VNC server did not take the password: {reason}")

@@ -25,7 +25,8 @@ from typing import Any
 SECRET_ID = "vmgate-vnc"  # noqa: S105 (the name of the QEMU object holding it, not a password)
 LENGTH = 8  # what VNC authentication uses of a password
 ALPHABET = string.ascii_letters + string.digits
-_SECRET_RE = re.compile(rf"secret,id={SECRET_ID},data=([A-Za-z0-9]{{1,{LENGTH}}})")
+PASSWORD = rf"[A-Za-z0-9]{{1,{LENGTH}}}"
+_SECRET_RE = re.compile(rf"secret,id={SECRET_ID},data=({PASSWORD})")
 _OPTION = f",password-secret={SECRET_ID}"
 
 
@@ -43,7 +44,7 @@ def _args(job: dict[str, Any]) -> list[str]:
 
 def with_password(job: dict[str, Any], password: str) -> dict[str, Any]:
     """A copy of ``job`` whose QEMU asks VNC clients for ``password`` (replacing any password it had)."""
-    if not re.fullmatch(rf"[A-Za-z0-9]{{1,{LENGTH}}}", password):
+    if not re.fullmatch(PASSWORD, password):
         raise ValueError(f"a VNC password is 1-{LENGTH} of A-Z a-z 0-9")
     out = copy.deepcopy(job)
     args = _args(out)
@@ -70,10 +71,10 @@ def password_of(job: dict[str, Any] | None) -> str | None:
         args = _args(job or {})
     except (KeyError, IndexError, TypeError, ValueError):
         return None
+    asks, secret = True, None  # every -vnc must ask for it
     for flag, value in itertools.pairwise(args):
-        if flag == "-vnc" and _OPTION not in str(value):
-            return None
-    for flag, value in itertools.pairwise(args):
-        if flag == "-object" and isinstance(value, str) and (match := _SECRET_RE.fullmatch(value)):
-            return match[1]
-    return None
+        if flag == "-vnc":
+            asks = asks and _OPTION in str(value)
+        elif flag == "-object" and isinstance(value, str) and (match := _SECRET_RE.fullmatch(value)):
+            secret = match[1]
+    return secret if asks else None

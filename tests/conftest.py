@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Iterator
 from email import policy as email_policy
 from email.parser import BytesParser
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import aiohttp
@@ -152,11 +152,16 @@ def tiny_images_dir(base_settings: Settings) -> Path:
     """The real built images (IMAGES_DIR). `make test` builds them first, so there a missing image fails."""
     images = base_settings.images_dir
     if not (images / "tiny" / "manifest.json").is_file():
-        message = f"the tiny image is not built in {images}; run `make images`"
-        if os.environ.get("VMGATE_TEST"):
-            pytest.fail(message)
-        pytest.skip(message)
+        not_built(f"the tiny image is not built in {images}; run `make images`")
     return images
+
+
+def not_built(message: str) -> NoReturn:
+    """An image or warm layer a test needs is missing: a failure under `make test` (VMGATE_TEST, which
+    builds them first), a skip elsewhere."""
+    if os.environ.get("VMGATE_TEST"):
+        pytest.fail(message)
+    pytest.skip(message)
 
 
 @pytest.fixture

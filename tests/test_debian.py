@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import re
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ import pytest
 
 from console.rfb import RFBClient
 from jobspecs import DEFAULT_CATALOG, load_catalog
-from tests.conftest import Session
+from tests.conftest import Session, not_built
 from tests.test_e2e import local_gateway, open_console, wait_for_screen, wait_for_serial
 
 __all__ = ["local_gateway"]  # the fixture, imported for its use here
@@ -55,10 +54,7 @@ async def log_in_as_root(s: Session, vm_id: str, rfb: RFBClient) -> None:
 def debian_built(tiny_images_dir: Path) -> Path:
     image = tiny_images_dir / "debian-12"
     if not (image / "manifest.json").is_file():
-        message = f"the debian-12 image is not built in {tiny_images_dir}; run `make images`"
-        if os.environ.get("VMGATE_TEST"):
-            pytest.fail(message)
-        pytest.skip(message)
+        not_built(f"the debian-12 image is not built in {tiny_images_dir}; run `make images`")
     return image
 
 
@@ -99,10 +95,7 @@ async def test_two_warm_debian_clones_are_machines_of_their_own(local_gateway: A
     its name, machine id, SSH host keys, random numbers and the current time (vmgate-clone)."""
     template = load_catalog(DEFAULT_CATALOG, debian_built.parent)["debian-12"]
     if template.warm_image() is None:
-        message = "debian-12 has no warm layer; run `make images`"
-        if os.environ.get("VMGATE_TEST"):
-            pytest.fail(message)
-        pytest.skip(message)
+        not_built("debian-12 has no warm layer; run `make images`")
     s: Session = sessions(local_gateway)
     await s.signup_and_login()
     seen = {}
