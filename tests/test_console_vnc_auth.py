@@ -20,7 +20,16 @@ from console.proxy import VncAuthError, bridge, des_response
 from console.rfb import RFBClient, RFBError
 from jobspecs.vnc_password import SECRET_ID, new_password
 from tests.fixtures.websockify import WebsockifyServer
-from tests.test_console_proxy import Vm, issue, start_vm, stop_vm, url_for, wait_for_log, wait_until_shown
+from tests.test_console_proxy import (
+    Vm,
+    issue,
+    start_vm,
+    stop_vm,
+    url_for,
+    wait_for_log,
+    wait_until_shown,
+    ws_upgrade,
+)
 
 pytestmark = pytest.mark.qemu
 
@@ -119,3 +128,15 @@ def test_the_bridge_refuses_what_it_cannot_do() -> None:
         bridge(feed(b"RFB 003.008\n\x01\x01"), sent.append, feed(b"RFB 003.008\n"), sent.append, "pw")
     with pytest.raises(VncAuthError, match=r"not RFB 3\.7 or 3\.8"):
         bridge(feed(b"RFB 004.000\n"), sent.append, feed(b""), sent.append, "pw")
+
+
+@pytest.mark.parametrize("target", [{"password": "not a pw!"}, {"password": 12345678}, {"password": "x" * 9},
+                                    {"consul_service": "vmgate-vnc", "alloc_id": ""}])
+async def test_a_bad_fleet_target_gets_no_console(redis_flush: redis.Redis, websockify_server: WebsockifyServer,
+                                                  locked_vm: tuple[Vm, int, str], target: dict[str, object]) -> None:
+    """A console target whose password or allocation is malformed is refused before any byte of HTTP."""
+    vm, port, _ = locked_vm
+    redis_flush.set(redis_keys.vnc_target_key(vm.vm_id), json.dumps({"host": "127.0.0.1", "port": port, **target}))
+    token = issue(redis_flush, vm.vm_id)
+    assert await ws_upgrade(url_for(websockify_server, token)) == b""
+    await wait_for_log(websockify_server, r"has a bad (password|alloc_id)")

@@ -16,8 +16,9 @@ from typing import Any
 import pytest
 
 from console.rfb import RFBClient
+from gateway.web.appkeys import settings_key
 from jobspecs import DEFAULT_CATALOG, load_catalog
-from tests.conftest import Session, not_built
+from tests.conftest import Session, assert_envelope, not_built
 from tests.test_e2e import local_gateway, open_console, wait_for_screen, wait_for_serial
 
 __all__ = ["local_gateway"]  # the fixture, imported for its use here
@@ -121,3 +122,18 @@ async def test_two_warm_debian_clones_are_machines_of_their_own(local_gateway: A
         seen[name] = (machine_id, key, random)
     (id_a, key_a, random_a), (id_b, key_b, random_b) = seen.values()
     assert id_a != id_b and key_a != key_b and random_a != random_b
+
+
+@pytest.mark.parametrize(("change", "field"), [({"memory_mb": 256}, "memory_mb"), ({"disk_gb": 1}, "disk_gb"),
+                                               ({"cpu": 3}, "cpu"), ({"disk_gb": 21}, "disk_gb")])
+async def test_debian_sizes_outside_its_limits_are_refused(local_gateway: Any, sessions: Any, debian_built: Path,
+                                                           change: dict[str, Any], field: str) -> None:
+    """debian-12's own limits (512-4096 MB, 2-20 GB, 1-2 vCPUs): a 422 naming the field, and no VM or overlay."""
+    s: Session = sessions(local_gateway)
+    await s.signup_and_login()
+    error = assert_envelope(*await s.request("POST", "/api/vms?wait=60", json={**VM, **change}), 422,
+                            "validation_failed")
+    assert error["details"]["field"] == field
+    assert (await s.request("GET", "/api/me/vms"))[1] == {"vms": []}
+    settings = local_gateway.app[settings_key]
+    assert not list(settings.vms_root.glob("users/*/*.qcow2"))
