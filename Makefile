@@ -39,7 +39,7 @@ $(CSS_OUT): $(NOVNC_STAMP) gateway/web/static/tailwind.css $(wildcard gateway/we
 env: ## create .env with random secrets if it does not exist
 	@deploy/ensure-env.sh
 
-images: deps venv env ## build the base images (tiny, debian-12) and warm layers into IMAGES_DIR (skipped when up to date)
+images: deps venv env ## build the base images (tiny, debian-12, debian-12-desktop) and warm layers into IMAGES_DIR (skipped when up to date)
 	@deploy/images.sh
 
 images-tiny: deps venv env # what make run builds: tiny and its warm layer

@@ -2,7 +2,8 @@
 # Build base images into IMAGES_DIR/<name>, then the warm layers of the warm templates into
 # IMAGES_DIR/warm (python -m images.warm: boot once, save the memory state; docs/IMAGES.md).
 #
-#   deploy/images.sh [NAME...]   NAME: tiny, debian-12 (default: all of them; make run builds tiny only)
+#   deploy/images.sh [NAME...]   NAME: tiny, debian-12, debian-12-desktop (default: all of them; make run
+#                                builds tiny only)
 #
 # Each builder (images/build-tiny.sh, images/build-debian.sh) skips the work itself when its output matches
 # its manifest; this script adds FORCE=1 when a build input under images/ changed since that image's last
@@ -14,17 +15,20 @@ set -euo pipefail
 cd "$REPO_ROOT"
 load_settings
 
-ALL=(tiny debian-12)
+ALL=(tiny debian-12 debian-12-desktop)
 names=("$@")
 [ ${#names[@]} -gt 0 ] || names=("${ALL[@]}")
 
 build() {
-    local name=$1 script inputs
+    local name=$1 script inputs args=()
     case $name in
         tiny) script=images/build-tiny.sh; inputs=(images/build-tiny.sh images/lib.sh images/tiny images/kmods.py images/elfdeps.py
                                                     images/reseed.py images/manifest.py) ;;
         debian-12) script=images/build-debian.sh; inputs=(images/build-debian.sh images/lib.sh images/debian-12
                                                               images/manifest.py) ;;
+        debian-12-desktop) script=images/build-debian.sh; args=(--desktop)
+                           inputs=(images/build-debian.sh images/lib.sh images/debian-12 images/debian-12-desktop
+                                   images/manifest.py) ;;
         *) die "images: no image named $name (known: ${ALL[*]})" ;;
     esac
     local out=$IMAGES_DIR/$name work=$DATA_DIR/build/$name
@@ -36,7 +40,7 @@ build() {
         force=1
     fi
     mkdir -p "$work" "$IMAGES_DIR"
-    FORCE=$force bash "$script" "$out" "$work"
+    FORCE=$force bash "$script" "${args[@]}" "$out" "$work"
     touch "$stamp"
 }
 

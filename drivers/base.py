@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 ActualState = Literal["running", "stopped", "missing"]
@@ -139,6 +140,11 @@ class Driver(abc.ABC):
     @abc.abstractmethod
     async def health(self) -> dict[str, Any]:
         """Return ``{"ok": bool, ...details}`` about the driver's ability to run VMs."""
+
+    async def guest_agent(self, vm_id: str) -> Path:
+        """The unix socket of the running VM's QEMU guest agent, on this host (drivers/guest_agent.py).
+        ``NotSupported`` when the VM has none or the driver cannot reach it from here."""
+        raise NotSupported(f"the {self.name} driver cannot reach a VM's guest agent from the gateway")
 
     async def save_state(self, vm_id: str, tag: str) -> int:
         """Save the running VM's disk and memory as the internal snapshot ``tag`` of its overlay (one of

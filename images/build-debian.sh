@@ -1,18 +1,23 @@
 #!/usr/bin/env bash
-# Build the "debian-12" base image from Debian packages only: a Debian 12 (bookworm) system with systemd,
-# a root login on tty1 and ttyS0, apt, cloud-init (NoCloud, seeded from QEMU's fw_cfg), the QEMU guest
-# agent and OpenSSH, booted by direct kernel boot like tiny (vmlinuz, initrd.img, disk.qcow2).
+# Build a Debian base image from Debian packages only, booted by direct kernel boot like tiny (vmlinuz,
+# initrd.img, disk.qcow2):
+#   debian-12          Debian 12 (bookworm) with systemd, a root login on tty1 and ttyS0, apt, cloud-init
+#                      (NoCloud, seeded from QEMU's fw_cfg), the QEMU guest agent and OpenSSH
+#   debian-12-desktop  the same plus X, IceWM, a terminal, a file manager, Firefox ESR and spice-vdagent
+#                      (the clipboard), logged in to the desktop on the console (images/debian-12-desktop)
 #
-# Usage: images/build-debian.sh OUTDIR [WORKDIR]
+# Usage: images/build-debian.sh [--desktop] OUTDIR [WORKDIR]
+#   --desktop  build debian-12-desktop (default: debian-12)
 #   OUTDIR   where vmlinuz, initrd.img, disk.qcow2 and manifest.json end up (read-only files)
-#   WORKDIR  package cache and scratch space (default: ~/.cache/vmgate/build/debian-12)
+#   WORKDIR  package cache and scratch space (default: ~/.cache/vmgate/build/<name>)
 #   FORCE=1  rebuild even when OUTDIR/manifest.json matches the files
-#   DEBIAN_DISK_MB  size of the root file system in the base image (default 2048; VMs grow it at boot)
+#   DEBIAN_DISK_MB  size of the root file system in the base image (default 2048, desktop 4096; VMs grow it)
 #
 # mmdebstrap builds the tree in a folder (root mode: it mounts /proc, /sys and /dev inside its chroot,
 # so this runs as root), images/debian-12/customize.sh makes it a VM's root, and mkfs.ext4 -d makes the
-# disk from the folder: no loop device, no partition table. About a minute from nothing here (100 MB of
-# packages from deb.debian.org); the downloaded packages are kept in WORKDIR for the next build.
+# disk from the folder: no loop device, no partition table. About a minute from nothing here for debian-12
+# (100 MB of packages from deb.debian.org), a few minutes for the desktop (about 400 MB); the downloaded
+# packages are kept in WORKDIR for the next build.
 set -euo pipefail
 umask 022
 
@@ -22,14 +27,30 @@ MIRROR=http://deb.debian.org/debian
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 PY=python3
 # The system, and what a person working in it expects to find.
-PACKAGES=(systemd systemd-sysv udev dbus linux-image-cloud-amd64 initramfs-tools zstd qemu-guest-agent cloud-init
+PACKAGES=(systemd systemd-sysv udev dbus initramfs-tools zstd qemu-guest-agent cloud-init
 	openssh-server sudo ca-certificates e2fsprogs iproute2 less nano login passwd)
+# The cloud kernel has no graphics (DRM) or USB input drivers; the desktop needs Debian's generic kernel.
+KERNEL=linux-image-cloud-amd64
+DESKTOP=0
+DISK_DEFAULT=2048
+# The desktop: X on virtio-gpu (the screen follows the browser window: QEMU's VNC SetDesktopSize), IceWM
+# (a task bar, a menu, no compositor: cheap under TCG), a terminal, a file manager, a web browser, and
+# spice-vdagent, which shares the clipboard with QEMU's qemu-vdagent chardev (docs/CONSOLE.md).
+DESKTOP_PACKAGES=(xserver-xorg-core xserver-xorg-input-libinput xserver-xorg-legacy xinit x11-xserver-utils
+	x11-xkb-utils xauth icewm lxterminal pcmanfm firefox-esr spice-vdagent xclip fonts-dejavu-core
+	dbus-x11 libpam-systemd keyboard-configuration adwaita-icon-theme)
+if [ "${1:-}" = --desktop ]; then
+	shift
+	NAME=debian-12-desktop KERNEL=linux-image-amd64 DESKTOP=1 DISK_DEFAULT=4096
+	PACKAGES+=("${DESKTOP_PACKAGES[@]}")
+fi
+PACKAGES+=("$KERNEL")
 
 die() { echo "build-debian: $*" >&2; exit 1; }
 say() { echo "build-debian: $*" >&2; }
 
-if [ $# -lt 1 ] || [ $# -gt 2 ]; then die "usage: $0 OUTDIR [WORKDIR]"; fi
-DISK_MB="${DEBIAN_DISK_MB:-2048}"
+if [ $# -lt 1 ] || [ $# -gt 2 ]; then die "usage: $0 [--desktop] OUTDIR [WORKDIR]"; fi
+DISK_MB="${DEBIAN_DISK_MB:-$DISK_DEFAULT}"
 case "$DISK_MB" in '' | *[!0-9]*) die "DEBIAN_DISK_MB must be a number of MiB" ;; esac
 [ "$DISK_MB" -ge 1024 ] || die "DEBIAN_DISK_MB must be at least 1024"
 [ "$(id -u)" = 0 ] || die "mmdebstrap's root mode needs root (make images runs this as root; make deps installs mmdebstrap)"
@@ -53,6 +74,7 @@ say "mmdebstrap $SUITE with ${#PACKAGES[@]} packages and their dependencies (cac
 	--setup-hook="mkdir -p \"\$1/var/cache/apt/archives\"; find '$WORKDIR/debs' -name '*.deb' -exec cp -t \"\$1/var/cache/apt/archives\" {} +" \
 	--customize-hook="find \"\$1/var/cache/apt/archives\" -name '*.deb' -exec cp -u -t '$WORKDIR/debs' {} +" \
 	--customize-hook="'$HERE/debian-12/customize.sh' \"\$1\"" \
+	--customize-hook="[ $DESKTOP = 0 ] || '$HERE/debian-12-desktop/customize.sh' \"\$1\"" \
 	"$SUITE" "$TREE" \
 	"deb $MIRROR $SUITE main" "deb $MIRROR $SUITE-updates main" \
 	"deb http://deb.debian.org/debian-security $SUITE-security main") >"$STAGE/mmdebstrap.log" 2>&1 ||

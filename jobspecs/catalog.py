@@ -127,6 +127,11 @@ class Template:
     # catalog "ready": what the serial console shows once a boot is done, in order (the warm layer's
     # builder waits for all of it before it saves the state: images/warm.py)
     ready: tuple[str, ...] = ()
+    # catalog "desktop": a graphical desktop (virtio-gpu that follows the console's size, an absolute pointer,
+    # the clipboard through qemu-vdagent: jobspecs/devices.py)
+    desktop: bool = False
+    # catalog "agent": the guest runs the QEMU guest agent (file upload and download: gateway/engine/files.py)
+    agent: bool = False
 
     @property
     def manifest(self) -> Path:
@@ -158,6 +163,8 @@ class Template:
             "defaults": {size: getattr(self.defaults, size) for size in SIZE_NAMES},
             "warm": self.warm,
             "idle_suspend_after": self.idle_suspend_after,
+            "desktop": self.desktop,
+            "files": self.agent,
         }
 
 
@@ -211,9 +218,11 @@ def _template(name: str, entry: Any, images_dir: Path, where: str) -> Template:
         if not _int(default) or not pair[0] <= default <= pair[1]:
             raise CatalogError(f"{where}: defaults.{size} must be an integer within limits.{size} {pair}")
         defaults[size] = default
-    warm = entry.get("warm", False)
-    if not isinstance(warm, bool):
-        raise CatalogError(f"{where}: warm must be true or false")
+    flags = {}
+    for flag in ("warm", "desktop", "agent"):
+        flags[flag] = entry.get(flag, False)
+        if not isinstance(flags[flag], bool):
+            raise CatalogError(f"{where}: {flag} must be true or false")
     ready = entry.get("ready", [])
     if not (isinstance(ready, list) and all(isinstance(r, str) and r and r.isprintable() for r in ready)):
         raise CatalogError(f"{where}: ready must be a list of the lines the serial console shows once booted")
@@ -236,9 +245,9 @@ def _template(name: str, entry: Any, images_dir: Path, where: str) -> Template:
         cmdline=cmdline,
         limits=Limits(**bounds),
         defaults=Sizes(**defaults),
-        warm=warm,
         idle_suspend_after=idle,
         ready=tuple(ready),
+        **flags,
     )
 
 

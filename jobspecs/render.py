@@ -48,6 +48,7 @@ from typing import Any
 
 from jobspecs import sandbox
 from jobspecs.catalog import NOMAD_MEMORY_MB, SIZE_NAMES, Template, WarmImage
+from jobspecs.devices import CLIPBOARD_META, devices
 from jobspecs.hcl import to_hcl
 
 SECOND = 1_000_000_000  # Nomad's API takes durations in nanoseconds
@@ -289,13 +290,9 @@ def qemu_args(vm: VMSpec, template: Template, target: str = "local") -> list[str
         "-vnc", vnc_arg(target),
         "-qmp", "unix:${NOMAD_TASK_DIR}/qmp.sock,server=on,wait=off",
         "-sandbox", sandbox.value(),  # jobspecs/sandbox.py
-        "-nodefaults", "-vga", "std", "-serial", "stdio",  # these devices, Nomad's own, and no CD-ROM, floppy...
-        # Without this QEMU adds an e1000 NIC on user networking, where the guest reaches the host's
-        # loopback (10.0.2.2 is the host's 127.0.0.1: Postgres, Redis, the gateway). No NIC until
-        # networking is designed; Nomad's port_map adds its own -netdev/-device when used.
-        "-nic", "none",
-        # The host's entropy for the guest; a clone of a warm template reseeds its RNG from it.
-        "-device", "virtio-rng-pci",
+        # These devices (jobspecs/devices.py), Nomad's own, and no default NIC: on user networking the guest
+        # would reach the host's loopback (10.0.2.2 is the host's 127.0.0.1: Postgres, Redis, the gateway).
+        *devices(template),
         "-fw_cfg", f"name={FW_CFG_HOSTNAME},string={vm.hostname}",
         *(("-fw_cfg", f"name={FW_CFG_USERDATA},string={base64.b64encode(vm.userdata.encode()).decode()}")
           if vm.userdata else ()),
@@ -371,7 +368,8 @@ def _job(vm: VMSpec, template: Template, settings: JobSettings, name: str) -> di
         "Type": "service",
         "Namespace": settings.namespace,
         "Datacenters": list(settings.datacenters),
-        "Meta": {"vm_id": vm.id, "owner": vm.owner, "template": template.name},
+        "Meta": {"vm_id": vm.id, "owner": vm.owner, "template": template.name,
+                 **(CLIPBOARD_META if template.desktop else {})},
         "TaskGroups": [
             {
                 "Name": GROUP_NAME,
@@ -387,6 +385,8 @@ def _job(vm: VMSpec, template: Template, settings: JobSettings, name: str) -> di
                             "accelerator": settings.accelerator,
                             "machine_type": "pc", "drive_interface": "virtio",
                             "graceful_shutdown": True,
+                            # The guest agent's socket (qa.sock in the task directory): file transfers.
+                            **({"guest_agent": True} if template.agent else {}),
                             "args": qemu_args(vm, template, settings.target),
                         },
                         "Resources": {"CPU": vm.cpu * CPU_MHZ_PER_VCPU, "MemoryMB": vm.memory_mb},

@@ -232,7 +232,8 @@ def test_every_template_renders_at_every_size(templates: dict[str, Template]) ->
         json.dumps({"Job": job})  # what POST /v1/jobs takes
         assert job["ID"] == job["Name"] == f"vm-{vm.id}" == job_name(vm.id)
         assert job["Type"] == "service" and job["Namespace"] == "vms" and job["Datacenters"] == ["dc1", "dc2"]
-        assert job["Meta"] == {"vm_id": vm.id, "owner": "42", "template": template.name}
+        assert job["Meta"] == {"vm_id": vm.id, "owner": "42", "template": template.name,
+                               **({"clipboard": "vdagent"} if template.desktop else {})}
         [group] = job["TaskGroups"]
         assert group["Name"] == "vm" and group["Count"] == 1
         assert group["RestartPolicy"] == {"Attempts": 2, "Interval": 1800 * SECOND, "Delay": 15 * SECOND,
@@ -246,7 +247,10 @@ def test_every_template_renders_at_every_size(templates: dict[str, Template]) ->
         config = task["Config"]
         assert {k: v for k, v in config.items() if k != "args"} == {
             "image_path": vm.overlay_path, "accelerator": "tcg", "machine_type": "pc",
-            "drive_interface": "virtio", "graceful_shutdown": True}
+            "drive_interface": "virtio", "graceful_shutdown": True,
+            **({"guest_agent": True} if template.agent else {})}
+        display = ["-vga", "none", "-device", "virtio-vga"] if template.desktop else ["-vga", "std"]
+        desktop = ["-device", "virtio-tablet-pci", "-device", "virtio-serial-pci,id=vmgate-serial"]
         assert config["args"] == [
             "-smp", str(sizes["cpu"]),
             "-kernel", str(template.kernel),
@@ -255,9 +259,10 @@ def test_every_template_renders_at_every_size(templates: dict[str, Template]) ->
             "-vnc", "unix:${NOMAD_TASK_DIR}/vnc.sock",
             "-qmp", "unix:${NOMAD_TASK_DIR}/qmp.sock,server=on,wait=off",
             "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
-            "-nodefaults", "-vga", "std", "-serial", "stdio",
+            "-nodefaults", *display, "-serial", "stdio",
             "-nic", "none",
             "-device", "virtio-rng-pci",
+            *(desktop if template.desktop else []),
             "-fw_cfg", "name=opt/vmgate/hostname,string=box-1",
             "-set", "drive.image0.file.auto-read-only=off",
         ]

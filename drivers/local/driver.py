@@ -4,6 +4,8 @@ This module is the order of things: what a start, stop, destroy or suspend does,
 is left when one fails. The parts it puts in order live beside it: ``job`` (is the job runnable, what is
 QEMU's command line), ``taskdir`` (the VM's files, its lock), ``process`` (spawning, recognising,
 re-adopting, reaping and recording QEMUs) and ``qmp`` (talking to a running QEMU).
+
+Over 400 lines: every operation on a VM's QEMU, in order, reads best in one place.
 """
 
 from __future__ import annotations
@@ -19,10 +21,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from drivers.base import Driver, DriverError, JobInvalid, VMStatus
-from drivers.local import cgroups, confine
+from drivers.base import Driver, DriverError, JobInvalid, NotSupported, VMStatus
+from drivers.local import cgroups, confine, vdagent
 from drivers.local.confine import PER_VM, dispose, identity
-from drivers.local.job import SNAPSHOT_TAG_RE, VM_ID_RE, QemuTask, build_task, check_vm_id
+from drivers.local.job import GUEST_AGENT_SOCKET, SNAPSHOT_TAG_RE, VM_ID_RE, QemuTask, build_task, check_vm_id
 from drivers.local.process import Processes, QemuBinary, default_run_as, run
 from drivers.local.qmp import QMP_ERRORS, QMP_TIMEOUT, RESTORE_POLL, hmp, qmp, save_memory, snapshot_sizes
 from drivers.local.taskdir import (
@@ -119,6 +121,8 @@ class LocalDriver(Driver):
                 pid = self._procs.spawn(argv, task, task_dir)
                 write_atomic(task_dir / "qemu.pid", f"{pid}\n")
                 await self._wait_ready(pid, task, task_dir)
+                if task.vdagent:
+                    await vdagent.plug(task.qmp_socket)
             except BaseException as exc:
                 self._abort_start(pid, task, task_dir, created, exc)
                 if isinstance(exc, OSError):
@@ -278,12 +282,19 @@ class LocalDriver(Driver):
             raise DriverError("the VM is not running")
         return pid, task_dir, task
 
+    async def guest_agent(self, vm_id: str) -> Path:
+        _pid, task_dir, task = await self._running_task(vm_id)
+        if task_dir / GUEST_AGENT_SOCKET not in task.sockets:
+            raise NotSupported("this VM has no guest agent (its template has none)")
+        return task_dir / GUEST_AGENT_SOCKET
+
     async def save_state(self, vm_id: str, tag: str) -> int:
         self._check_tag(tag)
         async with self._locks.hold(vm_id):
             _pid, _task_dir, task = await self._running_task(vm_id)
             began = time.monotonic()
-            await hmp(task.qmp_socket, f"savevm {tag}")
+            async with vdagent.detached(task.qmp_socket, task.vdagent):
+                await hmp(task.qmp_socket, f"savevm {tag}")
             size = (await snapshot_sizes(task.qmp_socket, task.image_path)).get(tag)
             if size is None:
                 raise DriverError(f"savevm {tag} left no snapshot of that name")
@@ -299,7 +310,8 @@ class LocalDriver(Driver):
             self._procs.busy.add(vm_id)
             began = time.monotonic()
             try:
-                await save_memory(task.qmp_socket, partial)
+                async with vdagent.detached(task.qmp_socket, task.vdagent):
+                    await save_memory(task.qmp_socket, partial)
                 await self._shut_down(pid, task, task_dir, timeout=0)  # its memory is saved: no ACPI
                 os.replace(partial, target)  # complete: now it may be resumed from
                 size = target.stat().st_size
@@ -319,7 +331,8 @@ class LocalDriver(Driver):
             _pid, _task_dir, task = await self._running_task(vm_id)
             if tag not in await snapshot_sizes(task.qmp_socket, task.image_path):
                 raise DriverError(f"the VM's disk has no snapshot {tag}")
-            await hmp(task.qmp_socket, f"loadvm {tag}")
+            async with vdagent.detached(task.qmp_socket, task.vdagent):
+                await hmp(task.qmp_socket, f"loadvm {tag}")
 
     async def delete_state(self, vm_id: str, tag: str) -> None:
         self._check_tag(tag)

@@ -51,6 +51,7 @@ class QemuTask:
     graceful_shutdown: bool
     env: dict[str, str] = field(default_factory=dict)
     incoming: str | None = None  # the state file a warm start restores (-incoming "exec:cat PATH")
+    vdagent: bool = False  # job Meta.clipboard: plug the desktop clipboard in once it runs (drivers/local/vdagent.py)
 
 
 def check_vm_id(vm_id: str) -> None:
@@ -251,4 +252,5 @@ def build_task(vm_id: str, job: dict[str, Any], task_dir: Path, qemu_path: str =
             raise DriverError(f"unix socket path {path} is {len(os.fsencode(str(path)))} bytes; it must be "
                               f"under {SUN_PATH_MAX}: use a shorter VMS_ROOT")
     return QemuTask(argv=tuple(argv), image_path=image_path, qmp_socket=qmp_socket, sockets=tuple(sockets),
-                    vnc=vnc, graceful_shutdown=bool(config.get("graceful_shutdown")), env=env, incoming=incoming)
+                    vnc=vnc, graceful_shutdown=bool(config.get("graceful_shutdown")), env=env, incoming=incoming,
+                    vdagent=(job.get("Meta") or {}).get("clipboard") == "vdagent")

@@ -1,0 +1,43 @@
+"""The devices of a VM beyond its disk, by template (``qemu_args`` in jobspecs/render.py adds them).
+
+Every VM: ``-nodefaults`` (no CD-ROM, floppy, default NIC), the serial console on stdio, no NIC (Nomad's
+``port_map`` adds its own -netdev/-device when used), and virtio-rng (the host's entropy; a clone of a warm
+template reseeds its RNG from it).
+
+A text template (catalog ``"desktop": false``) has the standard VGA: the text console, 720x400.
+
+A desktop template (``"desktop": true``, docs/CONSOLE.md "Desktop templates") has:
+
+- **virtio-vga**: QEMU's VNC server forwards a client's SetDesktopSize (noVNC's "remote resizing") to it as
+  the display's preferred size, the guest kernel reports a hotplug, and the guest applies the mode
+  (images/debian-12-desktop: vmgate-resize). The standard VGA has a fixed mode list and answers
+  SetDesktopSize with "invalid screen layout".
+- **virtio-tablet-pci**: an absolute pointer, so the guest's cursor is where the browser's is.
+- a **virtio-serial bus** for **qemu-vdagent** on a port named ``com.redhat.spice.0``: QEMU's own SPICE agent
+  end, which carries the clipboard between the guest's spice-vdagent and QEMU's clipboard, which the VNC
+  server offers to the browser (the extended clipboard pseudo-encoding noVNC speaks). The job names it in
+  ``Meta.clipboard``; the chardev and port are plugged in over QMP once the VM runs, because QEMU 7.2's
+  qemu-vdagent blocks migration (drivers/local/vdagent.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["CLIPBOARD_META", "SERIAL_BUS", "VDAGENT_PORT", "devices"]
+
+VDAGENT_PORT = "com.redhat.spice.0"  # the port name spice-vdagentd opens in the guest
+SERIAL_BUS = "vmgate-serial"
+
+TEXT = ("-vga", "std")
+DESKTOP_DISPLAY = ("-vga", "none", "-device", "virtio-vga")
+COMMON = ("-serial", "stdio", "-nic", "none", "-device", "virtio-rng-pci")
+DESKTOP = ("-device", "virtio-tablet-pci", "-device", f"virtio-serial-pci,id={SERIAL_BUS}")
+CLIPBOARD_META = {"clipboard": "vdagent"}  # job Meta of a desktop: the local driver plugs the clipboard in
+
+
+def devices(template: Any) -> list[str]:
+    """QEMU arguments for the devices of a VM of ``template`` (a ``jobspecs.catalog.Template``)."""
+    if template.desktop:
+        return ["-nodefaults", *DESKTOP_DISPLAY, *COMMON, *DESKTOP]
+    return ["-nodefaults", *TEXT, *COMMON]
