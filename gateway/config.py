@@ -171,6 +171,7 @@ RATE_LIMIT_DEFAULTS: dict[str, tuple[int, int]] = {
     "console_user": (30, 60),
     "vm_action_user": (60, 600),
     "snapshot_user": (30, 600),
+    "files_user": (60, 600),
 }
 
 
@@ -300,6 +301,9 @@ class Settings:
                                        "Seconds without a console connection or API request on a running VM before"
                                        " it is suspended (memory saved to its disk); 0 never. A template's"
                                        " idle_suspend_after in images/catalog.json wins")
+    file_transfer_max_mb: int = _setting("FILE_TRANSFER_MAX_MB", _int(0, 4096), "64",
+                                         "Largest file uploaded into or downloaded from a VM, MiB (an upload also"
+                                         " needs room in the storage quota); 0 turns file transfers off")
     snapshot_quota: int = _setting("SNAPSHOT_QUOTA", _int(0, 10000), "10", "Default per-user snapshot count")
     snapshot_keep: int = _setting("SNAPSHOT_KEEP", _int(0, 10000), "5",
                                   "Snapshots kept per VM: the collector deletes the oldest beyond these; 0 keeps all")

@@ -24,7 +24,7 @@ from gateway.engine.engine import Engine
 from gateway.engine.templates import Templates
 from gateway.metrics import Metrics
 from gateway.store.migrate import migrate
-from gateway.web import accounts, admin, api, api_tokens, events, pages, snapshots
+from gateway.web import accounts, admin, api, api_tokens, events, files, pages, snapshots
 from gateway.web.appkeys import (
     db_key,
     driver_key,
@@ -182,6 +182,7 @@ def create_app(settings: Settings, *, driver: Driver | None = None) -> web.Appli
     app.router.add_routes(api.routes)
     app.router.add_routes(api_tokens.routes)
     app.router.add_routes(snapshots.routes)
+    app.router.add_routes(files.routes)
     app.router.add_routes(admin.routes)
     app.router.add_routes(events.routes)
     accounts.setup(app)  # routes, and the mailer (after the Postgres context: see its docstring)

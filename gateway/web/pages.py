@@ -125,7 +125,18 @@ async def _vm_context(request: web.Request, user: UserRecord) -> dict[str, Any]:
             if request.app[driver_key].saves_memory else 0,
             "snapshots": snapshots, "snapshots_busy": any(s["state"] in ("creating", "deleting") for s in snapshots),
             "snapshot_quota": {"snapshots": settings.snapshot_quota, "used": used},
-            "retention": {"keep": settings.snapshot_keep, "max_age_seconds": settings.snapshot_max_age}}
+            "retention": {"keep": settings.snapshot_keep, "max_age_seconds": settings.snapshot_max_age},
+            "files": _files_context(request, row["template"])}
+
+
+def _files_context(request: web.Request, template_name: str) -> dict[str, Any] | None:
+    """The VM page's file transfer section: for a template with a guest agent the gateway reaches."""
+    template = request.app[templates_key].templates.get(template_name)
+    settings = request.app[settings_key]
+    if template is None or not template.agent or request.app[driver_key].name != "local" \
+            or not settings.file_transfer_max_mb:
+        return None
+    return {"max_mb": settings.file_transfer_max_mb, "home": "/home/user" if template.desktop else "/root"}
 
 
 @routes.get("/vms/{vm_id}")
@@ -145,9 +156,11 @@ async def console_page(request: web.Request) -> web.StreamResponse:
     user = await _user_or_login(request)
     async with store.db.cursor(request.app[db_key]) as cur:
         vm = await store.vms.vm_for_owner(cur, request.match_info["vm_id"], str(user["id"]))
+    template = request.app[templates_key].templates.get(vm["template"])
     return _render("console.html", request, {
         "user": views.public_user(user),
-        "vm": {"id": str(vm["id"]), "name": vm["name"], "state": vm["state"]}})
+        "vm": {"id": str(vm["id"]), "name": vm["name"], "state": vm["state"],
+               "desktop": bool(template and template.desktop)}})
 
 
 # ---- account -----------------------------------------------------------------------------------

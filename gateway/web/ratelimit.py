@@ -34,6 +34,7 @@ vm_create_user 30 per 10 min        VM creates by one user
 console_user   30 per minute        console tokens issued to one user
 vm_action_user 60 per 10 min        starts, stops and suspends by one user (destroys are not limited)
 snapshot_user  30 per 10 min        snapshots taken and restored by one user
+files_user     60 per 10 min        file uploads and downloads by one user (gateway/web/files.py)
 ============== ==================== ===================================================
 
 Logins go through ``login_attempt`` instead, which applies the three login rules at once and

@@ -5,7 +5,7 @@ export const TRANSITIONAL = ['requested', 'provisioning', 'starting', 'stopping'
   'restoring'];
 
 // The session's CSRF token, echoed on every unsafe request (double submit).
-const csrfToken = () => decodeURIComponent((document.cookie.match(/(?:^|; )vmgate_csrf=([^;]*)/) || [])[1] || '');
+export const csrfToken = () => decodeURIComponent((document.cookie.match(/(?:^|; )vmgate_csrf=([^;]*)/) || [])[1] || '');
 
 // An error the API answered with its envelope {"error": {"code", "message", "details"}}.
 export class ApiError extends Error {

@@ -1,6 +1,6 @@
 // The VM page: live state (the panel is re-fetched as a fragment when it changes), start, stop,
 // destroy after a confirmation, the serial log tail, and the job spec once it is rendered.
-import { api, refreshFragment, say, vmStateOf, watchStates } from './common.js';
+import { api, csrfToken, refreshFragment, say, vmStateOf, watchStates } from './common.js';
 
 const panel = document.getElementById('panel');
 const vmId = panel.dataset.vmId;
@@ -89,3 +89,35 @@ watchStates(`/api/vms/${vmId}/events`, async () => [vmStateOf(await api('GET', `
 loadSerial();
 // The serial log grows while the VM runs.
 setInterval(() => { if (state === 'running' && !document.hidden) loadSerial(); }, 3000);
+
+// Files (the VM's guest agent): an upload is the file's bytes as the body of PUT .../files?path=; a download
+// is a plain link, which the browser saves (the answer is an attachment).
+const uploadForm = document.getElementById('upload-form');
+if (uploadForm) {
+  uploadForm.addEventListener('submit', async (ev) => {
+    ev.preventDefault();
+    const file = uploadForm.elements.file.files[0];
+    if (!file) return;
+    const path = `${uploadForm.elements.dir.value.replace(/\/+$/, '')}/${file.name}`;
+    say(msg, `Uploading ${file.name}…`);
+    try {
+      const res = await fetch(`/api/vms/${vmId}/files?path=${encodeURIComponent(path)}`, {
+        method: 'PUT', credentials: 'same-origin', body: file,
+        headers: { 'Content-Type': 'application/octet-stream', 'X-CSRF-Token': csrfToken() },
+      });
+      const data = await res.json().catch(() => ({}));
+      if (!res.ok) throw new Error((data.error && data.error.message) || `The server answered ${res.status}.`);
+      say(msg, `Uploaded ${data.path} (${data.size} bytes).`, 'ok');
+    } catch (err) { say(msg, err.message, 'error'); }
+  });
+  document.getElementById('download-form').addEventListener('submit', (ev) => {
+    ev.preventDefault();
+    const path = ev.target.elements.path.value;
+    const link = document.createElement('a');
+    link.href = `/api/vms/${vmId}/files?path=${encodeURIComponent(path)}`;
+    link.download = path.split('/').pop();
+    document.body.append(link);
+    link.click();
+    link.remove();
+  });
+}
