@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from bench import measure
+from bench import measure, templates
 from bench.client import Api
 from bench.measure import Config, Context, Phase
 from bench.stack import REPO, RESULTS, Stack, StackError
@@ -35,6 +35,7 @@ PHASES: dict[str, Callable[[Context], Awaitable[Phase]]] = {
     "relay": measure.console_relay,
     "console": measure.time_to_console,
     "resume": measure.resume,
+    "templates": templates.templates,
     "throughput": measure.throughput,
     "density": measure.density,
 }

@@ -163,7 +163,8 @@ async def first_guest_frame(rfb: Any, vm_id: str, since: Any, run: dict[str, Any
         await rfb.request_update(incremental=True)
 
 
-async def _console_once(ctx: Context, sizes: dict[str, int], cold: bool, frames: Path | None) -> dict[str, Any]:
+async def _console_once(ctx: Context, sizes: dict[str, int], cold: bool, frames: Path | None,
+                        template: str = "tiny", ready: str = READY) -> dict[str, Any]:
     """POST a VM, poll it until running, get a console URL, connect through websockify, and ask for frames
     until one is the guest's and not blank. Times are seconds since just before the POST."""
     api = ctx.api
@@ -174,7 +175,7 @@ async def _console_once(ctx: Context, sizes: dict[str, int], cold: bool, frames:
         return time.perf_counter() - t0
 
     async with vms_destroyed_after(api, created):
-        vm_id = await api.create_vm(**sizes)
+        vm_id = await api.create_vm(template=template, **sizes)
         created.append(vm_id)
         run: dict[str, Any] = {"vm_id": vm_id, "accepted_s": since()}
         await api.wait_state(vm_id, "running", poll=0.02, timeout=180)
@@ -182,9 +183,9 @@ async def _console_once(ctx: Context, sizes: dict[str, int], cold: bool, frames:
         await console_frame(ctx, vm_id, since, run, frames)
         if cold:
             # The first guest frame of a cold boot is the firmware's; the shell comes seconds later.
-            while READY not in await api.serial(vm_id):
+            while ready not in await api.serial(vm_id):
                 if since() > 180:
-                    raise BenchError(f"VM {vm_id}: {READY!r} not on the serial console within 180 s")
+                    raise BenchError(f"VM {vm_id}: {ready!r} not on the serial console within 180 s")
                 await asyncio.sleep(0.1)
             run["serial_ready_s"] = since()
     run["driver_start_s"] = driver_start_seconds(ctx.stack, vm_id)

@@ -18,6 +18,10 @@ const pasteDialog = document.getElementById('paste-dialog');
 const scale = document.getElementById('scale');
 const fullscreen = document.getElementById('fullscreen');
 const vmId = screen.dataset.vmId;
+// A desktop template: the guest's screen follows the window (SetDesktopSize, virtio-gpu) and the clipboard
+// is shared (QEMU's VNC clipboard extension with the guest's spice-vdagent): docs/CONSOLE.md.
+const desktop = screen.dataset.desktop === 'true';
+const vmClipboard = document.getElementById('vm-clipboard');
 
 const BUSY = ['requesting', 'connecting', 'waiting'];
 const TRANSITIONAL = ['requested', 'provisioning', 'starting'];
@@ -94,8 +98,7 @@ async function connect() {
   show('connecting', 'Connecting…');
   const conn = new RFB(screen, socketUrl(grant.url));
   rfb = conn;
-  conn.scaleViewport = scale.checked;
-  conn.clipViewport = !scale.checked;
+  applyFit(conn);
   conn.focusOnClick = true;
   conn.background = '#020617';
   let connected = false;
@@ -103,6 +106,12 @@ async function connect() {
     connected = true;
     show('connected', 'Connected');
     conn.focus();
+  });
+  conn.addEventListener('clipboard', (e) => {
+    // The guest copied something: keep it for the clipboard dialog, and hand it to the browser's
+    // clipboard where the page may write it (a secure context with focus); else the dialog has it.
+    if (vmClipboard) vmClipboard.value = e.detail.text;
+    if (navigator.clipboard && document.hasFocus()) navigator.clipboard.writeText(e.detail.text).catch(() => {});
   });
   conn.addEventListener('securityfailure', (e) => show('refused', `Refused: ${e.detail.reason || 'security failure'}`));
   conn.vmgateOnDisconnect = async (e) => {
@@ -149,10 +158,18 @@ reconnect.addEventListener('click', connect);
 cad.addEventListener('click', () => { if (rfb) { rfb.sendCtrlAltDel(); rfb.focus(); } });
 
 scale.checked = localStorage.getItem('vmgate.console.scale') !== 'off';
+// Fit the screen to the window: a desktop is resized to it (the guest changes its resolution; scaling
+// covers the moment until it has), a text console is scaled. Unchecked: the screen's own size, scrolled.
+function applyFit(conn) {
+  conn.scaleViewport = scale.checked;
+  conn.clipViewport = !scale.checked;
+  conn.resizeSession = desktop && scale.checked;
+}
+
 scale.addEventListener('change', () => {
   localStorage.setItem('vmgate.console.scale', scale.checked ? 'on' : 'off');
   screen.classList.toggle('overflow-auto', !scale.checked);
-  if (rfb) { rfb.scaleViewport = scale.checked; rfb.clipViewport = !scale.checked; }
+  if (rfb) applyFit(rfb);
 });
 screen.classList.toggle('overflow-auto', !scale.checked);
 
@@ -204,6 +221,13 @@ async function typeText(text) {
   }
 }
 
+const clipboardCopy = document.getElementById('vm-clipboard-copy');
+if (clipboardCopy) {
+  clipboardCopy.addEventListener('click', async () => {
+    try { await navigator.clipboard.writeText(vmClipboard.value); } catch { vmClipboard.select(); }
+  });
+}
+
 pasteOpen.addEventListener('click', () => {
   pasteDialog.returnValue = '';
   pasteDialog.showModal();
@@ -214,6 +238,8 @@ pasteDialog.addEventListener('close', async () => {
     const text = field.value;
     field.value = '';
     await typeText(text);
+  } else if (pasteDialog.returnValue === 'clipboard' && rfb) {
+    rfb.clipboardPasteFrom(field.value);
   }
   if (rfb) rfb.focus();
 });
