@@ -83,7 +83,6 @@ async def templates(ctx: Context) -> Phase:
             Row(f"{name}: resume from suspend", "ms", resumed),
         ]
         notes.append(f"{name}: idle VM's QEMU after {IDLE_SETTLE:g} s: RSS {idle['memory']['rss_kib'] // 1024} MiB, "
-                     f"PSS {idle['memory']['pss_kib'] // 1024} MiB (guest memory {default['memory_mb']} MB; "
-                     f"the warm layer's pages are shared with the page cache)")
+                     f"PSS {idle['memory']['pss_kib'] // 1024} MiB (guest memory {default['memory_mb']} MB)")
     ctx.say("templates: " + json.dumps({k: v["warm"] for k, v in data.items()}))
     return Phase(data, rows, notes)
