@@ -100,6 +100,7 @@ class Driver(abc.ABC):
     # ``save_state``/``load_state``/``delete_state``. Starting from a saved state needs no support: it is
     # the job's ``-loadvm`` argument.
     saves_memory: ClassVar[bool] = False
+    reaches_guest_agent: ClassVar[bool] = False  # guest_agent() gives a socket on this host
 
     @abc.abstractmethod
     async def start(self, vm_id: str, job: dict[str, Any]) -> VMStatus:

@@ -55,6 +55,7 @@ class LocalDriver(Driver):
 
     name = "local"
     saves_memory = True
+    reaches_guest_agent = True
 
     def __init__(self, vms_root: Path, qemu_binary: str = "qemu-system-x86_64", *,
                  image_paths: Iterable[str | Path] | None = None, args_allowlist: Iterable[str] | None = None,

@@ -10,7 +10,7 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway import credentials, states, store
+from gateway import credentials, store
 from gateway.engine import console_grants
 from gateway.errors import ApiError, BadRequest, Conflict, Forbidden, Unauthorized, ValidationFailed
 from gateway.web import auth, mail, paging, ratelimit, validation, views, vms
@@ -206,11 +206,8 @@ async def console(request: web.Request) -> web.Response:
     redis = request.app[redis_key]
     # Counted before anything is done for it: a refused request must not resume a suspended VM either.
     await ratelimit.limit(request, "console_user", str(user["id"]))
-    if vm["state"] in states.WAKEABLE:
-        # Opening a suspended VM's console resumes it; the token comes once it runs.
-        woken = await vms.wake(request.app, vm_id)
-        if woken is not None:
-            vm = await vms.settle(request.app, vm_id, CONSOLE_RESUME_WAIT, poll=0.02)
+    # Opening a suspended VM's console resumes it; the token comes once it runs.
+    vm = await vms.awake(request.app, vm, CONSOLE_RESUME_WAIT, poll=0.02)
     if vm["state"] != "running" or not await console_grants.has_target(redis, vm_id):
         raise Conflict(f"The VM is {vm['state']}; start it to open its console.", code="vm_not_running",
                        details={"state": vm["state"]})

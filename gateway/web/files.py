@@ -28,7 +28,6 @@ from aiohttp import web
 
 from drivers.base import DriverError, NotSupported
 from drivers.guest_agent import CHUNK, GuestAgent, GuestAgentError
-from gateway import states
 from gateway.errors import ApiError, BadRequest, Conflict, NotFound, ValidationFailed
 from gateway.rows import UserRecord
 from gateway.web import quota, ratelimit, vms
@@ -91,11 +90,8 @@ class _Transfer:
 
     async def begin(self) -> Any:
         """The VM running, its agent's socket, the VM's transfer lock: the socket's path."""
-        vm = self.vm
+        vm = await vms.awake(self.app, self.vm, RESUME_WAIT, poll=0.05)
         vm_id = str(vm["id"])
-        if vm["state"] in states.WAKEABLE:
-            if await vms.wake(self.app, vm_id) is not None:
-                vm = await vms.settle(self.app, vm_id, RESUME_WAIT, poll=0.05)
         if vm["state"] != "running":
             raise Conflict(f"The VM is {vm['state']}; start it to move files in or out.", code="vm_not_running",
                            details={"state": vm["state"]})

@@ -133,7 +133,7 @@ def _files_context(request: web.Request, template_name: str) -> dict[str, Any] |
     """The VM page's file transfer section: for a template with a guest agent the gateway reaches."""
     template = request.app[templates_key].templates.get(template_name)
     settings = request.app[settings_key]
-    if template is None or not template.agent or request.app[driver_key].name != "local" \
+    if template is None or not template.agent or not request.app[driver_key].reaches_guest_agent \
             or not settings.file_transfer_max_mb:
         return None
     return {"max_mb": settings.file_transfer_max_mb, "home": "/home/user" if template.desktop else "/root"}

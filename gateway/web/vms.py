@@ -120,6 +120,14 @@ async def create(app: web.Application, user: UserRow, request: dict[str, Any],
     return row, row["state"] == "running"
 
 
+async def awake(app: web.Application, vm: VmRow, wait: float, poll: float) -> VmRow:
+    """The VM's row, after resuming it first (waiting up to ``wait`` s) if it was suspended: what a request that
+    needs the VM running (a console, a file transfer) does before it checks the state."""
+    if vm["state"] in states.WAKEABLE and await wake(app, str(vm["id"])) is not None:
+        return await settle(app, str(vm["id"]), wait, poll=poll)
+    return vm
+
+
 async def wake(app: web.Application, vm_id: str) -> VmChange | None:
     """Ask for a suspended (or suspending) VM back; the engine resumes it. None: it is in no such state."""
     async with store.db.cursor(app[db_key]) as cur:
