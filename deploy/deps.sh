@@ -7,6 +7,7 @@ set -euo pipefail
 
 PACKAGES=(
     qemu-system-x86 qemu-utils              # the local driver's VMs
+    iproute2 nftables dnsmasq-base          # their networks (drivers/local/network.py)
     postgresql redis-server nginx           # the servers make run starts
     busybox-static e2fsprogs cpio zstd xz-utils   # images/build-tiny.sh
     mmdebstrap                              # images/build-debian.sh

@@ -40,5 +40,10 @@ else
     say "vms: none running"
 fi
 
-# 3. The servers.
+# 3. Their network namespaces, links and the host's nftables table (docs/NETWORK.md), once no QEMU is left.
+if [ -x .venv/bin/python ]; then
+    .venv/bin/python -c 'from drivers.local import network; network.main()' || say "network: could not remove everything (see above)"
+fi
+
+# 4. The servers.
 deploy/services.sh down all

@@ -142,6 +142,15 @@ class Driver(abc.ABC):
     async def health(self) -> dict[str, Any]:
         """Return ``{"ok": bool, ...details}`` about the driver's ability to run VMs."""
 
+    def networks(self) -> tuple[str, ...]:
+        """The networks this driver can give a VM (``VMSpec.network``, docs/NETWORK.md); ``none`` always."""
+        return ("none",)
+
+    async def tidy(self) -> list[str]:
+        """Remove what VMs that are gone left behind outside their task (the collector calls this every
+        pass); returns what it removed. Nothing by default."""
+        return []
+
     async def guest_agent(self, vm_id: str) -> Path:
         """The unix socket of the running VM's QEMU guest agent, on this host (drivers/guest_agent.py).
         ``NotSupported`` when the VM has none or the driver cannot reach it from here."""

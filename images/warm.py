@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from drivers.base import DriverError
-from drivers.local import LocalDriver
+from drivers.local import LocalDriver, network
 from jobspecs.catalog import (
     DEFAULT_CATALOG,
     WARM_CURRENT,
@@ -55,6 +55,7 @@ from jobspecs.render import ACCELERATORS, FW_CFG_HOSTNAME, JobSettings, VMSpec, 
 FORMAT = 1  # bump when the way a layer is made changes: every layer is then rebuilt
 READY = ("vmgate-tiny: ready", "~ # ")  # a template whose catalog entry says no "ready"
 BOOT_TIMEOUT = 300.0  # seconds to the ready line (TCG on a busy host: tiny 3-9 s, debian-12 35-60 s)
+LEASE_TIMEOUT = 60.0  # seconds after the ready lines for the guest's DHCP lease (networkd may ask late)
 SETTLE = 1.5  # seconds after the prompt, so the shells have drawn and the guest is idle when saved
 # What the template boot finds in fw_cfg opt/vmgate/hostname: as long as any hostname (63, a clone
 # reads the entry with the size its kernel saw at boot) and never one (':' and '.'), so every clone,
@@ -72,9 +73,17 @@ def qemu_version(binary: str) -> str:
     return out.splitlines()[0].strip() if out else "unknown"
 
 
+def template_network(settings: JobSettings) -> str:
+    """The template boot's network: a DHCP server and nothing else where this host makes VM networks, so
+    every clone starts with its lease already taken (drivers/local/network.py); else none (any VM can restore
+    a layer saved on either: jobspecs/devices.py)."""
+    return "outbound" if settings.target == "local" and network.problem() is None else "none"
+
+
 def template_job(template: Template, settings: JobSettings, overlay: Path) -> dict[str, Any]:
     """The job of a VM of the template's default size, as the template boot runs it."""
-    vm = VMSpec.for_template(template, id=VM_ID, owner="0", overlay_path=overlay, hostname="warm-template")
+    vm = VMSpec.for_template(template, id=VM_ID, owner="0", overlay_path=overlay, hostname="warm-template",
+                             network=template_network(settings))
     job = render_job(vm, template, settings)
     args: list[str] = job["TaskGroups"][0]["Tasks"][0]["Config"]["args"]
     at = args.index(f"name={FW_CFG_HOSTNAME},string={vm.hostname}")
@@ -113,10 +122,21 @@ async def _wait_serial(path: Path, needles: tuple[str, ...], timeout: float, pid
         await asyncio.sleep(0.1)
 
 
+async def _wait_lease(task_dir: Path, timeout: float, pid_alive: Any) -> None:
+    deadline = time.monotonic() + timeout
+    while not network.leased(task_dir):
+        if not pid_alive() or time.monotonic() > deadline:
+            log = task_dir / "dnsmasq.log"
+            raise RuntimeError(f"the guest took no DHCP lease within {timeout:g} s; dnsmasq.log: "
+                               + (log.read_text(errors="replace")[-800:] if log.exists() else "none"))
+        await asyncio.sleep(0.1)
+
+
 async def boot_and_save(template: Template, settings: JobSettings, qemu_binary: str, out: Path) -> dict[str, float]:
     """Boot the template on ``out``/disk.qcow2 (already created), save ``out``/state; returns timings."""
     scratch = Path(tempfile.mkdtemp(prefix="vgwarm", dir="/tmp"))
-    driver = LocalDriver(scratch, qemu_binary, image_paths=[out], run_as=None, boot_timeout=60.0)
+    driver = LocalDriver(scratch, qemu_binary, image_paths=[out], run_as=None, boot_timeout=60.0,
+                         networks=network.NetworkConfig(uplink=False))
     job = template_job(template, settings, out / WARM_DISK)
     # Without the recorded run state ("paused", after `stop`) the restored VM starts running by itself,
     # with no one to send QMP `cont` (Nomad starts QEMU and leaves it). This is a property of QEMU's
@@ -136,6 +156,8 @@ async def boot_and_save(template: Template, settings: JobSettings, qemu_binary: 
         await _wait_serial(serial, ready[:1], BOOT_TIMEOUT, alive)
         timings["ready_s"] = round(time.monotonic() - began, 2)
         await _wait_serial(serial, ready, 30.0, alive)
+        if job["Meta"]["network"] == "outbound":
+            await _wait_lease(driver.task_dir(VM_ID), LEASE_TIMEOUT, alive)
         await asyncio.sleep(SETTLE)
         saving = time.monotonic()
         # The driver's own suspend: pause, save the memory to a file, end QEMU (the VMs' suspend path).

@@ -23,7 +23,7 @@ from jobspecs.render import (
     vm_id_of,
     warm_fits,
 )
-from jobspecs.starts import cold_job, is_warm, loadvm_job, resume_job
+from jobspecs.starts import cold_job, is_warm, loadvm_job, resume_job, with_network
 
 __all__ = [
     "CPU_MHZ_PER_VCPU",
@@ -51,4 +51,5 @@ __all__ = [
     "variables",
     "vm_id_of",
     "warm_fits",
+    "with_network",
 ]

@@ -132,6 +132,8 @@ class Template:
     desktop: bool = False
     # catalog "agent": the guest runs the QEMU guest agent (file upload and download: gateway/engine/files.py)
     agent: bool = False
+    # catalog "network": what a new VM gets when its create does not say (outbound or none; docs/NETWORK.md)
+    network: str = "outbound"
 
     @property
     def manifest(self) -> Path:
@@ -165,6 +167,7 @@ class Template:
             "idle_suspend_after": self.idle_suspend_after,
             "desktop": self.desktop,
             "files": self.agent,
+            "network": self.network,
         }
 
 
@@ -229,6 +232,9 @@ def _template(name: str, entry: Any, images_dir: Path, where: str) -> Template:
     idle = entry.get("idle_suspend_after")
     if idle is not None and not (_int(idle) and 0 <= idle <= 30 * 86400):
         raise CatalogError(f"{where}: idle_suspend_after must be whole seconds from 0 (never) to 2592000")
+    network = entry.get("network", "outbound")
+    if network not in ("outbound", "none"):
+        raise CatalogError(f"{where}: network must be outbound or none")
     low, high = bounds["memory_mb"]
     if low < NOMAD_MEMORY_MB[0] or high > NOMAD_MEMORY_MB[1]:
         raise CatalogError(f"{where}: limits.memory_mb must stay within Nomad's {NOMAD_MEMORY_MB[0]}.."
@@ -247,6 +253,7 @@ def _template(name: str, entry: Any, images_dir: Path, where: str) -> Template:
         defaults=Sizes(**defaults),
         idle_suspend_after=idle,
         ready=tuple(ready),
+        network=network,
         **flags,
     )
 

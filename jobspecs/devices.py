@@ -1,8 +1,15 @@
 """The devices of a VM beyond its disk, by template (``qemu_args`` in jobspecs/render.py adds them).
 
-Every VM: ``-nodefaults`` (no CD-ROM, floppy, default NIC), the serial console on stdio, no NIC (Nomad's
-``port_map`` adds its own -netdev/-device when used), and virtio-rng (the host's entropy; a clone of a warm
-template reseeds its RNG from it).
+Every VM: ``-nodefaults`` (no CD-ROM, floppy, default NIC), the serial console on stdio, one virtio NIC
+(below), and virtio-rng (the host's entropy; a clone of a warm template reseeds its RNG from it).
+
+**The NIC** is the same device with the same MAC in every VM, whatever its network (``VMSpec.network``,
+docs/NETWORK.md): ``outbound`` connects it to ``tap0``, which the local driver makes in the VM's own network
+namespace (drivers/local/network.py); ``none`` to a hub port with nothing else on the hub, so frames go
+nowhere. QEMU's user-mode network (slirp) is never used: its guest reaches the host's loopback (Postgres,
+Redis, the gateway). One device for both lets any VM restore a warm layer saved with either, which is why
+the tap runs without ``vnet_hdr``: with it the guest negotiates offloads a hub port cannot offer, and QEMU
+refuses such a state on a hub port ("saved image requires vnet_hdr=on").
 
 A text template (catalog ``"desktop": false``) has the standard VGA: the text console, 720x400.
 
@@ -24,20 +31,27 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["CLIPBOARD_META", "SERIAL_BUS", "VDAGENT_PORT", "devices"]
+__all__ = ["CLIPBOARD_META", "NETDEVS", "NETWORKS", "NIC_MAC", "SERIAL_BUS", "VDAGENT_PORT", "devices"]
 
 VDAGENT_PORT = "com.redhat.spice.0"  # the port name spice-vdagentd opens in the guest
 SERIAL_BUS = "vmgate-serial"
 
 TEXT = ("-vga", "std")
 DESKTOP_DISPLAY = ("-vga", "none", "-device", "virtio-vga")
-COMMON = ("-serial", "stdio", "-nic", "none", "-device", "virtio-rng-pci")
+NETWORKS = ("outbound", "none")
+NIC_MAC = "52:54:00:76:6d:01"
+NETDEVS = {"outbound": "tap,id=net0,ifname=tap0,script=no,downscript=no,vnet_hdr=off",
+           "none": "hubport,id=net0,hubid=0"}
+NIC = ("-device", f"virtio-net-pci,netdev=net0,mac={NIC_MAC}")
+COMMON = ("-serial", "stdio")
+RNG = ("-device", "virtio-rng-pci")
 DESKTOP = ("-device", "virtio-tablet-pci", "-device", f"virtio-serial-pci,id={SERIAL_BUS}")
 CLIPBOARD_META = {"clipboard": "vdagent"}  # job Meta of a desktop: the local driver plugs the clipboard in
 
 
-def devices(template: Any) -> list[str]:
-    """QEMU arguments for the devices of a VM of ``template`` (a ``jobspecs.catalog.Template``)."""
+def devices(template: Any, network: str = "none") -> list[str]:
+    """QEMU arguments for the devices of a VM of ``template`` (a ``jobspecs.catalog.Template``) on ``network``."""
+    common = [*COMMON, "-netdev", NETDEVS[network], *NIC, *RNG]
     if template.desktop:
-        return ["-nodefaults", *DESKTOP_DISPLAY, *COMMON, *DESKTOP]
-    return ["-nodefaults", *TEXT, *COMMON]
+        return ["-nodefaults", *DESKTOP_DISPLAY, *common, *DESKTOP]
+    return ["-nodefaults", *TEXT, *common]

@@ -15,8 +15,9 @@ The job (``vm-<id>``, type service):
                 -smp N -kernel K -initrd I -append "<cmdline> vmgate.hostname=<hostname>"
                 -vnc unix:${NOMAD_TASK_DIR}/vnc.sock
                 -qmp unix:${NOMAD_TASK_DIR}/qmp.sock,server=on,wait=off
-                -sandbox on,obsolete=deny,... -nodefaults -vga std -serial stdio -nic none
-                -device virtio-rng-pci -fw_cfg name=opt/vmgate/hostname,string=<hostname>
+                -sandbox on,obsolete=deny,... -nodefaults -vga std -serial stdio
+                -netdev tap|hubport,id=net0 -device virtio-net-pci,... -device virtio-rng-pci
+                -fw_cfg name=opt/vmgate/hostname,string=<hostname>
                 -set drive.image0.file.auto-read-only=off
                 [-incoming "exec:cat <warm state>"]             (a warm job: the VM's first start only)
         resources: cpu = 1000 MHz per vCPU, memory = memory_mb
@@ -48,27 +49,13 @@ from typing import Any
 
 from jobspecs import sandbox
 from jobspecs.catalog import NOMAD_MEMORY_MB, SIZE_NAMES, Template, WarmImage
-from jobspecs.devices import CLIPBOARD_META, devices
+from jobspecs.devices import CLIPBOARD_META, NETWORKS, devices
 from jobspecs.hcl import to_hcl
 
 SECOND = 1_000_000_000  # Nomad's API takes durations in nanoseconds
 
-__all__ = [
-    "FW_CFG_HOSTNAME",
-    "VNC_PORT_LABEL",
-    "VNC_SERVICE",
-    "JobSettings",
-    "JobSpecError",
-    "VMSpec",
-    "job_name",
-    "qemu_args",
-    "render_job",
-    "to_hcl",
-    "variables",
-    "vm_id_of",
-    "vnc_arg",
-    "warm_fits",
-]
+__all__ = ["FW_CFG_HOSTNAME", "VNC_PORT_LABEL", "VNC_SERVICE", "JobSettings", "JobSpecError", "VMSpec", "job_name",
+           "qemu_args", "render_job", "to_hcl", "variables", "vm_id_of", "vnc_arg", "warm_fits"]
 MINUTE = 60 * SECOND
 HOUR = 60 * MINUTE
 
@@ -154,11 +141,12 @@ class VMSpec:
     hostname: str = _var("string", "Guest hostname (RFC 1123 label), passed as vmgate.hostname=")
     userdata: str = _var("string", "A script the guest runs once at first boot (fw_cfg opt/vmgate/userdata); "
                          f"empty for none, at most {MAX_USERDATA} bytes", "")
+    network: str = _var("string", "outbound (NAT to the internet; local target) or none (job meta `network`)", "none")
 
     @classmethod
     def for_template(cls, template: Template, *, id: str, owner: str, overlay_path: str | Path,
                      hostname: str | None = None, cpu: int | None = None, memory_mb: int | None = None,
-                     disk_gb: int | None = None) -> VMSpec:
+                     disk_gb: int | None = None, network: str = "none") -> VMSpec:
         """A spec with the template's default sizes for whatever is not given; hostname defaults to vm-<id>."""
         return cls(
             id=id, owner=str(owner), template=template.name,
@@ -166,7 +154,7 @@ class VMSpec:
             memory_mb=template.defaults.memory_mb if memory_mb is None else memory_mb,
             disk_gb=template.defaults.disk_gb if disk_gb is None else disk_gb,
             overlay_path=str(overlay_path),
-            hostname=hostname or f"{JOB_PREFIX}{id}"[:63].rstrip("-_").replace("_", "-"),
+            hostname=hostname or f"{JOB_PREFIX}{id}"[:63].rstrip("-_").replace("_", "-"), network=network,
         )
 
 
@@ -242,6 +230,8 @@ def _check(vm: VMSpec, template: Template, settings: JobSettings) -> None:
             raise JobSpecError(size, f"{value} is outside {low}..{high}, the limits of template {template.name!r}")
     if not isinstance(vm.userdata, str) or "\0" in vm.userdata or len(vm.userdata.encode()) > MAX_USERDATA:
         raise JobSpecError("userdata", f"must be text of at most {MAX_USERDATA} bytes without NUL")
+    if vm.network not in NETWORKS or (vm.network == "outbound" and settings.target != "local"):
+        raise JobSpecError("network", f"must be none, or outbound on the local target, got {vm.network!r}")
     if not NOMAD_MEMORY_MB[0] <= vm.memory_mb <= NOMAD_MEMORY_MB[1]:
         raise JobSpecError("memory_mb", f"Nomad's qemu driver needs {NOMAD_MEMORY_MB[0]}..{NOMAD_MEMORY_MB[1]} MB")
     if not isinstance(vm.hostname, str) or not HOSTNAME_RE.fullmatch(vm.hostname):
@@ -290,9 +280,9 @@ def qemu_args(vm: VMSpec, template: Template, target: str = "local") -> list[str
         "-vnc", vnc_arg(target),
         "-qmp", "unix:${NOMAD_TASK_DIR}/qmp.sock,server=on,wait=off",
         "-sandbox", sandbox.value(),  # jobspecs/sandbox.py
-        # These devices (jobspecs/devices.py), Nomad's own, and no default NIC: on user networking the guest
+        # These devices (jobspecs/devices.py), Nomad's own, and never QEMU's user-mode network: its guest
         # would reach the host's loopback (10.0.2.2 is the host's 127.0.0.1: Postgres, Redis, the gateway).
-        *devices(template),
+        *devices(template, vm.network),
         "-fw_cfg", f"name={FW_CFG_HOSTNAME},string={vm.hostname}",
         *(("-fw_cfg", f"name={FW_CFG_USERDATA},string={base64.b64encode(vm.userdata.encode()).decode()}")
           if vm.userdata else ()),
@@ -368,7 +358,7 @@ def _job(vm: VMSpec, template: Template, settings: JobSettings, name: str) -> di
         "Type": "service",
         "Namespace": settings.namespace,
         "Datacenters": list(settings.datacenters),
-        "Meta": {"vm_id": vm.id, "owner": vm.owner, "template": template.name,
+        "Meta": {"vm_id": vm.id, "owner": vm.owner, "template": template.name, "network": vm.network,
                  **(CLIPBOARD_META if template.desktop else {})},
         "TaskGroups": [
             {

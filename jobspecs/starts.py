@@ -17,6 +17,7 @@ import re
 from typing import Any
 
 from jobspecs import sandbox
+from jobspecs.devices import NETDEVS
 from jobspecs.render import LOADVM, SNAPSHOT_TAG_RE, WARM_ARGS, JobSettings, JobSpecError, policies
 from jobspecs.sandbox import INCOMING
 
@@ -42,6 +43,20 @@ def cold_job(job: dict[str, Any], settings: JobSettings) -> dict[str, Any]:
     config["args"] = sandbox.fit(args[:at] + args[at + 2:])
     group["RestartPolicy"], group["ReschedulePolicy"] = policies(settings, warm=False)
     copy.get("Meta", {}).pop("start", None)
+    return copy
+
+
+def with_network(job: dict[str, Any], network: str) -> dict[str, Any]:
+    """A copy of ``job`` whose NIC is on ``network`` (jobspecs/devices.py): the same device, another backend, so a
+    VM keeps its saved states across the change. A job made before VMs had a NIC cannot change."""
+    if network not in NETDEVS:
+        raise JobSpecError("network", f"must be one of {', '.join(NETDEVS)}, got {network!r}")
+    copy: dict[str, Any] = json.loads(json.dumps(job))
+    args = copy["TaskGroups"][0]["Tasks"][0]["Config"]["args"]
+    if "-netdev" not in args:
+        raise JobSpecError("network", "this VM was made without a network card")
+    args[args.index("-netdev") + 1] = NETDEVS[network]
+    copy.setdefault("Meta", {})["network"] = network
     return copy
 
 

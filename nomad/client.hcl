@@ -68,7 +68,7 @@ plugin "qemu" {
       "-nodefaults",
       "-vga",
       "-serial",
-      "-nic",
+      "-netdev",
       "-device",
       "-fw_cfg",
       "-set",

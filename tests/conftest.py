@@ -29,7 +29,7 @@ import pytest
 import redis
 
 from drivers.fake import FakeDriver
-from drivers.local import cgroups
+from drivers.local import cgroups, network
 from gateway.config import Settings
 from gateway.web.app import create_app
 from gateway.web.appkeys import settings_key
@@ -107,12 +107,13 @@ def kill_qemu_under(directory: Path) -> int:
 
 def release_vms_under(root: Path) -> None:
     """Kill the QEMUs of a VM root and remove their cgroups (drivers/local/cgroups.py): a test that ends with
-    VMs running leaves no process and no empty cgroup behind."""
+    VMs running leaves no process, no empty cgroup and no network namespace behind."""
     deadline = time.monotonic() + 10
     while kill_qemu_under(root) and time.monotonic() < deadline:
         time.sleep(0.05)
     for task_dir in sorted((root / "tasks").glob("*")):
         cgroups.remove(task_dir)
+        network.down(task_dir)  # and their network namespaces (drivers/local/network.py)
 
 
 @pytest.fixture

@@ -71,7 +71,7 @@ def test_nomad_target_renders_every_template_at_every_size(templates: dict[str, 
             name = f"vm-{vm.id}"
             assert job["ID"] == name and job["Namespace"] == "vmgate"
             # A desktop's clipboard is plugged in by the local driver only (docs/CONSOLE.md): no QMP from here.
-            assert job["Meta"] == {"vm_id": vm.id, "owner": "42", "template": template.name,
+            assert job["Meta"] == {"vm_id": vm.id, "owner": "42", "template": template.name, "network": "none",
                                    **({"clipboard": "vdagent"} if template.desktop else {})}
             [group] = job["TaskGroups"]
             assert group["Networks"] == [{"Mode": "host", "DynamicPorts": [{"Label": "vnc"}]}]
@@ -83,7 +83,8 @@ def test_nomad_target_renders_every_template_at_every_size(templates: dict[str, 
             [task] = group["Tasks"]
             args = task["Config"]["args"]
             assert args[args.index("-vnc") + 1] == "${NOMAD_IP_vnc}:${VMGATE_VNC_DISPLAY}"
-            assert "-qmp" in args and args[args.index("-nic") + 1] == "none"
+            # No network on a fleet node yet (docs/NETWORK.md): the NIC is on an empty hub.
+            assert "-qmp" in args and args[args.index("-netdev") + 1] == "hubport,id=net0,hubid=0"
             [tmpl] = task["Templates"]
             assert tmpl["Envvars"] is True and tmpl["DestPath"] == "local/vnc.env"
             assert 'VMGATE_VNC_DISPLAY={{ env "NOMAD_PORT_vnc" | parseInt | subtract 5900 }}' in tmpl["EmbeddedTmpl"]
@@ -166,7 +167,7 @@ def test_the_client_allowlist_is_exactly_the_renderers_flags(templates: dict[str
     assert emitted <= allowed, f"flags missing from {CLIENT_HCL}: {sorted(emitted - allowed)}"
     assert allowed == emitted, f"{CLIENT_HCL} allows flags no job uses: {sorted(allowed - emitted)}"
     assert allowed == {"-smp", "-kernel", "-initrd", "-append", "-vnc", "-qmp", "-sandbox", "-nodefaults", "-vga",
-                       "-serial", "-nic", "-device", "-fw_cfg", "-set", "-incoming", "-loadvm", "-object"}
+                       "-serial", "-netdev", "-device", "-fw_cfg", "-set", "-incoming", "-loadvm", "-object"}
 
 
 # ---------------------------------------------------------------- Nomad's errors, one mapping

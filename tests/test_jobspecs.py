@@ -232,7 +232,7 @@ def test_every_template_renders_at_every_size(templates: dict[str, Template]) ->
         json.dumps({"Job": job})  # what POST /v1/jobs takes
         assert job["ID"] == job["Name"] == f"vm-{vm.id}" == job_name(vm.id)
         assert job["Type"] == "service" and job["Namespace"] == "vms" and job["Datacenters"] == ["dc1", "dc2"]
-        assert job["Meta"] == {"vm_id": vm.id, "owner": "42", "template": template.name,
+        assert job["Meta"] == {"vm_id": vm.id, "owner": "42", "template": template.name, "network": "none",
                                **({"clipboard": "vdagent"} if template.desktop else {})}
         [group] = job["TaskGroups"]
         assert group["Name"] == "vm" and group["Count"] == 1
@@ -260,7 +260,7 @@ def test_every_template_renders_at_every_size(templates: dict[str, Template]) ->
             "-qmp", "unix:${NOMAD_TASK_DIR}/qmp.sock,server=on,wait=off",
             "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
             "-nodefaults", *display, "-serial", "stdio",
-            "-nic", "none",
+            "-netdev", "hubport,id=net0,hubid=0", "-device", "virtio-net-pci,netdev=net0,mac=52:54:00:76:6d:01",
             "-device", "virtio-rng-pci",
             *(desktop if template.desktop else []),
             "-fw_cfg", "name=opt/vmgate/hostname,string=box-1",
@@ -296,7 +296,7 @@ def test_settings_feed_the_job(templates: dict[str, Template]) -> None:
 def test_variables_are_described() -> None:
     table = variables()
     assert set(table) == {"id", "owner", "template", "cpu", "memory_mb", "disk_gb", "overlay_path", "hostname",
-                          "userdata", "datacenters", "namespace", "accelerator", "stop_timeout", "target",
+                          "userdata", "network", "datacenters", "namespace", "accelerator", "stop_timeout", "target",
                           "restart_attempts", "restart_interval", "restart_delay", "restart_mode", "task_user"}
     for name, var in table.items():
         assert var["type"] in ("string", "number", "list(string)") and var["description"], name

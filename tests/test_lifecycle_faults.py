@@ -32,7 +32,7 @@ import pytest
 import redis
 
 from console import redis_keys
-from drivers.local import LocalDriver
+from drivers.local import LocalDriver, network
 from gateway.config import RATE_LIMIT_DEFAULTS
 from gateway.engine.queue import STREAM
 from gateway.states import TRANSITIONAL as TRANSITIONAL_STATES
@@ -198,6 +198,15 @@ def disagreements(database_url: str, vms_root: Path, client: redis.Redis | None 
         problems.append(f"task dirs of destroyed or unknown VMs: { {v: rows.get(v, {}).get('state') for v in stray} }")
     if stray_locks := lock_files(vms_root) & destroyed:
         problems.append(f"lock files of destroyed VMs: {sorted(stray_locks)}")
+    # Network namespaces (drivers/local/network.py) live exactly as long as their VM's QEMU.
+    spaces = {vm_id: json.loads((vms_root / "tasks" / vm_id / network.STATE).read_text())["netns"]
+              for vm_id in dirs if (vms_root / "tasks" / vm_id / network.STATE).is_file()}
+    if gone := {vm_id: name for vm_id, name in spaces.items() if vm_id not in running}:
+        problems.append(f"network namespaces of VMs that are not running: {gone}")
+    if strays := set(network.leftovers()["netns"]) - set(spaces.values()):
+        problems.append(f"network namespaces of no VM: {sorted(strays)}")
+    if lone := set(network.leftovers()["links"]) - set(network.leftovers()["netns"]):
+        problems.append(f"host links without their namespace: {sorted(lone)}")
     if client is not None:
         targets = {key.rsplit(":", 1)[-1] for key in client.scan_iter(redis_keys.vnc_target_key("*"))}
         if targets != running:

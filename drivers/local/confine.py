@@ -24,15 +24,14 @@ destroyed VM had on this host (its cgroup, its task directory, its uid).
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import logging
-import os
 import resource
 import shutil
 from pathlib import Path
 
-from drivers.local import cgroups
+from drivers.local import cgroups, network
+from drivers.local.slots import claim, release
 from drivers.local.taskdir import remove_tree
 
 log = logging.getLogger(__name__)
@@ -44,54 +43,14 @@ PER_VM = "per-vm"  # the driver's run_as when each VM gets its own uid
 cgroup_problem: str | None = None  # why QEMUs run without cgroup limits here (None: they do not)
 
 
-def _slots(tasks_root: Path) -> Path:
-    return tasks_root / ".uids"
-
-
 def uid_of(tasks_root: Path, vm_id: str) -> int:
     """The VM's own uid (= its gid): the one it has, else a free one, claimed for it."""
-    slots = _slots(tasks_root)
-    slots.mkdir(mode=0o700, parents=True, exist_ok=True)
-    mine = slots / f"vm-{vm_id}"
-    try:
-        return int(mine.read_text())
-    except (FileNotFoundError, ValueError):
-        pass
-    offset = int.from_bytes(hashlib.sha256(vm_id.encode()).digest()[:8], "big") % UID_SPAN
-    for step in range(UID_SPAN):
-        uid = UID_BASE + (offset + step) % UID_SPAN
-        try:
-            fd = os.open(slots / str(uid), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        except FileExistsError:
-            if (slots / str(uid)).read_text() == vm_id:  # ours, from a start whose record got lost
-                break
-            continue
-        with os.fdopen(fd, "w") as handle:
-            handle.write(vm_id)
-        break
-    else:
-        raise RuntimeError("no free uid for a VM")
-    tmp = slots / f".vm-{vm_id}.tmp"
-    tmp.write_text(str(uid))
-    os.replace(tmp, mine)
-    return uid
+    return claim(tasks_root / ".uids", vm_id, UID_BASE, UID_SPAN)
 
 
 def release_uid(tasks_root: Path, vm_id: str) -> None:
     """Give the destroyed VM's uid back. Idempotent."""
-    slots = _slots(tasks_root)
-    mine = slots / f"vm-{vm_id}"
-    try:
-        uid = int(mine.read_text())
-    except (FileNotFoundError, ValueError):
-        return
-    slot = slots / str(uid)
-    try:
-        if slot.read_text() == vm_id:
-            slot.unlink()
-    except FileNotFoundError:
-        pass
-    mine.unlink(missing_ok=True)
+    release(tasks_root / ".uids", vm_id)
 
 
 def identity(run_as: str | None, tasks_root: Path, vm_id: str) -> str | None:
@@ -130,9 +89,10 @@ def limit(pid: int, argv: list[str], task_dir: Path, disk: str | None) -> None:
 
 
 def dispose(task_dir: Path, *, strict: bool = True) -> None:
-    """Remove what a VM whose QEMU is gone has on this host: its cgroups, its task directory and its uid.
+    """Remove what a VM whose QEMU is gone has on this host: its cgroups, network, task directory and uid.
     ``strict``: raise DriverError if the directory cannot be removed (else leave what is left)."""
     cgroups.remove(task_dir)
+    network.down(task_dir)
     if strict:
         remove_tree(task_dir)
     else:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from drivers.base import Driver, DriverError, JobInvalid, NotSupported, VMStatus
-from drivers.local import cgroups, confine, vdagent
+from drivers.local import cgroups, confine, network, vdagent
 from drivers.local.confine import PER_VM, dispose, identity
 from drivers.local.job import GUEST_AGENT_SOCKET, SNAPSHOT_TAG_RE, VM_ID_RE, QemuTask, build_task, check_vm_id
 from drivers.local.process import Processes, QemuBinary, default_run_as, run
@@ -59,11 +59,14 @@ class LocalDriver(Driver):
 
     def __init__(self, vms_root: Path, qemu_binary: str = "qemu-system-x86_64", *,
                  image_paths: Iterable[str | Path] | None = None, args_allowlist: Iterable[str] | None = None,
-                 run_as: str | None = "auto", boot_timeout: float = BOOT_TIMEOUT) -> None:
+                 run_as: str | None = "auto", boot_timeout: float = BOOT_TIMEOUT,
+                 networks: network.NetworkConfig | str | None = "auto") -> None:
         """``image_paths``: where image_path may point (default: vms_root), like Nomad's ``image_paths``.
         ``args_allowlist``: flags the job's args may use (default: any), like Nomad's ``args_allowlist``.
         ``run_as``: user QEMU drops to after opening its files (``-runas``); "auto" is a uid of its own
-        per VM when running as root (drivers/local/confine.py) and nothing otherwise; None never drops."""
+        per VM when running as root (drivers/local/confine.py) and nothing otherwise; None never drops.
+        ``networks``: how VMs with ``network: outbound`` get one (drivers/local/network.py); "auto" is the
+        defaults with the host's resolvers where this host can make networks; None: no VM gets one."""
         self.vms_root = Path(vms_root).absolute()
         self.tasks_root = self.vms_root / "tasks"
         self.qemu_binary = qemu_binary
@@ -74,6 +77,11 @@ class LocalDriver(Driver):
         self._qemu = QemuBinary(qemu_binary)
         self._procs = Processes(self.tasks_root, qemu_binary)
         self._locks = VMLocks(self.tasks_root / ".locks")
+        self.network_problem = network.problem() if networks is not None else "networks are off (VM_NETWORK=none)"
+        if networks == "auto":
+            networks = network.NetworkConfig(dns=network.host_resolvers())
+        self.network = networks if isinstance(networks, network.NetworkConfig) and not self.network_problem else None
+        self._host_rules: network.NetworkConfig | None = None  # what ensure_host last installed
 
     def __repr__(self) -> str:
         return f"LocalDriver({str(self.vms_root)!r}, {self.qemu_binary!r})"
@@ -92,6 +100,8 @@ class LocalDriver(Driver):
         # A job this driver cannot run is refused whatever the VM's state, before anything is created.
         task = build_task(vm_id, job, task_dir, self._qemu.path(), image_paths=self.image_paths,
                           args_allowlist=self.args_allowlist)
+        if task.network == "outbound" and self.network is None:
+            raise JobInvalid(f"this host gives VMs no outbound network: {self.network_problem}")
         async with self._locks.hold(vm_id):
             current = self._procs.status(vm_id)
             if current.state == "running":
@@ -119,7 +129,10 @@ class LocalDriver(Driver):
                 # re-adopt with its VNC endpoint, and no record of an earlier exit.
                 write_atomic(task_dir / "job.json", json.dumps(job, indent=2) + "\n")
                 (task_dir / "exit.json").unlink(missing_ok=True)
-                pid = self._procs.spawn(argv, task, task_dir)
+                prefix: list[str] = []
+                if task.network == "outbound" and self.network is not None:
+                    prefix = network.enter(await self._network_up(task_dir), self.network)
+                pid = self._procs.spawn(argv, task, task_dir, prefix)
                 write_atomic(task_dir / "qemu.pid", f"{pid}\n")
                 await self._wait_ready(pid, task, task_dir)
                 if task.vdagent:
@@ -136,6 +149,14 @@ class LocalDriver(Driver):
             status = self._procs.status(vm_id)
             status.details["start_seconds"] = round(time.monotonic() - began, 2)
             return status
+
+    async def _network_up(self, task_dir: Path) -> str:
+        """The VM's network namespace, made now (and the host's rules, on this driver's first)."""
+        assert self.network is not None
+        if self.network.uplink and self._host_rules != self.network:
+            await asyncio.to_thread(network.ensure_host, self.network)
+            self._host_rules = self.network
+        return await asyncio.to_thread(network.up, self.network, task_dir)
 
     async def _wait_ready(self, pid: int, task: QemuTask, task_dir: Path) -> None:
         deadline = time.monotonic() + self.boot_timeout
@@ -405,9 +426,22 @@ class LocalDriver(Driver):
         report["running"] = sum(1 for s in (await self.list_vms()).values() if s.state == "running")
         # Per-VM limits (drivers/local/cgroups.py): which cgroup version, or why QEMUs run without them.
         report["cgroups"] = confine.cgroup_problem or (f"v{cgroups.version()}" if self.run_as == PER_VM else "off")
+        report["network"] = "outbound" if self.network is not None else f"none: {self.network_problem}"
         report["problems"] = problems
         report["ok"] = not problems
         return report
+
+    def networks(self) -> tuple[str, ...]:
+        return ("outbound", "none") if self.network is not None else ("none",)
+
+    async def tidy(self) -> list[str]:
+        """Network namespaces and links of VMs whose QEMU is gone (drivers/local/network.py ``sweep``), and
+        the host's rules back if something removed them."""
+        if self.network is None:
+            return []
+        if self._host_rules is not None and await asyncio.to_thread(network.host_table, self.network) is None:
+            await asyncio.to_thread(network.ensure_host, self.network)
+        return await asyncio.to_thread(network.sweep, self.network, network.SWEEP_GRACE)
 
     async def close(self) -> None:
         self._procs.close()

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from drivers.base import DriverError, JobInvalid, VncTarget
+from jobspecs.devices import NETDEVS, NETWORKS
 
 SUN_PATH_MAX = 108  # bytes in sockaddr_un.sun_path, the terminating NUL included
 VM_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
@@ -52,6 +53,7 @@ class QemuTask:
     env: dict[str, str] = field(default_factory=dict)
     incoming: str | None = None  # the state file a warm start restores (-incoming "exec:cat PATH")
     vdagent: bool = False  # job Meta.clipboard: plug the desktop clipboard in once it runs (drivers/local/vdagent.py)
+    network: str = "none"  # job Meta.network: "outbound" runs QEMU in a network namespace (drivers/local/network.py)
 
 
 def check_vm_id(vm_id: str) -> None:
@@ -228,6 +230,12 @@ def build_task(vm_id: str, job: dict[str, Any], task_dir: Path, qemu_path: str =
             raise JobInvalid(f"-loadvm {value!r}: one snapshot tag, 1-64 of A-Z a-z 0-9 _ . -")
         elif flag == "-fw_cfg" and not _FW_CFG_RE.fullmatch(value):
             raise JobInvalid(f"-fw_cfg {value!r}: only name=opt/...,string=VALUE is allowed")
+        elif flag == "-netdev" and (value not in NETDEVS.values() or extra.count("-netdev") > 1):
+            raise JobInvalid(f"-netdev {value!r}: the local driver connects one NIC to its tap or to nothing: "
+                             + " or ".join(NETDEVS.values()))
+        elif flag == "-net" or (flag == "-nic" and value != "none"):
+            raise JobInvalid(f"{flag} {value!r}: no user-mode or default network (the guest would reach the "
+                             "host's loopback); use -netdev")
         elif flag == "-set" and value != "drive.image0.file.auto-read-only=off":
             raise JobInvalid(f"-set {value!r}: only drive.image0.file.auto-read-only=off is allowed")
         if flag == "-qmp":
@@ -240,6 +248,12 @@ def build_task(vm_id: str, job: dict[str, Any], task_dir: Path, qemu_path: str =
             vnc, vnc_socket = _vnc_target(value, task_dir)
             if vnc_socket is not None:
                 sockets.append(vnc_socket)
+    network = (job.get("Meta") or {}).get("network", "none")
+    if network not in NETWORKS:
+        raise JobInvalid(f"Meta.network {network!r}: expected one of {', '.join(NETWORKS)}")
+    if (NETDEVS["outbound"] in extra) != (network == "outbound"):
+        raise JobInvalid("Meta.network says outbound exactly when -netdev is the tap: "
+                         f"-netdev {NETDEVS['outbound']}")
     if qmp_socket is None:
         raise JobInvalid("the local driver needs a QMP socket: add -qmp unix:${NOMAD_TASK_DIR}/qmp.sock,"
                          "server=on,wait=off to config.args")
@@ -253,4 +267,4 @@ def build_task(vm_id: str, job: dict[str, Any], task_dir: Path, qemu_path: str =
                               f"under {SUN_PATH_MAX}: use a shorter VMS_ROOT")
     return QemuTask(argv=tuple(argv), image_path=image_path, qmp_socket=qmp_socket, sockets=tuple(sockets),
                     vnc=vnc, graceful_shutdown=bool(config.get("graceful_shutdown")), env=env, incoming=incoming,
-                    vdagent=(job.get("Meta") or {}).get("clipboard") == "vdagent")
+                    vdagent=(job.get("Meta") or {}).get("clipboard") == "vdagent", network=network)

@@ -22,10 +22,12 @@ import re
 import shutil
 import signal
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from drivers.base import DriverError, VMStatus
+from drivers.local import network
 from drivers.local.confine import PER_VM, limit
 from drivers.local.job import QemuTask, build_task
 from drivers.local.taskdir import (
@@ -46,13 +48,15 @@ log = logging.getLogger(__name__)
 _VERSION_RE = re.compile(r"version (\d+)\.(\d+)(?:\.(\d+))?")
 
 
-def spawn(argv: list[str], task: QemuTask, task_dir: Path) -> int:
+def spawn(argv: list[str], task: QemuTask, task_dir: Path, prefix: Sequence[str] = ()) -> int:
     """Start QEMU in its own session (it must outlive the gateway): stdin /dev/null,
     stdout appended to serial.log, stderr to stderr.log, only the task's environment.
 
     A restore (``-incoming "exec:cat STATE"``) gets the state file opened here as its fd 3 instead
     (``-incoming fd:3``): no shell, no cat, no pipe between them. QEMU then reads the file itself,
-    which halved the median restore here (docs/DRIVERS.md); the job keeps the portable form."""
+    which halved the median restore here (docs/DRIVERS.md); the job keeps the portable form.
+
+    ``prefix`` runs QEMU through another program that execs it (``nsenter --net=...``: its network)."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC
     fds = [os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)]
     try:
@@ -63,7 +67,7 @@ def spawn(argv: list[str], task: QemuTask, task_dir: Path) -> int:
             at = argv.index("-incoming")
             argv = [*argv[:at + 1], f"fd:{len(fds) - 1}", *argv[at + 2:]]
         # Spawning was allowed for exec:cat only; a driver that makes QEMU drop root must let it (confine.py).
-        argv = sandbox.fit(argv, drops_root="-runas" in argv or "-run-with" in argv)
+        argv = [*prefix, *sandbox.fit(argv, drops_root="-runas" in argv or "-run-with" in argv)]
         env = {"PATH": os.environ.get("PATH", os.defpath), "LC_ALL": "C", **task.env}
         return os.posix_spawn(argv[0], argv, env, setsid=True, setsigmask=(),
                               setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),
@@ -152,9 +156,9 @@ class Processes:
 
     # ------------------------------------------------------------ processes
 
-    def spawn(self, argv: list[str], task: QemuTask, task_dir: Path) -> int:
+    def spawn(self, argv: list[str], task: QemuTask, task_dir: Path, prefix: Sequence[str] = ()) -> int:
         """``spawn`` QEMU and remember it as our child (to reap it, and to know it before /proc does)."""
-        pid = spawn(argv, task, task_dir)
+        pid = spawn(argv, task, task_dir, prefix)
         self._children[pid] = task_dir
         limit(pid, argv, task_dir, task.image_path)  # a QEMU with a uid of its own: a thread cap, a cgroup
         return pid
@@ -232,7 +236,8 @@ class Processes:
         return info
 
     def record_gone(self, task_dir: Path, pid: int | None) -> dict[str, Any]:
-        """Record a QEMU that ended while no driver watched it (its exit status is lost)."""
+        """Record a QEMU that ended while no driver watched it (its exit status is lost), and remove its network."""
+        network.down(task_dir)
         if pid is None:
             return self.record_exit(task_dir, None, "gone", "QEMU did not start: what was starting it stopped first")
         last = stderr_tail(task_dir, 1)

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from drivers.base import DriverError
+from drivers.local import network
 from drivers.local.job import GUEST_AGENT_SOCKET, MONITOR_SOCKET, QemuTask
 
 log = logging.getLogger(__name__)
@@ -185,7 +186,9 @@ def read_exit(task_dir: Path) -> dict[str, Any]:
 
 
 def remove_runtime(task_dir: Path, task: QemuTask | None) -> None:
-    """Remove the pid file and every socket (QEMU cannot unlink them once it dropped root)."""
+    """Remove the pid file and every socket (QEMU cannot unlink them once it dropped root), and the VM's
+    network namespace (drivers/local/network.py): what exists only while its QEMU runs."""
+    network.down(task_dir)
     names = {"qmp.sock", "vnc.sock", MONITOR_SOCKET, GUEST_AGENT_SOCKET, *RUNTIME_FILES}
     paths = {task_dir / name for name in names} | set(task.sockets if task else ())
     for path in paths:
