@@ -14,22 +14,23 @@ from typing import TYPE_CHECKING, Any
 from drivers.base import Driver, DriverConfigError, DriverError, JobInvalid, VMStatus, VncTarget
 
 if TYPE_CHECKING:
+    from drivers.local.network import NetworkConfig
     from drivers.nomad import NomadConfig
 
 
 def load_driver(kind: str, *, vms_root: Path, qemu_binary: str = "qemu-system-x86_64",
-                nomad: NomadConfig | None = None) -> Driver:
+                nomad: NomadConfig | None = None, networks: NetworkConfig | None = None) -> Driver:
     """The driver ``kind`` names (local, nomad or fake), built from the arguments it uses.
 
     ``vms_root`` and ``qemu_binary`` are the local driver's, ``nomad`` the Nomad driver's (required for
-    it). Raises ``DriverConfigError`` for a driver that cannot be built from these, and ``TypeError`` if
-    what was built is not a ``Driver``.
+    it), ``networks`` the local driver's VM networks (None: VMs get none). Raises ``DriverConfigError`` for
+    a driver that cannot be built from these, and ``TypeError`` if what was built is not a ``Driver``.
     """
     driver: Any
     if kind == "local":
         from drivers.local import LocalDriver
 
-        driver = LocalDriver(vms_root, qemu_binary)
+        driver = LocalDriver(vms_root, qemu_binary, networks=networks)
     elif kind == "fake":
         from drivers.fake import FakeDriver
 

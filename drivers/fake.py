@@ -49,10 +49,14 @@ class FakeDriver(Driver):
         self.boot_delay = boot_delay
         self.fail_next_start: str | None = None
         self.healthy = True
+        self.offered_networks: tuple[str, ...] = ("outbound", "none")  # as a local driver that can make them
         self.calls: list[tuple[str, str]] = []
         self.vms: dict[str, FakeVM] = {}
         self._pids = itertools.count(40000)
         self._locks: dict[str, asyncio.Lock] = {}
+
+    def networks(self) -> tuple[str, ...]:
+        return self.offered_networks
 
     def _status(self, vm_id: str) -> VMStatus:
         vm = self.vms.get(vm_id)

@@ -149,6 +149,27 @@ def _networks(key: str, value: str) -> tuple[ipaddress.IPv4Network | ipaddress.I
     return tuple(nets)
 
 
+def _ipv4_networks(key: str, value: str) -> tuple[ipaddress.IPv4Network, ...]:
+    nets = _networks(key, value)
+    if not all(isinstance(net, ipaddress.IPv4Network) for net in nets):
+        raise ConfigError(key, "expected IPv4 addresses or CIDRs (VMs have no IPv6)")
+    return tuple(net for net in nets if isinstance(net, ipaddress.IPv4Network))
+
+
+def _ipv4_addresses(key: str, value: str) -> tuple[ipaddress.IPv4Address, ...]:
+    nets = _ipv4_networks(key, value)
+    if any(net.num_addresses != 1 for net in nets):
+        raise ConfigError(key, "expected single IPv4 addresses")
+    return tuple(net.network_address for net in nets)
+
+
+def _pool(key: str, value: str) -> ipaddress.IPv4Network:
+    nets = _ipv4_networks(key, value)
+    if len(nets) != 1 or not 16 <= nets[0].prefixlen <= 24:
+        raise ConfigError(key, f"expected one IPv4 network from /16 to /24, got {value!r}")
+    return nets[0]
+
+
 def _csv(key: str, value: str) -> tuple[str, ...]:
     items = tuple(v.strip() for v in value.split(",") if v.strip())
     if not items:
@@ -304,6 +325,26 @@ class Settings:
     file_transfer_max_mb: int = _setting("FILE_TRANSFER_MAX_MB", _int(0, 4096), "64",
                                          "Largest file uploaded into or downloaded from a VM, MiB (an upload also"
                                          " needs room in the storage quota); 0 turns file transfers off")
+    vm_network: str = _setting("VM_NETWORK", _choice("outbound", "none"), "outbound",
+                               "outbound: VMs may reach the internet (a network namespace each, NAT, nothing in;"
+                               " a VM gets its template's network unless its create says none); none: no VM"
+                               " gets a network (docs/NETWORK.md)")
+    vm_net_pool: ipaddress.IPv4Network = _setting("VM_NET_POOL", _pool, "10.237.0.0/16",
+                                                  "Host-side addresses of the VMs' namespaces, a /30 each (/16 to"
+                                                  " /24); must not overlap a network this host uses")
+    vm_dns: tuple[ipaddress.IPv4Address, ...] = _setting("VM_DNS", _ipv4_addresses, "", "Resolvers the VMs' DNS"
+        " forwards to, comma-separated; empty: this host's /etc/resolv.conf (not loopback ones); reachable on port 53")
+    egress_allow: tuple[ipaddress.IPv4Network, ...] = _setting(
+        "EGRESS_ALLOW", _ipv4_networks, "",
+        "CIDRs VMs may reach although they are private (a package mirror), comma-separated; never the host")
+    egress_deny: tuple[ipaddress.IPv4Network, ...] = _setting(
+        "EGRESS_DENY", _ipv4_networks, "", "CIDRs VMs may never reach, comma-separated; wins over EGRESS_ALLOW")
+    vm_bandwidth_mbit: int = _setting("VM_BANDWIDTH_MBIT", _int(0, 100_000), "100",
+                                      "Each VM's bandwidth each way, Mbit/s; 0: no limit")
+    vm_conn_rate: int = _setting("VM_CONN_RATE", _int(0, 100_000), "50",
+                                 "New outbound connections per second per VM (bursts of twice that); 0: no limit")
+    vm_conn_max: int = _setting("VM_CONN_MAX", _int(0, 1_000_000), "1024",
+                                "Outbound connections one VM may have open at once; 0: no limit")
     snapshot_quota: int = _setting("SNAPSHOT_QUOTA", _int(0, 10000), "10", "Default per-user snapshot count")
     snapshot_keep: int = _setting("SNAPSHOT_KEEP", _int(0, 10000), "5",
                                   "Snapshots kept per VM: the collector deletes the oldest beyond these; 0 keeps all")

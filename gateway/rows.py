@@ -35,6 +35,7 @@ class VmRow(TypedDict):
     restart_after: dt.datetime | None
     suspended_at: dt.datetime | None
     restore_snapshot: str | None
+    network: str  # outbound or none (docs/NETWORK.md)
     # The rendered Nomad job: read with one VM (and by the engine), left out of lists.
     jobspec: NotRequired[dict[str, Any] | None]
 

@@ -51,7 +51,7 @@ class Collector:
             rows = {str(r["id"]): dict(r) for r in await store.vms.live_vms(cur)}
         report: dict[str, list[str]] = {
             "overlays": await self._collect_files(rows), "processes": await self._collect_driver_vms(rows),
-            "console_records": await self._collect_console_records(rows)}
+            "console_records": await self._collect_console_records(rows), "network": await self._tidy_driver()}
         async with store.db.cursor(self.deps.pool) as cur:
             await store.lifecycle.forget_expired_revocations(cur)
         report["stuck"] = await self._settle_stuck(list(rows.values()))
@@ -83,6 +83,14 @@ class Collector:
             storage.remove_overlay(path.with_name(f"{vm_id}.qcow2"))
             removed.append(str(path))
         return removed
+
+    async def _tidy_driver(self) -> list[str]:
+        """What the driver keeps for running VMs outside their tasks (network namespaces) whose VM is gone."""
+        try:
+            return await self.deps.driver.tidy()
+        except DriverError as exc:
+            log.warning("collector: the driver could not tidy up: %s", exc)
+            return []
 
     async def _collect_driver_vms(self, rows: dict[str, Row]) -> list[str]:
         """Driver VMs (QEMU processes, Nomad jobs) with no VM."""

@@ -84,7 +84,7 @@ class Templates:
         spec = render.VMSpec(
             id=vm["id"], owner=owner, template=template.name, cpu=vm["cpu"], memory_mb=vm["memory_mb"],
             disk_gb=vm["disk_gb"], overlay_path=str(vm["overlay_path"]), hostname=vm["name"],
-            userdata=vm.get("userdata") or "")
+            userdata=vm.get("userdata") or "", network=vm.get("network") or "none")
         job_settings = render.JobSettings.from_settings(settings)
         warm = template.warm_image()
         if warm is not None and not render.warm_fits(spec, warm, job_settings):

@@ -17,7 +17,7 @@ from gateway.store.users import Resources, lock_user, quota_of, usage_of
 
 VM_COLUMNS = ("id, user_id, name, template, cpu, memory_mb, disk_gb, state, desired_state, error_reason,"
               " overlay_path, created_at, updated_at, started_at, stopped_at, destroyed_at, crash_times,"
-              " restart_after, suspended_at, restore_snapshot")
+              " restart_after, suspended_at, restore_snapshot, network")
 
 
 def _change(row: Row, event_id: int | None, reason: str | None) -> VmChange:
@@ -46,11 +46,12 @@ async def admit_vm(cur: aiopg.Cursor, settings: Settings, user_id: str, vm: Mapp
                 "This VM does not fit your quota: " + ", ".join(sorted(over)) + ".", details={"exceeded": over})
         await cur.execute(
             "INSERT INTO vms (id, user_id, name, template, cpu, memory_mb, disk_gb, userdata, state,"
-            " desired_state, overlay_path, jobspec)"
-            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, 'provisioning', 'running', %s, %s)"
+            " desired_state, overlay_path, jobspec, network)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, 'provisioning', 'running', %s, %s, %s)"
             f" RETURNING {VM_COLUMNS}",
             (vm["id"], user_id, vm["name"], vm["template"], vm["cpu"], vm["memory_mb"], vm["disk_gb"],
-             vm["userdata"], vm["overlay_path"], json.dumps(vm["jobspec"]) if vm.get("jobspec") else None))
+             vm["userdata"], vm["overlay_path"], json.dumps(vm["jobspec"]) if vm.get("jobspec") else None,
+             vm.get("network", "none")))
         row = await fetch_returned(cur)
         await cur.execute("INSERT INTO vm_events (vm_id, from_state, to_state) VALUES (%s, NULL, 'provisioning')"
                           " RETURNING id", (vm["id"],))
@@ -82,6 +83,15 @@ async def vms_of(cur: aiopg.Cursor, user_id: str, include_destroyed: bool = Fals
 async def vms_in_states(cur: aiopg.Cursor, states: tuple[str, ...]) -> list[VmRow]:
     await cur.execute(f"SELECT {VM_COLUMNS}, jobspec FROM vms WHERE state = ANY(%s)", (list(states),))
     return cast(list[VmRow], await fetch_all(cur))
+
+
+async def set_network(cur: aiopg.Cursor, vm_id: str, network: str, job: dict[str, Any],
+                      only_from: tuple[str, ...]) -> VmRow | None:
+    """Give the VM ``network`` and the job that runs it, if it is in one of ``only_from`` (else None): one
+    statement, so a start cannot slip in between the check and the change."""
+    await cur.execute(f"UPDATE vms SET network = %s, jobspec = %s, updated_at = now() WHERE id = %s AND state = ANY(%s)"
+                      f" RETURNING {VM_COLUMNS}", (network, json.dumps(job), vm_id, list(only_from)))
+    return cast("VmRow | None", await fetch_one(cur))
 
 
 async def set_jobspec(cur: aiopg.Cursor, vm_id: str, job: dict[str, Any]) -> None:

@@ -138,7 +138,7 @@ async def create_vm(request: web.Request) -> web.Response:
         raise Forbidden("Confirm your email address first: open the link we mailed you, or ask for a new one.",
                         code="email_not_verified")
     body = await json_body(request)
-    validation.check_unknown(body, {"template", "name", "cpu", "memory_mb", "disk_gb", "userdata"})
+    validation.check_unknown(body, {"template", "name", "cpu", "memory_mb", "disk_gb", "userdata", "network"})
     template = request.app[templates_key].get(body.get("template"))
     wanted: dict[str, Any] = {"template": template.name}
     for field in ("cpu", "memory_mb", "disk_gb"):
@@ -151,6 +151,7 @@ async def create_vm(request: web.Request) -> web.Response:
     wanted["name"] = name
     userdata = validation.string(body, "userdata", max_len=vms.MAX_USERDATA, required=False)
     wanted["userdata"] = userdata
+    wanted["network"] = vms.network_of(request.app, template, body.get("network"))
     wait = wait_param(request)
     await ratelimit.limit(request, "vm_create_user", str(user["id"]))
     row, running = await vms.create(request.app, user, wanted, client_ip(request), wait=wait)
@@ -167,6 +168,19 @@ async def get_vm(request: web.Request) -> web.Response:
     data = views.public_vm(vm, request.app[settings_key].public_url)
     data["history"] = views.history(events)
     return json_response(data)
+
+
+@routes.patch("/api/vms/{vm_id}")
+async def change_vm(request: web.Request) -> web.Response:
+    """Change what can change on a VM that is not running: its network (docs/NETWORK.md)."""
+    user, vm = await owned_vm(request)
+    body = await json_body(request)
+    validation.check_unknown(body, {"network"})
+    if "network" not in body:
+        raise ValidationFailed("network: required (outbound or none)", details={"field": "network"})
+    network = vms.network_of(request.app, None, body["network"])
+    row = await vms.change_network(request.app, user, vm, network, client_ip(request))
+    return json_response(views.public_vm(row, request.app[settings_key].public_url))
 
 
 async def _vm_action(request: web.Request, action: str) -> web.Response:

@@ -74,8 +74,17 @@ def driver_from_settings(settings: Settings) -> Driver:
         nomad = NomadConfig(addr=settings.nomad_addr, token=settings.nomad_token, namespace=settings.nomad_namespace,
                             cacert=settings.nomad_cacert, client_cert=settings.nomad_client_cert,
                             client_key=settings.nomad_client_key)
+    networks = None
+    if settings.driver == "local" and settings.vm_network == "outbound":
+        from drivers.local.network import NetworkConfig, host_resolvers
+
+        networks = NetworkConfig(pool=settings.vm_net_pool, dns=settings.vm_dns or host_resolvers(),
+                                 egress_allow=settings.egress_allow, egress_deny=settings.egress_deny,
+                                 bandwidth_mbit=settings.vm_bandwidth_mbit, conn_rate=settings.vm_conn_rate,
+                                 conn_max=settings.vm_conn_max)
     try:
-        return load_driver(settings.driver, vms_root=settings.vms_root, qemu_binary=settings.qemu_binary, nomad=nomad)
+        return load_driver(settings.driver, vms_root=settings.vms_root, qemu_binary=settings.qemu_binary, nomad=nomad,
+                           networks=networks)
     except DriverConfigError as exc:
         raise ConfigError(exc.key, exc.problem) from exc
 

@@ -102,6 +102,7 @@ async def new_vm(request: web.Request) -> web.StreamResponse:
                        "memory_mb": quota["memory_mb"] - usage["memory_mb"],
                        "disk_gb": quota["disk_gb"] - usage["disk_gb"]}
     context["templates"] = await request.app[templates_key].describe()
+    context["networks"] = request.app[driver_key].networks()
     return _render("new_vm.html", request, context)
 
 

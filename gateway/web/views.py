@@ -48,6 +48,7 @@ def public_vm(row: VmRow, public_url: str) -> dict[str, Any]:
         "cpu": row["cpu"],
         "memory_mb": row["memory_mb"],
         "disk_gb": row["disk_gb"],
+        "network": row.get("network", "none"),
         "state": row["state"],
         "desired_state": row["desired_state"],
         "error": row["error_reason"],

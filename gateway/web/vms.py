@@ -24,12 +24,15 @@ from gateway import states, store
 from gateway.engine import activity, console_grants, storage
 from gateway.engine.publish import publish
 from gateway.engine.templates import Templates
-from gateway.errors import ApiError, Conflict, NotFound, ServiceUnavailable
+from gateway.errors import ApiError, Conflict, NotFound, ServiceUnavailable, ValidationFailed
 from gateway.rows import UserRow, VmChange, VmRow
 from gateway.states import Desired, VmState
 from gateway.web import quota
 from gateway.web.appkeys import db_key, driver_key, engine_key, redis_key, settings_key, templates_key
+from jobspecs import with_network
+from jobspecs.devices import NETWORKS
 from jobspecs.render import MAX_USERDATA as MAX_JOB_USERDATA
+from jobspecs.render import JobSpecError
 
 log = logging.getLogger("vmgate.vms")
 
@@ -79,6 +82,44 @@ def refuse_failed_create(vm: VmRow) -> None:
                        code="invalid_state", details={"state": "error", "allowed_from": ["stopped", "error"]})
 
 
+def network_of(app: web.Application, template: Any, requested: Any) -> str:
+    """The network a VM gets: the one asked for, else its template's if this installation gives it, else
+    none. 422 for anything but outbound or none, 409 not_supported for outbound where VMs get no network."""
+    offered = app[driver_key].networks()
+    if requested is None and template is not None:
+        return str(template.network) if template.network in offered else "none"
+    if requested not in NETWORKS:
+        raise ValidationFailed("network: outbound or none", details={"field": "network"})
+    if requested not in offered:
+        why = getattr(app[driver_key], "network_problem", None) or f"the {app[driver_key].name} driver has none yet"
+        raise Conflict(f"This installation gives VMs no outbound network: {why}.", code="not_supported",
+                       details={"field": "network", "offered": list(offered)})
+    return str(requested)
+
+
+CHANGEABLE = (VmState.STOPPED.value, VmState.SUSPENDED.value)  # states in which a VM's network may change
+
+
+async def change_network(app: web.Application, user: UserRow, vm: VmRow, network: str, ip: str | None) -> VmRow:
+    """Put the VM on ``network`` from its next start (it is stopped or suspended: the NIC is the same device,
+    so its saved memory still fits). 409 while it runs or changes state, or for a VM made without a NIC."""
+    if vm["state"] not in CHANGEABLE:
+        raise Conflict("Stop the VM first: its network changes while it is stopped or suspended.",
+                       code="invalid_state", details={"state": vm["state"], "allowed_from": list(CHANGEABLE)})
+    try:
+        job = with_network(vm.get("jobspec") or {}, network)
+    except (JobSpecError, KeyError, IndexError, TypeError) as exc:
+        raise Conflict("This VM was made before VMs had a network card; create a new one.",
+                       code="not_supported") from exc
+    async with store.db.cursor(app[db_key]) as cur:
+        row = await store.vms.set_network(cur, str(vm["id"]), network, job, CHANGEABLE)
+        if row is None:
+            raise Conflict("The VM started meanwhile; stop it first.", code="invalid_state")
+        await store.audit.record(cur, action="vm.network", outcome="ok", user_id=str(user["id"]), ip=ip,
+                                 vm_id=str(vm["id"]), details={"from": vm.get("network"), "to": network})
+    return row
+
+
 async def create(app: web.Application, user: UserRow, request: dict[str, Any],
                  ip: str | None, wait: float = 0) -> tuple[VmRow, bool]:
     """Admit the VM (quota, under the owner's lock) and queue it; a worker makes its overlay and starts it.
@@ -96,7 +137,7 @@ async def create(app: web.Application, user: UserRow, request: dict[str, Any],
     name = request.get("name") or f"{template.name}-{vm_id[:8]}"
     vm = {"id": vm_id, "name": name, "template": template.name, "cpu": request["cpu"],
           "memory_mb": request["memory_mb"], "disk_gb": request["disk_gb"],
-          "userdata": request.get("userdata"), "overlay_path": str(overlay)}
+          "userdata": request.get("userdata"), "overlay_path": str(overlay), "network": request.get("network", "none")}
     vm["jobspec"] = catalog.render(template, vm, owner=user_id, settings=settings)
     await quota.require_storage(app, user, quota.NEW_OVERLAY_BYTES, "A new VM")
     async with store.db.cursor(app[db_key]) as cur:

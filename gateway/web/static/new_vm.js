@@ -105,6 +105,7 @@ form.addEventListener('submit', async (ev) => {
     userdata: data.userdata ? data.userdata : null,
   };
   if (data.name) body.name = data.name;
+  if (data.network) body.network = data.network;
   document.getElementById('create').disabled = true;
   say(msg, '');
   document.getElementById('progress').hidden = false;
