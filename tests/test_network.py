@@ -37,20 +37,29 @@ HOST_SIDE = "198.51.100.1"  # the host's end of the link to it: one of the host'
 PRIVATE = "10.99.0.2"  # a namespace on a private range
 PORT = 7000
 SERVER = textwrap.dedent('''
-    import json, socket, sys, threading, time
+    import fcntl, json, socket, struct, sys, threading, time
     host, port, log = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     srv = socket.create_server((host, port))
     def serve(conn, peer):
+        # Says hello, then counts what it receives until EOF; "send N" first makes it send N bytes and time
+        # them until the peer has acknowledged all of them (the send queue, SIOCOUTQ, is empty).
         conn.sendall(b"vmgate-outside-hello\\n")
         conn.settimeout(20)
-        first = last = None; total = 0
+        first = last = done = None; total = 0; sent = 0
         try:
             while data := conn.recv(65536):
                 last = time.monotonic(); first = first or last; total += len(data)
+                if data.startswith(b"send ") and not sent:
+                    sent = int(data.split()[1]); first = time.monotonic()
+                    conn.sendall(b"x" * sent); conn.shutdown(socket.SHUT_WR)
+                    while struct.unpack("i", fcntl.ioctl(conn, 0x5411, b"\\0" * 4))[0] > 0:
+                        time.sleep(0.005)
+                    done = time.monotonic()
         except OSError:
             pass
+        last = done if sent else last
         with open(log, "a") as f:
-            f.write(json.dumps({"peer": peer[0], "bytes": total,
+            f.write(json.dumps({"peer": peer[0], "bytes": total, "sent": sent,
                                 "seconds": (last - first) if first else 0}) + "\\n")
         conn.close()
     while True:
@@ -107,6 +116,14 @@ def serve_in(netns: str, address: str, log: Path) -> subprocess.Popen[bytes]:
     """The logging TCP server (SERVER) on ``address``:PORT in namespace ``netns``."""
     return subprocess.Popen(["ip", "netns", "exec", netns, sys.executable, "-c", SERVER, address, str(PORT), str(log)],
                             stdin=subprocess.DEVNULL)
+
+
+def outside_resolver(name: str) -> subprocess.Popen[bytes]:
+    """dnsmasq in the outside namespace, answering ``name`` with the outside address and nothing else."""
+    return subprocess.Popen(["ip", "netns", "exec", "vmgt-out", "dnsmasq", "--keep-in-foreground",
+                             "--conf-file=/dev/null", f"--listen-address={OUTSIDE}", "--bind-interfaces",
+                             "--no-resolv", "--no-hosts", f"--address=/{name}/{OUTSIDE}"],
+                            stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 async def eventually(check: Callable[[], Any], timeout: float) -> Any:
@@ -334,10 +351,17 @@ async def test_bandwidth_is_capped_each_way(drivers: Callable[..., LocalDriver],
     await run_in_guest(driver, "net-bw", "dd if=/dev/zero bs=1024 count=1024 2>/dev/null | nc -w 3 198.51.100.2 "
                        "7000 >/dev/null; echo upload-done-$((6*7)) >/dev/ttyS0", "upload-done-42", timeout=120)
     [upload] = await eventually(outside["outside"].connections, 20)
-    rate = upload["bytes"] * 8 / upload["seconds"] / 1e6
-    print(f"upload of {upload['bytes']} bytes at a {mbit} Mbit/s cap: {rate:.2f} Mbit/s over {upload['seconds']:.1f} s")
-    assert upload["bytes"] == size
-    assert rate <= mbit * 1.15, rate  # a token bucket lets its burst (20 ms at the rate) through at once
+    outside["outside"].log.write_text("")
+    out = await run_in_guest(driver, "net-bw", "echo send 524288 | nc -w 5 198.51.100.2 7000 | wc -c >/dev/ttyS0; "
+                             "echo download-done-$((6*7)) >/dev/ttyS0", "download-done-42", timeout=120)
+    [download] = await eventually(outside["outside"].connections, 20)
+    assert str(524288 + len("vmgate-outside-hello\n")) in out, out
+    for way, bytes_, seconds in (("upload", upload["bytes"], upload["seconds"]),
+                                 ("download", download["sent"], download["seconds"])):
+        rate = bytes_ * 8 / seconds / 1e6
+        print(f"{way} of {bytes_} bytes at a {mbit} Mbit/s cap: {rate:.2f} Mbit/s over {seconds:.1f} s")
+        assert rate <= mbit * 1.15, (way, rate)  # a token bucket lets its burst (20 ms at the rate) through at once
+    assert upload["bytes"] == size and download["sent"] == 524288
 
 
 async def test_namespaces_go_with_their_qemu_stopped_killed_or_abandoned(
@@ -369,3 +393,19 @@ async def test_namespaces_go_with_their_qemu_stopped_killed_or_abandoned(
     removed = await drivers().tidy()
     assert name in removed and network.leftovers() == before
     assert not (network.SLOTS / name.removeprefix(network.PREFIX)).exists()
+
+
+async def test_the_guest_resolves_names_through_its_namespace(drivers: Callable[..., LocalDriver], warm_tiny: Template,
+                                                              vms_root: Path, outside: dict[str, Namespace]) -> None:
+    # A resolver in the outside namespace (VM_DNS) that knows one name: the guest asks its gateway (the
+    # namespace's dnsmasq, from its DHCP lease), which forwards there.
+    resolver = outside_resolver("outside.vmgate.test")
+    try:
+        driver = drivers(dns=(ipaddress.IPv4Address(OUTSIDE),))
+        await start_vm(driver, warm_tiny, vms_root, "net-dns", "outbound")
+        out = await run_in_guest(driver, "net-dns", "cat /etc/resolv.conf >/dev/ttyS0; nc -w 5 outside.vmgate.test "
+                                 "7000 </dev/null >/dev/ttyS0; echo dns-done-$((6*7)) >/dev/ttyS0", "dns-done-42")
+        assert f"nameserver {network.GATEWAY}" in out and "vmgate-outside-hello" in out, out
+    finally:
+        resolver.kill()
+        resolver.wait()
