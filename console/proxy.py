@@ -34,6 +34,8 @@ from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
 from cryptography.hazmat.primitives.ciphers import Cipher, modes
 from websockify import websocketproxy
 
+from console import metrics
+
 HANDSHAKE_TIMEOUT = 15.0  # seconds for the whole handshake, both sides
 SECURITY_NONE = 1  # as console/rfb.py says, which is not imported here: it would bring aiohttp into websockify
 SECURITY_VNC_AUTH = 2
@@ -181,8 +183,16 @@ class VncAuthWebSocketProxy(websocketproxy.WebSocketProxy):
                  **kwargs: Any) -> None:
         super().__init__(RequestHandlerClass, *args, **kwargs)
 
+    def top_new_client(self, startsock: socket.socket, address: Any) -> None:
+        # The first thing a connection's forked process does (console/metrics.py).
+        metrics.close_in_child()
+        super().top_new_client(startsock, address)
+
 
 def main() -> None:
+    port = metrics.port_from_env()
+    if port:
+        metrics.serve(port)
     websocketproxy.WebSocketProxy = VncAuthWebSocketProxy
     websocketproxy.websockify_init()
 

@@ -9,6 +9,7 @@ PACKAGES=(
     qemu-system-x86 qemu-utils              # the local driver's VMs
     iproute2 nftables dnsmasq-base          # their networks (drivers/local/network.py)
     postgresql redis-server nginx           # the servers make run starts
+    prometheus                              # make run's monitoring; promtool checks its rules in make test
     busybox-static e2fsprogs cpio zstd xz-utils   # images/build-tiny.sh
     mmdebstrap                              # images/build-debian.sh
     python3 python3-venv                    # .venv and the deploy/ helpers
@@ -49,8 +50,9 @@ if [ ${#missing[@]} -eq 0 ]; then
     exit 0
 fi
 say "deps: installing ${missing[*]}"
-# Keep the packages' own daemons (postgres :5432, redis :6379, nginx :80) from starting on install:
-# vmgate runs its own servers on loopback, under DATA_DIR. policy-rc.d is Debian's switch for that.
+# Keep the packages' own daemons (postgres :5432, redis :6379, nginx :80, prometheus :9090) from starting
+# on install: vmgate runs its own servers on loopback, under DATA_DIR. policy-rc.d is Debian's switch
+# for that.
 if [ ! -e /usr/sbin/policy-rc.d ]; then
     printf '#!/bin/sh\nexit 101\n' | "${sudo[@]}" tee /usr/sbin/policy-rc.d >/dev/null
     "${sudo[@]}" chmod 755 /usr/sbin/policy-rc.d

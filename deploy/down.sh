@@ -16,7 +16,7 @@ if [ -f "$sup" ] && { pid_matches "$(cat "$sup")" supervise.py || pid_matches "$
 fi
 rm -f "$sup"
 # Children left behind by a supervisor that was killed outright. Their pid files hold process group leaders.
-for name in gateway websockify nginx; do
+for name in gateway websockify prometheus nginx; do
     f=$RUN_DIR/$name.pid
     case $name in gateway) word="-m gateway" ;; websockify) word="-m console.proxy" ;; *) word=$name ;; esac
     if [ -f "$f" ] && pid_matches "$(cat "$f")" "$word"; then

@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$REPO_ROOT"
 load_settings
 load_db_settings
-export DATA_DIR VMS_ROOT IMAGES_DIR GATEWAY_HOST GATEWAY_PORT NGINX_PORT WEBSOCKIFY_PORT PUBLIC_URL
+export DATA_DIR VMS_ROOT IMAGES_DIR GATEWAY_HOST GATEWAY_PORT NGINX_PORT WEBSOCKIFY_PORT PUBLIC_URL WEBSOCKIFY_METRICS_PORT PROMETHEUS_PORT
 
 [ -x .venv/bin/python ] || die ".venv is missing; run make venv (make run does it)"
 

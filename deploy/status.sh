@@ -6,7 +6,7 @@ set -uo pipefail
 cd "$REPO_ROOT" || exit 1
 load_settings
 deploy/services.sh status
-for name in supervise gateway websockify; do
+for name in supervise gateway websockify prometheus; do
     f=$RUN_DIR/$name.pid
     if [ -f "$f" ] && kill -0 "$(cat "$f")" 2>/dev/null; then say "$name: running (pid $(cat "$f"))"
     else say "$name: not running"

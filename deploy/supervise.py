@@ -143,6 +143,11 @@ def build_children(
             f"127.0.0.1:{env['WEBSOCKIFY_PORT']}",
         ], child_env, log_dir, run_dir),
     ]
+    # Prometheus, unless PROMETHEUS_PORT=0: deploy/prometheus.sh renders its config and says how to run it.
+    prometheus = subprocess.run([str(REPO / "deploy" / "prometheus.sh"), "argv"], env=env, check=True,
+                                capture_output=True, text=True).stdout.split("\n")
+    if prometheus[0]:
+        children.append(Child("prometheus", [a for a in prometheus if a], env, log_dir, run_dir))
     if args.nginx_conf:
         nginx_dir = str(Path(args.nginx_conf).parent) + "/"
         children.append(Child("nginx", [
@@ -172,7 +177,9 @@ def main() -> int:
         say(lock, f"make run is already running (pid {other}); `make down` stops it")
         return 1
 
-    ports = {"GATEWAY_PORT": int(env["GATEWAY_PORT"]), "WEBSOCKIFY_PORT": int(env["WEBSOCKIFY_PORT"])}
+    ports = {key: int(env.get(key) or 0) for key in
+             ("GATEWAY_PORT", "WEBSOCKIFY_PORT", "WEBSOCKIFY_METRICS_PORT", "PROMETHEUS_PORT")}
+    ports = {key: port for key, port in ports.items() if port}
     if args.nginx_conf:
         ports["NGINX_PORT"] = int(env["NGINX_PORT"])
     busy = [f"{key}={port}" for key, port in ports.items() if port_in_use(port)]

@@ -382,4 +382,4 @@ async def test_metrics_exposed(server: Any, sessions: Any) -> None:
     await s.request("GET", "/api/healthz")
     status, text = await s.request("GET", "/metrics")
     assert status == 200
-    assert 'vmgate_http_requests_total{method="GET",route="/api/healthz",status="200"}' in text
+    assert 'vmgate_api_requests_total{method="GET",route="/api/healthz",status="200"}' in text

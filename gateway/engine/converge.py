@@ -53,6 +53,11 @@ def _serial_tail(text: str) -> str:
     return " | ".join(lines[-SERIAL_TAIL_LINES:])[-1500:]
 
 
+def _since(at: dt.datetime) -> float:
+    """Seconds from ``at`` (a row's timestamp, the database's clock) to now, never negative."""
+    return max(0.0, (now() - at).total_seconds())
+
+
 class Converger:
     """Brings one VM towards its desired state, a step at a time. The caller holds the VM's lock."""
 
@@ -131,9 +136,11 @@ class Converger:
             await storage.create_overlay(templates.overlay_base(template, job), Path(row["overlay_path"]),
                                          row["disk_gb"])
         except (ApiError, storage.StorageError, OSError) as exc:
+            self.deps.metrics.booted("create", ok=False)  # the VM never started: a failed boot for its owner
             await self.fail_create(row, exc)
             return False
         crash_point("create.overlay")
+        self.deps.metrics.provision.observe(_since(row["created_at"]))
         return await self.moves.move(row, S.STARTING) is not None
 
     async def fail_create(self, row: Row, exc: BaseException) -> None:
@@ -152,13 +159,15 @@ class Converger:
         if row["restart_after"] is not None and row["restart_after"] > now():
             return False  # waiting out the restart delay; the reconciler queues it when due
         first = row["started_at"] is None
+        warm = False
         try:
             if disk_missing(row):
                 raise DriverError("the VM's disk is missing")
             template = templates.get(row["template"])
             await templates.verify(template)
             job = row["jobspec"]
-            if is_warm(job):
+            warm = is_warm(job)
+            if warm:
                 # Only this first start may restore the saved memory state: once the VM ran, its disk
                 # moved on. The cold job is stored before QEMU starts, so a retry or any later start
                 # boots from the VM's own disk (docs/LIFECYCLE.md, "Warm starts").
@@ -177,6 +186,7 @@ class Converger:
                 else:  # the VM keeps its task dir: serial log and exit record say what went wrong
                     await driver.stop(vm_id, timeout=0)
             await self.deps.revoke(vm_id)
+            self.deps.metrics.booted("create" if first else "start", ok=False)
             if first:
                 await self.fail_create(row, exc)
             else:
@@ -185,6 +195,9 @@ class Converger:
             return False
         crash_point("create.started")
         await console_grants.publish_target(self.deps.redis, vm_id, status.vnc)
+        self.deps.metrics.booted("create" if first else "start", ok=True)
+        if first:
+            self.deps.metrics.time_to_console.labels("warm" if warm else "cold").observe(_since(row["created_at"]))
         moved = await self.moves.succeed(row, S.RUNNING, "create" if first else "start", extra={"restart_after": None})
         return moved is None  # lost a race (a stop or destroy came in): look again
 

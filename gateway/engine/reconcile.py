@@ -35,12 +35,14 @@ class Reconciler:
         async with reconciler_turn(self.deps.pool) as cur:
             if cur is None:
                 return []
+            started = time.perf_counter()
             rows = [dict(r) for r in await store.vms.live_vms(cur)]
             actual = await self.deps.driver.list_vms()
             queued = await self._needing_work(rows, actual)
             for vm_id in queued:
                 await self.deps.queue.put(vm_id, "reconcile", once=True)
             queued += await self.suspend_idle([r for r in rows if str(r["id"]) not in queued])
+            self.deps.metrics.reconcile.observe(time.perf_counter() - started)
         await self.update_metrics(rows)
         return queued
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +102,7 @@ class Saves:
     async def resume(self, row: Row) -> bool:
         """Start QEMU from the suspend state (``-loadvm``): the VM runs on where it was."""
         vm_id = str(row["id"])
+        started = time.perf_counter()
         try:
             if disk_missing(row):
                 raise DriverError("the VM's disk is missing")
@@ -113,10 +115,13 @@ class Saves:
                 await self.deps.driver.stop(vm_id, timeout=0)
             reason = f"resume failed: {reason_of(exc)}"
             log.warning("VM %s: %s", vm_id, reason)
+            self.deps.metrics.booted("resume", ok=False)
             # Still suspended: its saved memory and disk are untouched. Stopping it (or destroying it) works.
             await self.moves.fail(row, "resume", reason, to=S.SUSPENDED, desired=Desired.SUSPENDED)
             return False
         await console_grants.publish_target(self.deps.redis, vm_id, status.vnc)
+        self.deps.metrics.booted("resume", ok=True)
+        self.deps.metrics.resume.observe(time.perf_counter() - started)
         if await self.moves.succeed(row, S.RUNNING, "resume",
                                     extra={"suspended_at": None, "restart_after": None}) is not None:
             _drop_suspend_state(row)

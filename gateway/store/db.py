@@ -7,8 +7,11 @@ errors (gateway.errors). Nothing above the store writes SQL."""
 from __future__ import annotations
 
 import contextlib
+import functools
+import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+import weakref
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import aiopg
@@ -45,10 +48,35 @@ class DictCursor(psycopg2.extensions.cursor):  # type: ignore[misc]  # psycopg2 
             yield row
 
 
+# Per pool, what is told each statement's duration in seconds (the app's query histogram).
+_observers: weakref.WeakKeyDictionary[aiopg.Pool, Callable[[float], None]] = weakref.WeakKeyDictionary()
+
+
+def observe_queries(pool: aiopg.Pool, observe: Callable[[float], None]) -> None:
+    """Have every statement run through ``cursor(pool)`` report its duration (sent to answered) to ``observe``."""
+    _observers[pool] = observe
+
+
+def _timed(execute: Callable[..., Any], observe: Callable[[float], None]) -> Callable[..., Any]:
+    @functools.wraps(execute)
+    async def run(*args: Any, **kwargs: Any) -> None:
+        started = time.perf_counter()
+        try:
+            await execute(*args, **kwargs)
+        finally:
+            observe(time.perf_counter() - started)
+
+    return run
+
+
 @contextlib.asynccontextmanager
 async def cursor(pool: aiopg.Pool) -> AsyncIterator[aiopg.Cursor]:
     """Yield a dict cursor on a pooled connection (autocommit; use ``cur.begin()`` for transactions)."""
     async with pool.acquire() as conn, conn.cursor(cursor_factory=DictCursor) as cur:
+        observe = _observers.get(pool)
+        if observe is not None:
+            # This cursor's own execute, timed: aiopg builds its Cursor itself, so no subclass can go in.
+            cur.execute = _timed(cur.execute, observe)  # type: ignore[method-assign]
         yield cur
 
 

@@ -18,7 +18,7 @@ from aiohttp import web
 
 from drivers import DriverConfigError, load_driver
 from drivers.base import Driver
-from gateway import credentials
+from gateway import credentials, store
 from gateway.config import REPO_ROOT, ConfigError, Settings
 from gateway.engine.engine import Engine
 from gateway.engine.templates import Templates
@@ -127,6 +127,7 @@ def create_app(settings: Settings, *, driver: Driver | None = None) -> web.Appli
         pool = await aiopg.create_pool(settings.postgres_url, minsize=1, maxsize=POOL_MAXSIZE, timeout=10)
         try:
             await migrate(pool)
+            store.db.observe_queries(pool, app[metrics_key].db_query.observe)
             app[db_key] = pool
             yield
         finally:
