@@ -9,7 +9,7 @@ NOVNC_STAMP := node_modules/.package-lock.json
 CSS_OUT := gateway/web/static/build/app.css
 export PYTEST_ARGS
 
-.PHONY: help deps venv novnc css env images images-tiny services status migrate admin run down test test-fast bench lint typecheck clean
+.PHONY: help deps venv novnc css env images images-tiny services status migrate admin backup restore run down test test-fast bench lint typecheck clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z][a-z-]*:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -57,6 +57,13 @@ migrate: services venv ## apply the database migrations
 admin: services venv ## create an admin: make admin EMAIL=you@example.com [ADMIN_ARGS=--promote] (asks the password)
 	@[ -n "$(EMAIL)" ] || { echo "usage: make admin EMAIL=you@example.com [ADMIN_ARGS='--promote|--generate-password']"; exit 2; }
 	@deploy/with-env.sh $(PY) -m gateway.cli create-admin --email "$(EMAIL)" $(ADMIN_ARGS)
+
+backup: services venv ## copy the database, the VMs' disks and their images to DATA_DIR/backups/vmgate-<time> [OUT=dir]
+	@deploy/with-env.sh $(PY) -m gateway.cli backup $(if $(OUT),--out "$(OUT)")
+
+restore: services venv ## restore a backup onto this machine's empty state: make restore BACKUP=folder [FORCE=1]
+	@[ -n "$(BACKUP)" ] || { echo "usage: make restore BACKUP=data/backups/vmgate-<time> [FORCE=1]"; exit 2; }
+	@deploy/with-env.sh $(PY) -m gateway.cli restore $(if $(FORCE),--force) "$(BACKUP)"
 
 run: deps venv novnc css env images-tiny ## start everything in the foreground and print the URL; Ctrl-C stops it (VMs keep running)
 	@deploy/run.sh

@@ -9,6 +9,7 @@ allocations. Every call is idempotent: calling it twice has the effect of callin
 from __future__ import annotations
 
 import abc
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -150,6 +151,12 @@ class Driver(abc.ABC):
         """Remove what VMs that are gone left behind outside their task (the collector calls this every
         pass); returns what it removed. Nothing by default."""
         return []
+
+    def paused(self, vm_id: str) -> contextlib.AbstractAsyncContextManager[None]:
+        """The running VM paused, its disks drained and flushed, while the block runs; it runs on after.
+        For a consistent copy of its disk while it runs (``vmgate backup``). The caller holds the VM's
+        lock. Raises ``NotSupported`` when this driver cannot reach the VM's QEMU."""
+        raise NotSupported(f"the {self.name} driver cannot pause a VM for a copy of its disk")
 
     async def guest_agent(self, vm_id: str) -> Path:
         """The unix socket of the running VM's QEMU guest agent, on this host (drivers/guest_agent.py).

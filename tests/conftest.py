@@ -116,13 +116,22 @@ def release_vms_under(root: Path) -> None:
         network.down(task_dir)  # and their network namespaces (drivers/local/network.py)
 
 
+@contextlib.contextmanager
+def short_vms_root(prefix: str = "vg") -> Iterator[Path]:
+    """A short VM root under /tmp (unix socket paths must stay under 108 bytes), emptied of VMs after."""
+    root = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    try:
+        yield root
+    finally:
+        release_vms_under(root)
+        shutil.rmtree(root, ignore_errors=True)
+
+
 @pytest.fixture
 def vms_root() -> Iterator[Path]:
     """A short VM root under /tmp: unix socket paths must stay under 108 bytes."""
-    root = Path(tempfile.mkdtemp(prefix="vg", dir="/tmp"))
-    yield root
-    release_vms_under(root)
-    shutil.rmtree(root, ignore_errors=True)
+    with short_vms_root() as root:
+        yield root
 
 
 def _write_manifest(image_dir: Path, names: list[str]) -> None:

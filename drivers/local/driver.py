@@ -17,7 +17,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -303,6 +303,26 @@ class LocalDriver(Driver):
         if pid is None or task is None or not self._procs.alive(pid, task_dir):
             raise DriverError("the VM is not running")
         return pid, task_dir, task
+
+    @contextlib.asynccontextmanager
+    async def paused(self, vm_id: str) -> AsyncIterator[None]:
+        _pid, _task_dir, task = await self._running_task(vm_id)
+        try:
+            running = bool((await qmp(task.qmp_socket, "query-status")).get("running"))
+            if running:
+                # QEMU's stop drains every disk's requests and flushes them (qcow2's caches included)
+                # before it answers: the overlay file is then complete on disk until cont.
+                await qmp(task.qmp_socket, "stop")
+        except QMP_ERRORS as exc:
+            raise DriverError(f"could not pause the VM: {type(exc).__name__}: {exc}") from exc
+        try:
+            yield
+        finally:
+            if running:
+                try:
+                    await qmp(task.qmp_socket, "cont")
+                except QMP_ERRORS as exc:
+                    log.warning("VM %s: could not let it run on after a pause: %s", vm_id, exc)
 
     async def guest_agent(self, vm_id: str) -> Path:
         _pid, task_dir, task = await self._running_task(vm_id)
