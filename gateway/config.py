@@ -2,6 +2,9 @@
 
 Environment variables win over `.env`. A missing or malformed value raises ``ConfigError``
 naming the key, which stops start-up.
+
+Over 400 lines: one declaration per setting (each with its check and its description, the source of
+`.env.example`), and they belong together.
 """
 
 from __future__ import annotations
@@ -357,6 +360,9 @@ class Settings:
     quota_storage_gb: int = _setting("QUOTA_STORAGE_GB", _int(0, 10**6), "40",
                                      "Default per-user storage, GB: what the user's overlays, snapshots and saved"
                                      " memory take on disk, measured")
+    otlp_endpoint: str = _setting("OTEL_EXPORTER_OTLP_ENDPOINT", _url(("http", "https"), optional=True), "",
+                                  "OTLP/HTTP collector traces are sent to (…/v1/traces); empty: no traces")
+    otel_service_name: str = _setting("OTEL_SERVICE_NAME", _str, "vmgate-gateway", "service.name of the traces")
 
     def __post_init__(self) -> None:
         # Derived default: frozen dataclass, so set through object.__setattr__.

@@ -13,6 +13,8 @@ from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web_request import BaseRequest
 from aiohttp.web_response import StreamResponse
 
+from gateway.tracing import REQUEST_ID
+
 # Values of these query parameters, cookies and JSON fields never reach a log.
 _SECRET_RE = re.compile(r"(?i)((?:token|password|vmgate_session|secret)[\"']?\s*[=:]\s*[\"']?)([^&\s\"';,]+)")
 
@@ -46,6 +48,9 @@ class JsonFormatter(logging.Formatter):
             # because with no SMTP server the log is how the operator gets that link to the user.
             "msg": message if getattr(record, "unmasked", False) else mask_secrets(message),
         }
+        request_id = REQUEST_ID.get()  # the request (or the job of the request) this line was written for
+        if request_id:
+            entry["request_id"] = request_id
         if record.exc_info:
             entry["exc"] = mask_secrets(self.formatException(record.exc_info))
         return _encode(entry)

@@ -17,8 +17,8 @@ REASON_MARK = "Over 400 lines:"  # what a longer module's docstring says, follow
 
 # The layers, lowest first. A module may import its own layer and the ones listed for it, nothing else
 # of the project's. Prefixes match whole dotted names ("gateway.web" covers gateway.web.app).
-CORE = ("gateway.config", "gateway.states", "gateway.errors", "gateway.metrics", "gateway.logs", "gateway.faults",
-        "gateway.rows", "gateway.credentials")
+CORE = ("gateway.config", "gateway.states", "gateway.errors", "gateway.metrics", "gateway.tracing", "gateway.logs",
+        "gateway.faults", "gateway.rows", "gateway.credentials")
 ALLOWED: dict[str, tuple[str, ...]] = {
     "jobspecs": ("jobspecs",),
     "drivers": ("drivers", "jobspecs"),

@@ -15,6 +15,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from opentelemetry import trace
+
 from drivers.base import DriverError, VMStatus
 from gateway import store
 from gateway.config import Settings
@@ -78,8 +80,11 @@ class Converger:
             row = await self.row(vm_id)
             if row is None or row["state"] == S.DESTROYED:
                 return
-            if not await self._step(row):
-                return
+            with self.deps.tracer.start_as_current_span(
+                    f"vm.step {row['state']}", attributes={"vm.id": vm_id, "vm.state": row["state"],
+                                                           "vm.desired_state": row["desired_state"]}):
+                if not await self._step(row):
+                    return
         log.warning("VM %s: still not converged after %d steps; it is queued again", vm_id, MAX_STEPS)
         await self.deps.enqueue(vm_id, "more steps")
 
@@ -174,7 +179,9 @@ class Converger:
                 await templates.verify_warm(template, job)
                 async with store.db.cursor(self.deps.pool) as cur:
                     await store.vms.set_jobspec(cur, vm_id, templates.cold(job, self.deps.settings))
-            status = await driver.start(vm_id, job)
+            with self.deps.tracer.start_as_current_span("qemu.start", attributes={
+                    "vm.id": vm_id, "vm.start": "warm" if warm else "cold", "vmgate.driver": driver.name}):
+                status = await driver.start(vm_id, job)
             if status.state != "running":
                 raise DriverError(f"the VM stopped as soon as it started: {status.reason or 'no reason given'}")
             if status.vnc is None:
@@ -195,6 +202,7 @@ class Converger:
             return False
         crash_point("create.started")
         await console_grants.publish_target(self.deps.redis, vm_id, status.vnc)
+        trace.get_current_span().add_event("console.ready")  # the console takes connections from now on
         self.deps.metrics.booted("create" if first else "start", ok=True)
         if first:
             self.deps.metrics.time_to_console.labels("warm" if warm else "cold").observe(_since(row["created_at"]))

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import aiopg
 import redis.asyncio as aioredis
 import redis.exceptions
+from opentelemetry.trace import NoOpTracer, Tracer
 
 from drivers.base import Driver, DriverError
 from gateway import store
@@ -22,6 +23,7 @@ from gateway.engine.queue import WorkQueue
 from gateway.engine.templates import Templates
 from gateway.errors import ApiError
 from gateway.metrics import Metrics
+from gateway.tracing import job_context
 
 log = logging.getLogger("vmgate.lifecycle")
 
@@ -37,6 +39,7 @@ class EngineDeps:
     templates: Templates
     settings: Settings
     metrics: Metrics
+    tracer: Tracer = field(default_factory=NoOpTracer)
     queue: WorkQueue = field(init=False)
 
     def __post_init__(self) -> None:
@@ -45,7 +48,8 @@ class EngineDeps:
     async def enqueue(self, vm_id: str, reason: str) -> None:
         """Queue a VM; if Redis is away, the reconciler queues it when Redis is back."""
         try:
-            await self.queue.put(vm_id, reason)
+            # The job carries the request's trace context and id: the worker's spans and lines join them.
+            await self.queue.put(vm_id, reason, context=job_context())
         except (redis.exceptions.RedisError, OSError) as exc:
             log.warning("could not queue VM %s (%s): %s; the reconciler will", vm_id, reason, exc)
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import aiopg
 import redis.asyncio as aioredis
+from opentelemetry.trace import NoOpTracer, Tracer
 
 from drivers.base import Driver
 from gateway.config import Settings
@@ -32,9 +33,9 @@ class Engine:
     """Workers, reconciler and collector of one gateway process."""
 
     def __init__(self, *, pool: aiopg.Pool, redis: aioredis.Redis, driver: Driver, templates: Templates,
-                 settings: Settings, metrics: Metrics) -> None:
+                 settings: Settings, metrics: Metrics, tracer: Tracer | None = None) -> None:
         self.deps = EngineDeps(pool=pool, redis=redis, driver=driver, templates=templates, settings=settings,
-                               metrics=metrics)
+                               metrics=metrics, tracer=tracer or NoOpTracer())
         self.converger = Converger(self.deps)
         self.reconciler = Reconciler(self.deps)
         self.collector = Collector(self.deps, self.converger)

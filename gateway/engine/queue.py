@@ -11,7 +11,7 @@ are deleted, so the stream's length is the queue's depth. See docs/LIFECYCLE.md.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -28,6 +28,10 @@ def queued_key(vm_id: str) -> str:
     return f"{PREFIX}work:queued:{vm_id}"
 
 
+# What a message may carry besides the VM: the queuing request's trace context and id (gateway/tracing.py).
+CONTEXT_FIELDS = ("traceparent", "tracestate", "request_id")
+
+
 @dataclass(frozen=True)
 class Job:
     id: str
@@ -35,6 +39,7 @@ class Job:
     reason: str
     enqueued_at: float
     deliveries: int
+    context: dict[str, str] = field(default_factory=dict)
 
 
 def _text(value: Any) -> str:
@@ -62,11 +67,15 @@ class WorkQueue:
             if "BUSYGROUP" not in str(exc):
                 raise
 
-    async def put(self, vm_id: str, reason: str, *, once: bool = False) -> str | None:
-        """Queue work on ``vm_id``. With ``once``, skip it if the reconciler's message for it still waits."""
+    async def put(self, vm_id: str, reason: str, *, once: bool = False,
+                  context: dict[str, str] | None = None) -> str | None:
+        """Queue work on ``vm_id``. With ``once``, skip it if the reconciler's message for it still waits.
+        ``context``: the queuing request's trace context and id (CONTEXT_FIELDS; others are dropped)."""
         if once and not await self.redis.set(queued_key(vm_id), "1", nx=True, ex=max(1, self.claim_idle_ms // 250)):
             return None
-        message_id = await self.redis.xadd(self.stream, {"vm_id": vm_id, "reason": reason, "at": f"{time.time():.3f}"})
+        fields = {"vm_id": vm_id, "reason": reason, "at": f"{time.time():.3f}"}
+        fields.update({k: v for k, v in (context or {}).items() if k in CONTEXT_FIELDS and v})
+        message_id = await self.redis.xadd(self.stream, fields)  # type: ignore[arg-type]
         return _text(message_id)
 
     async def take(self, consumer: str, block_ms: int = 1000) -> Job | None:
@@ -94,7 +103,8 @@ class WorkQueue:
         pending = await self.redis.xpending_range(self.stream, self.group, min=message_id, max=message_id, count=1)
         deliveries = int(pending[0]["times_delivered"]) if pending else 1
         return Job(id=message_id, vm_id=data.get("vm_id", ""), reason=data.get("reason", ""),
-                   enqueued_at=float(data.get("at", "0") or 0), deliveries=deliveries)
+                   enqueued_at=float(data.get("at", "0") or 0), deliveries=deliveries,
+                   context={k: data[k] for k in CONTEXT_FIELDS if k in data})
 
     async def touch(self, consumer: str, job: Job) -> None:
         """Reset the job's idle time: this worker is alive and still on it."""

@@ -20,7 +20,7 @@ from typing import Any
 import redis.exceptions
 
 from drivers.base import DriverError
-from gateway import store
+from gateway import store, tracing
 from gateway.engine.deps import EngineDeps, is_outage
 from gateway.engine.locks import VmLocker
 from gateway.engine.queue import Job
@@ -171,11 +171,19 @@ class Runner:
             await queue.done(job)
             return
         keeper = asyncio.create_task(self._keep_fresh(consumer, job))
+        tracer, parent = self.deps.tracer, tracing.context_of(job.context)
+        request = tracing.REQUEST_ID.set(job.context.get("request_id"))
         try:
-            async with locker.hold(job.vm_id, wait=LOCK_WAIT):
-                await self.converge(job.vm_id)
+            attributes = {"vm.id": job.vm_id, "vmgate.job.reason": job.reason, "vmgate.job.deliveries": job.deliveries}
+            # The wait in the queue, as a span of its own: from the message's time to now.
+            tracer.start_span("queue.wait", context=parent, attributes=attributes,
+                              start_time=int(job.enqueued_at * 1e9)).end()
+            with tracer.start_as_current_span("vm.converge", context=parent, attributes=attributes):
+                async with locker.hold(job.vm_id, wait=LOCK_WAIT):
+                    await self.converge(job.vm_id)
             await queue.done(job)
         finally:
+            tracing.REQUEST_ID.reset(request)
             keeper.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await keeper

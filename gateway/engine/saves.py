@@ -106,7 +106,9 @@ class Saves:
         try:
             if disk_missing(row):
                 raise DriverError("the VM's disk is missing")
-            status = await self.deps.driver.start(vm_id, self._resume_job(row))
+            with self.deps.tracer.start_as_current_span("qemu.start", attributes={
+                    "vm.id": vm_id, "vm.start": "resume", "vmgate.driver": self.deps.driver.name}):
+                status = await self.deps.driver.start(vm_id, self._resume_job(row))
             if status.state != "running" or status.vnc is None:
                 raise DriverError(f"the VM did not come back: {status.reason or 'no VNC endpoint'}")
             crash_point("resume.started")

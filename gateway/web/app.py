@@ -24,6 +24,7 @@ from gateway.engine.engine import Engine
 from gateway.engine.templates import Templates
 from gateway.metrics import Metrics
 from gateway.store.migrate import migrate
+from gateway.tracing import Tracing
 from gateway.web import accounts, admin, api, api_tokens, events, files, pages, snapshots
 from gateway.web.appkeys import (
     db_key,
@@ -35,10 +36,12 @@ from gateway.web.appkeys import (
     redis_key,
     settings_key,
     templates_key,
+    tracing_key,
 )
 from gateway.web.envelope import error_middleware
 from gateway.web.fanout import Fanout
 from gateway.web.metrics import metrics_handler, metrics_middleware
+from gateway.web.traces import add_request_id, trace_middleware
 
 log = logging.getLogger("vmgate.app")
 
@@ -114,11 +117,14 @@ def _security_headers(hsts: bool) -> Callable[[web.Request, web.StreamResponse],
 
 def create_app(settings: Settings, *, driver: Driver | None = None) -> web.Application:
     """Build the gateway. ``driver`` overrides the one VMGATE_DRIVER names (tests pass a fake)."""
-    app = web.Application(middlewares=[metrics_middleware, error_middleware], client_max_size=MAX_BODY)
+    app = web.Application(middlewares=[trace_middleware, metrics_middleware, error_middleware],
+                          client_max_size=MAX_BODY)
     app[settings_key] = settings
     app[metrics_key] = Metrics()
+    app[tracing_key] = Tracing(settings.otlp_endpoint, settings.otel_service_name)
     app[health_key] = {}
     app.on_response_prepare.append(_security_headers(settings.public_url.startswith("https://")))
+    app.on_response_prepare.append(add_request_id)
     credentials.configure(settings)
     aiohttp_jinja2.setup(app, loader=jinja2.FileSystemLoader(Path(__file__).parent / "templates"),
                          autoescape=jinja2.select_autoescape(default=True))
@@ -178,13 +184,14 @@ def create_app(settings: Settings, *, driver: Driver | None = None) -> web.Appli
 
     async def engine_ctx(app: web.Application) -> AsyncIterator[None]:
         engine = Engine(pool=app[db_key], redis=app[redis_key], driver=app[driver_key], templates=app[templates_key],
-                        settings=settings, metrics=app[metrics_key])
+                        settings=settings, metrics=app[metrics_key], tracer=app[tracing_key].tracer)
         app[engine_key] = engine
         await engine.start()
         try:
             yield
         finally:
             await engine.stop()
+            await asyncio.to_thread(app[tracing_key].shutdown)  # the last spans go out
 
     # The lifecycle engine last: its first reconciler pass re-adopts the VMs that still run.
     app.cleanup_ctx.extend([postgres_ctx, redis_ctx, fanout_ctx, driver_ctx, catalog_ctx, engine_ctx])

@@ -11,6 +11,7 @@ from gateway.config import Settings
 from gateway.engine.engine import Engine
 from gateway.engine.templates import Templates
 from gateway.metrics import Metrics
+from gateway.tracing import Tracing
 from gateway.web.fanout import Fanout
 from gateway.web.mail import Mailer
 
@@ -21,6 +22,7 @@ driver_key = web.AppKey("driver", Driver)
 templates_key = web.AppKey("catalog", Templates)
 mailer_key = web.AppKey("mailer", Mailer)
 metrics_key = web.AppKey("metrics", Metrics)
+tracing_key = web.AppKey("tracing", Tracing)
 engine_key = web.AppKey("engine", Engine)
 # The last public health answer: {"at": loop time, "up": bool} (gateway/web/api.py, healthz).
 health_key = web.AppKey("health", dict)

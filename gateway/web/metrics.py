@@ -11,7 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from gateway.web.appkeys import metrics_key
 
 
-def _route_name(request: web.Request) -> str:
+def route_name(request: web.Request) -> str:
     resource = request.match_info.route.resource
     # The route's pattern, not the path: ids must not explode the label space.
     return resource.canonical if resource is not None else "unmatched"
@@ -26,7 +26,7 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
         status = response.status
         return response
     finally:
-        request.app[metrics_key].observe_request(_route_name(request), request.method, status,
+        request.app[metrics_key].observe_request(route_name(request), request.method, status,
                                                  time.perf_counter() - started)
 
 
