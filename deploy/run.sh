@@ -10,6 +10,11 @@ load_settings
 load_db_settings
 export DATA_DIR VMS_ROOT IMAGES_DIR GATEWAY_HOST GATEWAY_PORT NGINX_PORT WEBSOCKIFY_PORT PUBLIC_URL WEBSOCKIFY_METRICS_PORT PROMETHEUS_PORT
 
+# The admin page's objectives come from the Prometheus this starts, unless .env names another.
+if [ -z "${PROMETHEUS_URL:-}" ] && [ "$PROMETHEUS_PORT" != 0 ]; then
+    export PROMETHEUS_URL=http://127.0.0.1:$PROMETHEUS_PORT
+fi
+
 [ -x .venv/bin/python ] || die ".venv is missing; run make venv (make run does it)"
 
 # This pid stays the supervisor's (exec below), so make down finds make run in every phase.

@@ -360,6 +360,9 @@ class Settings:
     quota_storage_gb: int = _setting("QUOTA_STORAGE_GB", _int(0, 10**6), "40",
                                      "Default per-user storage, GB: what the user's overlays, snapshots and saved"
                                      " memory take on disk, measured")
+    prometheus_url: str = _setting("PROMETHEUS_URL", _url(("http", "https"), optional=True), "",
+                                   "Prometheus the admin page's objectives come from; empty: the one make run starts"
+                                   " (127.0.0.1:PROMETHEUS_PORT), or none")
     otlp_endpoint: str = _setting("OTEL_EXPORTER_OTLP_ENDPOINT", _url(("http", "https"), optional=True), "",
                                   "OTLP/HTTP collector traces are sent to (…/v1/traces); empty: no traces")
     otel_service_name: str = _setting("OTEL_SERVICE_NAME", _str, "vmgate-gateway", "service.name of the traces")

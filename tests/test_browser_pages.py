@@ -208,7 +208,7 @@ async def test_admin_pages(pages_gateway: Any, sessions: Any, database_url: str)
     # Anyone but an admin gets what a page that does not exist gets.
     missing = await user.request("GET", "/no-such-page")
     assert missing[0] == 404
-    for path in ("/admin", "/admin/users", "/admin/vms", "/admin/queue"):
+    for path in ("/admin", "/admin/users", "/admin/vms", "/admin/queue", "/admin/slo"):
         assert await user.request("GET", path) == missing, path
         assert await sessions(server).request("GET", path) == missing, path
 

@@ -6,6 +6,7 @@ a real gateway and console proxy and fires the boot-failure alert when QEMU fail
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
@@ -23,8 +24,9 @@ import pytest
 
 from gateway.config import Settings
 from gateway.web.app import create_app
-from tests.conftest import Session, truncate_all
+from tests.conftest import Session, assert_envelope, fake_gateway, truncate_all
 from tests.fixtures.websockify import WebsockifyServer, free_port, start_websockify, stop_websockify
+from tests.test_api import make_admin
 
 REPO = Path(__file__).resolve().parent.parent
 RULES = REPO / "deploy" / "prometheus"
@@ -265,5 +267,81 @@ async def test_prometheus_scrapes_the_stack_and_a_failed_boot_fires_the_alert(
             result = (await prometheus_get(http, base, "/api/v1/query",
                                            query="vmgate_websockify_active_sessions"))["result"]
             assert result and result[0]["value"][1] == "0"
+    finally:
+        stop(prometheus)
+
+
+@pytest.mark.browser
+async def test_the_admin_page_draws_the_objectives_from_prometheus(
+        aiohttp_server: Any, app_settings: Settings, database_url: str, sessions: Any, tmp_path: Path) -> None:
+    from playwright.async_api import expect
+
+    from tests.fixtures.browser import ARTIFACTS, base_url, chromium, log_in, new_page, require_assets
+
+    require_assets()
+    prom_port = free_port()
+    settings = dataclasses.replace(app_settings, prometheus_url=f"http://127.0.0.1:{prom_port}")
+    gateway = await fake_gateway(aiohttp_server, settings, database_url)
+    admin: Session = sessions(gateway)
+    await admin.signup_and_login("boss@example.test", "correct horse battery")
+    assert admin.user is not None
+    make_admin(database_url, admin.user["id"])
+    user: Session = sessions(gateway)
+    await user.signup_and_login()
+    status, body = await admin.request("GET", "/api/admin/slo")
+    assert_envelope(status, body, 503, "metrics_unavailable")  # configured, but nothing answers there yet
+
+    argv = render(tmp_path / "prom", GATEWAY_HOST="127.0.0.1", GATEWAY_PORT=str(gateway.port),
+                  WEBSOCKIFY_METRICS_PORT=str(free_port()), PROMETHEUS_PORT=str(prom_port),
+                  PROMETHEUS_SCRAPE_INTERVAL="1s")
+    prometheus = start_prometheus(argv, tmp_path / "prometheus.log")
+    try:
+        async def up() -> Any:
+            with contextlib.suppress(aiohttp.ClientError):
+                status, body = await admin.request("GET", "/api/admin/slo")
+                return body if status == 200 else None
+            return None
+
+        await wait_for("Prometheus answering", up)
+
+        async def gateway_scraped() -> Any:
+            async with aiohttp.ClientSession() as http:
+                data = await prometheus_get(http, f"http://127.0.0.1:{prom_port}", "/api/v1/query",
+                                            query='up{job="vmgate-gateway"} == 1')
+            return data["result"]
+
+        # Counters must be seen at 0 before the create makes them 1, or rate() has nothing to compare.
+        await wait_for("the gateway scraped", gateway_scraped)
+        status, vm = await user.request("POST", "/api/vms?wait=30", json=VM)
+        assert status == 201, vm
+
+        async def figures() -> Any:
+            body = await up()
+            now = {f["key"]: f["now"] for f in (body or {}).get("figures", [])}
+            return body if now.get("boot_success") == 1 and now.get("time_to_console_p95") else None
+
+        body = await wait_for("the recording rules' figures", figures)
+        by_key = {f["key"]: f for f in body["figures"]}
+        assert set(by_key) == {"boot_success", "time_to_console_p95", "api_error_ratio"}
+        assert by_key["boot_success"]["objective"] == 0.99 and by_key["boot_success"]["points"]
+        assert 0 < by_key["time_to_console_p95"]["now"] < 20
+        assert by_key["api_error_ratio"]["now"] == 0  # nothing failed
+        # Only admins: anyone else gets what a missing page gets; a bad range is a 400.
+        assert (await user.request("GET", "/api/admin/slo"))[0] == 404
+        assert (await user.request("GET", "/admin/slo"))[0] == 404
+        status, body = await admin.request("GET", "/api/admin/slo?hours=0")
+        assert_envelope(status, body, 400, "bad_request")
+
+        async with chromium() as browser, new_page(browser, "admin-slo") as page:
+            await log_in(page, gateway, "boss@example.test", "correct horse battery")
+            await page.goto(base_url(gateway) + "/admin/slo")
+            figures_shown = page.locator(".slo-figure")
+            await expect(figures_shown).to_have_count(3)
+            await expect(page.locator(".slo-figure[data-key=boot_success] [data-now]")).to_have_text("100.00 %")
+            await expect(page.locator(".slo-figure[data-key=boot_success] path.series")).to_have_count(1)
+            objective = page.locator(".slo-figure[data-key=time_to_console_p95] line[data-objective]")
+            await expect(objective).to_have_count(1)
+            await page.screenshot(path=str(ARTIFACTS / "admin-slo.png"), full_page=True)
+            shutil.copy(ARTIFACTS / "admin-slo.png", REPO / "docs" / "screenshots" / "admin-slo.png")
     finally:
         stop(prometheus)

@@ -25,7 +25,7 @@ from gateway.engine.templates import Templates
 from gateway.metrics import Metrics
 from gateway.store.migrate import migrate
 from gateway.tracing import Tracing
-from gateway.web import accounts, admin, api, api_tokens, events, files, pages, snapshots
+from gateway.web import accounts, admin, api, api_tokens, events, files, pages, slo, snapshots
 from gateway.web.appkeys import (
     db_key,
     driver_key,
@@ -201,6 +201,7 @@ def create_app(settings: Settings, *, driver: Driver | None = None) -> web.Appli
     app.router.add_routes(snapshots.routes)
     app.router.add_routes(files.routes)
     app.router.add_routes(admin.routes)
+    app.router.add_routes(slo.routes)
     app.router.add_routes(events.routes)
     accounts.setup(app)  # routes, and the mailer (after the Postgres context: see its docstring)
     app.router.add_routes(pages.routes)

@@ -241,6 +241,12 @@ async def admin_vms(request: web.Request) -> web.StreamResponse:
         "vms": [{**views.public_vm(r, public_url), "owner_email": r["owner_email"]} for r in rows]})
 
 
+@routes.get("/admin/slo")
+async def admin_slo(request: web.Request) -> web.StreamResponse:
+    me = await auth.require_admin(request)
+    return _render("admin_slo.html", request, {"user": views.public_user(me), "tab": "slo"})
+
+
 @routes.get("/admin/queue")
 async def admin_queue(request: web.Request) -> web.StreamResponse:
     me = await auth.require_admin(request)
