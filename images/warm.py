@@ -40,6 +40,8 @@ from typing import Any
 
 from drivers.base import DriverError
 from drivers.local import LocalDriver, network
+from drivers.local.qmp import set_ignore_shared
+from jobspecs import memory
 from jobspecs.catalog import (
     DEFAULT_CATALOG,
     WARM_CURRENT,
@@ -50,9 +52,10 @@ from jobspecs.catalog import (
 )
 from jobspecs.manifest import check as check_manifest
 from jobspecs.manifest import sha256_of
+from jobspecs.memory import RAM_FILE
 from jobspecs.render import ACCELERATORS, FW_CFG_HOSTNAME, JobSettings, VMSpec, render_job
 
-FORMAT = 1  # bump when the way a layer is made changes: every layer is then rebuilt
+FORMAT = 2  # bump when the way a layer is made changes: every layer is then rebuilt (2: the RAM file)
 READY = ("vmgate-tiny: ready", "~ # ")  # a template whose catalog entry says no "ready"
 BOOT_TIMEOUT = 300.0  # seconds to the ready line (TCG on a busy host: tiny 3-9 s, debian-12 35-60 s)
 LEASE_TIMEOUT = 60.0  # seconds after the ready lines for the guest's DHCP lease (networkd may ask late)
@@ -141,7 +144,11 @@ async def boot_and_save(template: Template, settings: JobSettings, qemu_binary: 
     # Without the recorded run state ("paused", after `stop`) the restored VM starts running by itself,
     # with no one to send QMP `cont` (Nomad starts QEMU and leaves it). This is a property of QEMU's
     # migration object, not of the machine: the guest sees the same hardware.
-    job["TaskGroups"][0]["Tasks"][0]["Config"]["args"] += ["-global", "migration.store-global-state=off"]
+    args = job["TaskGroups"][0]["Tasks"][0]["Config"]["args"]
+    args += ["-global", "migration.store-global-state=off"]
+    shared = settings.target == "local"
+    if shared:  # the RAM in a file of its own, which clones map (jobspecs/memory.py); the state without it
+        args += memory.backend_args(template.defaults.memory_mb, f"${{NOMAD_TASK_DIR}}/{RAM_FILE}", share=True)
     state = out / WARM_STATE
     timings: dict[str, float] = {}
     began = time.monotonic()
@@ -160,9 +167,15 @@ async def boot_and_save(template: Template, settings: JobSettings, qemu_binary: 
             await _wait_lease(driver.task_dir(VM_ID), LEASE_TIMEOUT, alive)
         await asyncio.sleep(SETTLE)
         saving = time.monotonic()
+        task_dir = driver.task_dir(VM_ID)
+        if shared:
+            await set_ignore_shared(task_dir / "qmp.sock", True)
         # The driver's own suspend: pause, save the memory to a file, end QEMU (the VMs' suspend path).
         await driver.suspend_to(VM_ID, str(state))
         timings["save_s"] = round(time.monotonic() - saving, 2)
+        if shared:  # QEMU has ended: the file holds the RAM as it was saved. Holes stay holes.
+            await asyncio.to_thread(subprocess.run, ["cp", "--sparse=always", str(task_dir / RAM_FILE),
+                                                     str(out / RAM_FILE)], check=True)
     finally:
         await driver.destroy(VM_ID)
         await driver.close()
@@ -196,8 +209,10 @@ def build(template: Template, settings: JobSettings, qemu_binary: str, force: bo
             # Made next to its final place and renamed when complete: a layer that exists is whole.
             timings = asyncio.run(boot_and_save(template, settings, qemu_binary, new))
             files: dict[str, dict[str, Any]] = {}
-            for name in (WARM_DISK, WARM_STATE):
+            for name in (WARM_DISK, WARM_STATE, RAM_FILE):
                 path = new / name
+                if name == RAM_FILE and not path.exists():
+                    continue  # a layer for a fleet: its state holds the RAM
                 path.chmod(0o444)
                 files[name] = {"sha256": sha256_of(path), "size": path.stat().st_size}
             manifest = {

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from jobspecs.memory import RAM_FILE
+
 # images/catalog.json in this repository.
 DEFAULT_CATALOG = Path(__file__).resolve().parent.parent / "images" / "catalog.json"
 
@@ -79,6 +81,7 @@ class WarmImage:
     state: Path
     sizes: Sizes
     accelerator: str
+    ram: Path | None = None  # the template's RAM as a file, for clones to share (jobspecs/memory.py); local only
 
     def fits(self, cpu: int, memory_mb: int, disk_gb: int, accelerator: str) -> bool:
         """True when a VM of this size, under this accelerator, can start from this state."""
@@ -98,7 +101,8 @@ def read_warm_image(directory: Path) -> WarmImage | None:
         sizes = Sizes(**{size: int(manifest["sizes"][size]) for size in SIZE_NAMES})
         image = WarmImage(template=str(manifest["template"]), id=str(manifest["id"]), directory=real,
                           disk=real / WARM_DISK, state=real / WARM_STATE, sizes=sizes,
-                          accelerator=str(manifest["accelerator"]))
+                          accelerator=str(manifest["accelerator"]),
+                          ram=real / RAM_FILE if RAM_FILE in manifest.get("files", {}) else None)
     except (OSError, ValueError, KeyError, TypeError):
         return None
     if not _SAFE_PATH_RE.fullmatch(str(image.state)):

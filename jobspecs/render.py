@@ -47,7 +47,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from jobspecs import sandbox
+from jobspecs import memory, sandbox
 from jobspecs.catalog import NOMAD_MEMORY_MB, SIZE_NAMES, Template, WarmImage
 from jobspecs.devices import CLIPBOARD_META, NETWORKS, devices
 from jobspecs.hcl import to_hcl
@@ -292,9 +292,11 @@ def qemu_args(vm: VMSpec, template: Template, target: str = "local") -> list[str
 
 def warm_fits(vm: VMSpec, warm: WarmImage, settings: JobSettings) -> bool:
     """True when ``vm`` can start from ``warm``'s memory state (same template, sizes and accelerator)."""
-    # A warm clone does not boot, and user data runs at boot: a VM with user data starts cold.
+    # A warm clone does not boot, and user data runs at boot: a VM with user data starts cold. A layer whose
+    # state leaves its RAM in a file (jobspecs/memory.py) is for the local driver only.
     return (vm.template == warm.template and not vm.userdata
-            and warm.fits(vm.cpu, vm.memory_mb, vm.disk_gb, settings.accelerator))
+            and warm.fits(vm.cpu, vm.memory_mb, vm.disk_gb, settings.accelerator)
+            and (warm.ram is None or settings.target == "local"))
 
 
 def policies(settings: JobSettings, warm: bool) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -339,7 +341,12 @@ def render_job(vm: VMSpec, template: Template, settings: JobSettings,
     job = _job(vm, template, settings, name)
     if warm is not None:
         task = job["TaskGroups"][0]["Tasks"][0]
-        task["Config"]["args"] = sandbox.fit([*task["Config"]["args"], sandbox.INCOMING, f"exec:cat {warm.state}"])
+        # On this host, the clone maps its template's RAM copy-on-write (jobspecs/memory.py); a fleet's
+        # warm state holds the RAM itself.
+        shared = memory.backend_args(vm.memory_mb, str(warm.ram), share=False) \
+            if warm.ram is not None and settings.target == "local" else []
+        task["Config"]["args"] = sandbox.fit([*task["Config"]["args"], *shared, sandbox.INCOMING,
+                                              f"exec:cat {warm.state}"])
         job["TaskGroups"][0]["RestartPolicy"], job["TaskGroups"][0]["ReschedulePolicy"] = policies(settings, True)
         job["Meta"]["start"] = "warm"
         job["Meta"]["warm_layer"] = warm.id

@@ -16,7 +16,7 @@ import json
 import re
 from typing import Any
 
-from jobspecs import sandbox
+from jobspecs import memory, sandbox
 from jobspecs.devices import NETDEVS
 from jobspecs.render import LOADVM, SNAPSHOT_TAG_RE, WARM_ARGS, JobSettings, JobSpecError, policies
 from jobspecs.sandbox import INCOMING
@@ -40,7 +40,8 @@ def cold_job(job: dict[str, Any], settings: JobSettings) -> dict[str, Any]:
     config = group["Tasks"][0]["Config"]
     args = config["args"]
     at = args.index(INCOMING)
-    config["args"] = sandbox.fit(args[:at] + args[at + 2:])
+    # Booting from its disk, the VM's RAM is its own again (no template memory under it).
+    config["args"] = sandbox.fit(memory.without_backend(args[:at] + args[at + 2:]))
     group["RestartPolicy"], group["ReschedulePolicy"] = policies(settings, warm=False)
     copy.get("Meta", {}).pop("start", None)
     return copy

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
+import os
 import re
 import subprocess
 import time
@@ -21,7 +22,8 @@ import pytest
 from gateway.config import Settings
 from gateway.engine.templates import Templates
 from gateway.web.appkeys import driver_key, templates_key
-from jobspecs import DEFAULT_CATALOG, is_warm, load_catalog, sandbox
+from jobspecs import DEFAULT_CATALOG, is_warm, load_catalog, memory, sandbox
+from jobspecs.manifest import sha256_of
 from tests.conftest import Session
 from tests.fixtures.qemu import type_text
 from tests.test_e2e import READY, VM, local_gateway, wait_for_serial
@@ -185,8 +187,15 @@ def test_only_the_saved_sizes_start_warm(tiny_images_dir: Path, app_settings: Se
         assert not is_warm(job), change
         assert catalog.overlay_base(template, job) == template.disk
     args = warm_job["TaskGroups"][0]["Tasks"][0]["Config"]["args"]
-    assert args[-4:] == ["-set", "drive.image0.file.auto-read-only=off",
-                         "-incoming", f"exec:cat {template.warm_image().state}"]
+    warm = template.warm_image()
+    assert warm is not None and warm.ram is not None  # a layer made for this host keeps its RAM in a file
+    # On this host the clone maps the template's RAM copy-on-write (jobspecs/memory.py), then restores.
+    assert args[-8:] == ["-set", "drive.image0.file.auto-read-only=off",
+                         *memory.backend_args(256, str(warm.ram), share=False),
+                         "-incoming", f"exec:cat {warm.state}"]
+    # A fleet cannot start from this layer (its state leaves the RAM out): a fleet job of it boots cold.
+    fleet = catalog.render(template, vm, owner="1", settings=dataclasses.replace(settings, driver="nomad"))
+    assert not is_warm(fleet) and catalog.overlay_base(template, fleet) == template.disk
     assert warm_job["Meta"]["start"] == "warm"
     assert warm_job["TaskGroups"][0]["RestartPolicy"]["Attempts"] == 0
     assert warm_job["TaskGroups"][0]["ReschedulePolicy"]["Attempts"] == 0
@@ -196,10 +205,68 @@ def test_only_the_saved_sizes_start_warm(tiny_images_dir: Path, app_settings: Se
     cold_args = cold["TaskGroups"][0]["Tasks"][0]["Config"]["args"]
     # The cold job keeps -set (every job opens its disk read-write for good: a suspend needs it), and its
     # sandbox denies spawning again: only the restore through exec:cat needed it (jobspecs/sandbox.py).
-    assert cold_args == sandbox.fit(args[:-2]) and "start" not in cold["Meta"]
+    assert cold_args == sandbox.fit(memory.without_backend(args[:-2])) and "start" not in cold["Meta"]
+    assert not any(a.startswith("memory-backend") for a in cold_args)  # booting, its RAM is its own
     assert "spawn=allow" in args[args.index("-sandbox") + 1]
     assert "spawn=deny" in cold_args[cold_args.index("-sandbox") + 1]
     assert cold["TaskGroups"][0]["RestartPolicy"]["Attempts"] == settings.restart_attempts
     _check_hcl_matches_json(cold)
 
 
+
+
+def memfd_mapping(pid: int) -> dict[str, int]:
+    """The kB figures (Rss, Shared_Clean, Private_Dirty, …) of the QEMU's mapping of its template RAM copy."""
+    figures: dict[str, int] = {}
+    inside = False
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        fields = line.split()
+        if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
+            inside = "/memfd:vmgate-ram" in line
+        elif inside and fields[0].endswith(":") and len(fields) == 3 and fields[2] == "kB":
+            figures[fields[0][:-1]] = figures.get(fields[0][:-1], 0) + int(fields[1])
+    return figures
+
+
+async def test_warm_clones_share_the_template_memory_copy_on_write(local_gateway: Any, sessions: Any) -> None:
+    """Issue 17: both clones map the one sealed copy of the template's RAM; what one writes is its own; the
+    copy and the layer's file stay as they were, and nobody can write the copy."""
+    s: Session = sessions(local_gateway)
+    await s.signup_and_login()
+    driver = local_gateway.app[driver_key]
+    warm = local_gateway.app[templates_key].get("tiny").warm_image()
+    assert warm is not None and warm.ram is not None
+    first, _ = await create(s, "cow-a")
+    second, _ = await create(s, "cow-b")
+    for vm_id in (first, second):
+        await wait_for_serial(s, vm_id, "~ # ", timeout=30)
+    pids = [(await driver.status(vm_id)).pid for vm_id in (first, second)]
+    assert all(pids)
+    mappings = [memfd_mapping(pid) for pid in pids]
+    # Each maps it, and pages of it are in both at once (Shared_Clean counts pages mapped by more than one).
+    # Each maps it, and pages of it are in both at once ("Shared_": mapped by more than one process; a
+    # memfd's pages count as dirty), so each is charged only part of them (Pss < Rss).
+    assert all(m.get("Shared_Clean", 0) + m.get("Shared_Dirty", 0) > 1024 and m["Pss"] < m["Rss"]
+               for m in mappings), mappings
+
+    # Clone A fills 16 MiB of its memory (a tmpfs file) with a pattern and keeps a shell variable.
+    await type_text(driver.task_dir(first) / "qmp.sock",
+                    "X=written-by-a; head -c 16777216 /dev/urandom > /dev/shm/a; echo filled-$X > /dev/ttyS0\n")
+    await wait_for_serial(s, first, "filled-written-by-a", timeout=60)
+    after = memfd_mapping(pids[0])
+    assert after.get("Private_Dirty", 0) > mappings[0].get("Private_Dirty", 0), (mappings[0], after)
+    # Clone B sees none of it.
+    await type_text(driver.task_dir(second) / "qmp.sock", "echo b-sees-[$X]-$(ls /dev/shm) > /dev/ttyS0\n")
+    serial = await wait_for_serial(s, second, "b-sees-[", timeout=60)
+    assert "b-sees-[]-" in serial and "written-by-a" not in serial.split("b-sees-[")[-1]
+
+    # The shared copy is byte for byte the layer's file, which its manifest still vouches for.
+    fds = list(driver._memory._fds.values())
+    assert len(fds) == 1
+    manifest = json.loads((warm.directory / "manifest.json").read_text())
+    assert sha256_of(Path(f"/proc/self/fd/{fds[0]}")) == manifest["files"]["ram"]["sha256"] == sha256_of(warm.ram)
+    # And it cannot be written, by QEMU or by root: it is sealed.
+    with pytest.raises(PermissionError):
+        os.pwrite(fds[0], b"\0", 0)
+    for vm_id in (first, second):
+        assert (await s.request("DELETE", f"/api/vms/{vm_id}?wait=60"))[0] == 200

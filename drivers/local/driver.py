@@ -25,8 +25,19 @@ from drivers.base import Driver, DriverError, JobInvalid, NotSupported, VMStatus
 from drivers.local import cgroups, confine, network, vdagent
 from drivers.local.confine import PER_VM, dispose, identity
 from drivers.local.job import GUEST_AGENT_SOCKET, SNAPSHOT_TAG_RE, VM_ID_RE, QemuTask, build_task, check_vm_id
+from drivers.local.memimage import MemoryImages, check_memory_file
 from drivers.local.process import Processes, QemuBinary, default_run_as, run
-from drivers.local.qmp import QMP_ERRORS, QMP_TIMEOUT, RESTORE_POLL, hmp, qmp, save_memory, snapshot_sizes
+from drivers.local.qmp import (
+    QMP_ERRORS,
+    QMP_TIMEOUT,
+    RESTORE_POLL,
+    hmp,
+    qmp,
+    restore_shared,
+    save_memory,
+    set_ignore_shared,
+    snapshot_sizes,
+)
 from drivers.local.taskdir import (
     POLL,
     VMLocks,
@@ -76,6 +87,7 @@ class LocalDriver(Driver):
         self.boot_timeout = boot_timeout
         self._qemu = QemuBinary(qemu_binary)
         self._procs = Processes(self.tasks_root, qemu_binary)
+        self._memory = MemoryImages()  # sealed copies of template RAM files, for warm clones (memimage.py)
         self._locks = VMLocks(self.tasks_root / ".locks")
         self.network_problem = network.problem() if networks is not None else "networks are off (VM_NETWORK=none)"
         if networks == "auto":
@@ -110,6 +122,8 @@ class LocalDriver(Driver):
                 raise JobInvalid(f"config.image_path {task.image_path} does not exist")
             if task.incoming is not None and not os.path.isfile(task.incoming):
                 raise JobInvalid(f"-incoming: the saved state {task.incoming} does not exist")
+            if task.memory_file is not None and not task.memory_shared:
+                check_memory_file(task.memory_file)
             argv = [*task.argv, *await self._qemu.run_as_args(identity(self.run_as, self.tasks_root, vm_id))]
             created = not task_dir.exists()
             pid: int | None = None
@@ -132,9 +146,17 @@ class LocalDriver(Driver):
                 prefix: list[str] = []
                 if task.network == "outbound" and self.network is not None:
                     prefix = network.enter(await self._network_up(task_dir), self.network)
-                pid = self._procs.spawn(argv, task, task_dir, prefix)
+                memory_fd = None
+                if task.memory_file is not None and not task.memory_shared:
+                    memory_fd = await asyncio.to_thread(self._memory.descriptor, task.memory_file)
+                pid = self._procs.spawn(argv, task, task_dir, prefix, memory_fd)
                 write_atomic(task_dir / "qemu.pid", f"{pid}\n")
+                if memory_fd is not None and task.incoming is not None:
+                    await restore_shared(task.qmp_socket, lambda: self._procs.alive(pid, task_dir),
+                                         self.boot_timeout)
                 await self._wait_ready(pid, task, task_dir)
+                if memory_fd is not None and task.incoming is not None:
+                    await set_ignore_shared(task.qmp_socket, False)  # from now on a VM like any other
                 if task.vdagent:
                     await vdagent.plug(task.qmp_socket)
             except BaseException as exc:
@@ -465,3 +487,4 @@ class LocalDriver(Driver):
 
     async def close(self) -> None:
         self._procs.close()
+        self._memory.close()

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from drivers.base import DriverError, JobInvalid, VncTarget
+from jobspecs import memory as memory_args
 from jobspecs.devices import NETDEVS, NETWORKS
 
 SUN_PATH_MAX = 108  # bytes in sockaddr_un.sun_path, the terminating NUL included
@@ -54,6 +55,11 @@ class QemuTask:
     incoming: str | None = None  # the state file a warm start restores (-incoming "exec:cat PATH")
     vdagent: bool = False  # job Meta.clipboard: plug the desktop clipboard in once it runs (drivers/local/vdagent.py)
     network: str = "none"  # job Meta.network: "outbound" runs QEMU in a network namespace (drivers/local/network.py)
+    # The VM's RAM in a file (jobspecs/memory.py): a template's, mapped copy-on-write (``memory_shared`` False:
+    # the driver hands QEMU a sealed copy, drivers/local/memimage.py), or its own, written through (a template
+    # boot: the file is in the task directory).
+    memory_file: str | None = None
+    memory_shared: bool = False
 
 
 def check_vm_id(vm_id: str) -> None:
@@ -122,6 +128,31 @@ def _vnc_target(value: str, task_dir: Path) -> tuple[VncTarget | None, Path | No
     if host not in LOOPBACK:
         raise JobInvalid(f"-vnc {value!r}: VNC may listen on loopback or a unix socket only")
     return VncTarget(host=host, port=5900 + int(number)), None
+
+
+def _memory_backend(extra: list[str], memory: int, task_dir: Path) -> tuple[str | None, bool]:
+    """The RAM file a job's args name (jobspecs/memory.py) and whether QEMU writes through to it; (None,
+    False) for plain ``-m`` memory. Only that one backend, sized as the job's memory, and only a warm layer's
+    file (copy-on-write; the driver checks its manifest at start) or one in the task directory (written
+    through)."""
+    objects = [extra[i + 1] for i in range(len(extra) - 1) if extra[i] == memory_args.OBJECT
+               and extra[i + 1].startswith("memory-backend")]
+    machines = [extra[i + 1] for i in range(len(extra) - 1) if extra[i] == memory_args.MACHINE]
+    if not objects and not machines:
+        return None, False
+    match = memory_args.BACKEND_RE.fullmatch(objects[0]) if len(objects) == 1 else None
+    if match is None or machines != [memory_args.MACHINE_BACKEND]:
+        raise JobInvalid("the only memory backend is -object memory-backend-file,id=pc.ram,size=<MB>M,"
+                         "mem-path=<path>,share=on|off with -machine memory-backend=pc.ram")
+    if int(match["mb"]) != memory:
+        raise JobInvalid(f"the memory backend is {match['mb']} MiB, the job's memory {memory} MiB")
+    path = os.path.normpath(match["path"].replace("${NOMAD_TASK_DIR}", str(task_dir)))
+    shared = match["share"] == "on"
+    if shared and not _is_under(path, str(task_dir)):
+        raise JobInvalid("memory written through (share=on) goes to a file in the task directory only")
+    if not shared and os.path.basename(path) != memory_args.RAM_FILE:
+        raise JobInvalid(f"a template's memory is a warm layer's {memory_args.RAM_FILE!r} file, not {path}")
+    return path, shared
 
 
 def _is_under(path: str, parent: str) -> bool:
@@ -219,6 +250,7 @@ def build_task(vm_id: str, job: dict[str, Any], task_dir: Path, qemu_path: str =
     qmp_socket: Path | None = None
     vnc: VncTarget | None = None
     incoming: str | None = None
+    memory_file, memory_shared = _memory_backend(extra, memory, task_dir)
     for flag, value in zip(extra, [*extra[1:], ""], strict=True):
         if flag == "-incoming":
             match = _INCOMING_RE.fullmatch(value)
@@ -267,4 +299,5 @@ def build_task(vm_id: str, job: dict[str, Any], task_dir: Path, qemu_path: str =
                               f"under {SUN_PATH_MAX}: use a shorter VMS_ROOT")
     return QemuTask(argv=tuple(argv), image_path=image_path, qmp_socket=qmp_socket, sockets=tuple(sockets),
                     vnc=vnc, graceful_shutdown=bool(config.get("graceful_shutdown")), env=env, incoming=incoming,
-                    vdagent=(job.get("Meta") or {}).get("clipboard") == "vdagent", network=network)
+                    vdagent=(job.get("Meta") or {}).get("clipboard") == "vdagent", network=network,
+                    memory_file=memory_file, memory_shared=memory_shared)

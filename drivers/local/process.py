@@ -48,7 +48,8 @@ log = logging.getLogger(__name__)
 _VERSION_RE = re.compile(r"version (\d+)\.(\d+)(?:\.(\d+))?")
 
 
-def spawn(argv: list[str], task: QemuTask, task_dir: Path, prefix: Sequence[str] = ()) -> int:
+def spawn(argv: list[str], task: QemuTask, task_dir: Path, prefix: Sequence[str] = (),
+          memory_fd: int | None = None) -> int:
     """Start QEMU in its own session (it must outlive the gateway): stdin /dev/null,
     stdout appended to serial.log, stderr to stderr.log, only the task's environment.
 
@@ -56,7 +57,11 @@ def spawn(argv: list[str], task: QemuTask, task_dir: Path, prefix: Sequence[str]
     (``-incoming fd:3``): no shell, no cat, no pipe between them. QEMU then reads the file itself,
     which halved the median restore here (docs/DRIVERS.md); the job keeps the portable form.
 
-    ``prefix`` runs QEMU through another program that execs it (``nsenter --net=...``: its network)."""
+    ``prefix`` runs QEMU through another program that execs it (``nsenter --net=...``: its network).
+
+    ``memory_fd``: the sealed copy of the template RAM the job maps (drivers/local/memimage.py), given to
+    QEMU as its fd 4 in place of the file's path. A restore over it waits (``-incoming defer``) until the
+    driver has switched ``x-ignore-shared`` on; the driver then starts it from fd 3 (``restore_shared``)."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC
     fds = [os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)]
     try:
@@ -65,7 +70,15 @@ def spawn(argv: list[str], task: QemuTask, task_dir: Path, prefix: Sequence[str]
         if task.incoming is not None:
             fds.append(os.open(task.incoming, os.O_RDONLY | os.O_CLOEXEC))
             at = argv.index("-incoming")
-            argv = [*argv[:at + 1], f"fd:{len(fds) - 1}", *argv[at + 2:]]
+            source = "defer" if memory_fd is not None else f"fd:{len(fds) - 1}"
+            argv = [*argv[:at + 1], source, *argv[at + 2:]]
+        if memory_fd is not None and task.memory_file is not None:
+            fds.append(os.dup(memory_fd))
+            swapped = [arg.replace(f"mem-path={task.memory_file},", f"mem-path=/proc/self/fd/{len(fds) - 1},")
+                       for arg in argv]
+            if swapped == argv:
+                raise DriverError(f"the memory backend's path is not {task.memory_file}")
+            argv = swapped
         # Spawning was allowed for exec:cat only; a driver that makes QEMU drop root must let it (confine.py).
         argv = [*prefix, *sandbox.fit(argv, drops_root="-runas" in argv or "-run-with" in argv)]
         env = {"PATH": os.environ.get("PATH", os.defpath), "LC_ALL": "C", **task.env}
@@ -156,9 +169,10 @@ class Processes:
 
     # ------------------------------------------------------------ processes
 
-    def spawn(self, argv: list[str], task: QemuTask, task_dir: Path, prefix: Sequence[str] = ()) -> int:
+    def spawn(self, argv: list[str], task: QemuTask, task_dir: Path, prefix: Sequence[str] = (),
+              memory_fd: int | None = None) -> int:
         """``spawn`` QEMU and remember it as our child (to reap it, and to know it before /proc does)."""
-        pid = spawn(argv, task, task_dir, prefix)
+        pid = spawn(argv, task, task_dir, prefix, memory_fd)
         self._children[pid] = task_dir
         limit(pid, argv, task_dir, task.image_path)  # a QEMU with a uid of its own: a thread cap, a cgroup
         return pid

@@ -64,6 +64,31 @@ async def snapshot_sizes(socket_path: Path, image_path: str) -> dict[str, int]:
     raise DriverError("the VM's disk image0 is not in query-block")
 
 
+async def set_ignore_shared(socket_path: Path, on: bool) -> None:
+    """Switch QEMU's ``x-ignore-shared`` migration capability: a state saved or restored with it leaves out
+    the RAM kept in a shared file (jobspecs/memory.py). QEMU 7.2 has no command-line property for it."""
+    try:
+        await qmp(socket_path, "migrate-set-capabilities",
+                  {"capabilities": [{"capability": "x-ignore-shared", "state": on}]})
+    except QMP_ERRORS as exc:
+        raise DriverError(f"could not set x-ignore-shared: {type(exc).__name__}: {exc}") from exc
+
+
+async def restore_shared(socket_path: Path, alive: Any, timeout: float) -> None:
+    """Start the restore of a QEMU started with ``-incoming defer`` over its template's RAM: once its QMP
+    socket answers, ``x-ignore-shared`` on, then the state from its fd 3 (drivers/local/process.py)."""
+    deadline = time.monotonic() + timeout
+    while not socket_path.exists():
+        if not alive() or time.monotonic() > deadline:
+            raise DriverError("QEMU never opened its QMP socket for the restore")
+        await asyncio.sleep(RESTORE_POLL)
+    await set_ignore_shared(socket_path, True)
+    try:
+        await qmp(socket_path, "migrate-incoming", {"uri": "fd:3"})
+    except QMP_ERRORS as exc:
+        raise DriverError(f"the restore did not start: {type(exc).__name__}: {exc}") from exc
+
+
 async def save_memory(socket_path: Path, path: Path) -> None:
     """Pause the VM (QMP ``stop``) and write its memory, a migration stream, to ``path``; the VM stays
     paused. On failure the VM runs on (``cont``), ``path`` is removed and DriverError says why."""

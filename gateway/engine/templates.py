@@ -13,6 +13,7 @@ from gateway.engine.storage import ImageUnavailable, ImageVerifier
 from gateway.errors import ValidationFailed
 from jobspecs import render, starts
 from jobspecs.catalog import DEFAULT_CATALOG, WARM_DISK, WARM_STATE, Template, load_catalog
+from jobspecs.memory import RAM_FILE
 
 
 class Templates:
@@ -103,7 +104,8 @@ class Templates:
         """Refuse a warm layer whose disk or state does not match its manifest."""
         base = self.overlay_base(template, job)
         if base != template.disk:
-            await self._verifier.verify(base.parent, [WARM_DISK, WARM_STATE])
+            shared = [RAM_FILE] if (base.parent / RAM_FILE).exists() else []  # the template's RAM, for clones
+            await self._verifier.verify(base.parent, [WARM_DISK, WARM_STATE, *shared])
 
     @staticmethod
     def loadvm(job: dict[str, Any], tag: str, settings: Settings) -> dict[str, Any]:
