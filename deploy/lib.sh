@@ -31,14 +31,15 @@ abspath() {  # relative paths are relative to the repo root, like gateway/config
     case $1 in /*) printf '%s\n' "$1" ;; *) printf '%s\n' "$REPO_ROOT/$1" ;; esac
 }
 
-# Print one part of a URL (user, password, host, port, path), percent-decoded.
+# Print one part of a URL (user, password, host, port, path, origin), percent-decoded.
 url_part() {
     python3 - "$1" "$2" <<'PY'
 import sys
 from urllib.parse import unquote, urlsplit
 u = urlsplit(sys.argv[1])
 part = {"user": u.username, "password": u.password, "host": u.hostname,
-        "port": u.port, "path": u.path.lstrip("/")}[sys.argv[2]]
+        "port": u.port, "path": u.path.lstrip("/"),
+        "origin": f"{u.scheme}://{u.netloc.rpartition('@')[2]}"}[sys.argv[2]]
 print(unquote(str(part)) if part is not None else "")
 PY
 }
@@ -52,12 +53,15 @@ load_settings() {
     export DATA_DIR VMS_ROOT IMAGES_DIR
     GATEWAY_HOST=${GATEWAY_HOST:-127.0.0.1}
     GATEWAY_PORT=${GATEWAY_PORT:-8000}
-    NGINX_PORT=${NGINX_PORT:-8080}
+    NGINX_PORT=${NGINX_PORT:-8443}
+    NGINX_HTTP_PORT=${NGINX_HTTP_PORT:-8080}
+    NGINX_TLS=${NGINX_TLS:-auto}
+    case $NGINX_TLS in auto|off) ;; *) die "NGINX_TLS=$NGINX_TLS: expected auto or off" ;; esac
     WEBSOCKIFY_PORT=${WEBSOCKIFY_PORT:-6080}
     WEBSOCKIFY_METRICS_PORT=${WEBSOCKIFY_METRICS_PORT:-6081}
     PROMETHEUS_PORT=${PROMETHEUS_PORT:-9090}
     TRUSTED_PROXIES=${TRUSTED_PROXIES:-127.0.0.1/32,::1/128}
-    PUBLIC_URL=${PUBLIC_URL:-http://127.0.0.1:$NGINX_PORT}
+    PUBLIC_URL=${PUBLIC_URL:-https://127.0.0.1:$NGINX_PORT}
     # shellcheck disable=SC2034  # used by the scripts that source this file
     RUN_DIR=$DATA_DIR/run
 }

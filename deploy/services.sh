@@ -36,6 +36,8 @@ redis_cli() { REDISCLI_AUTH=$REDIS_PASSWORD redis-cli --no-auth-warning -h 127.0
 redis_pong() { [ "$(redis_cli ping 2>/dev/null)" = PONG ]; }
 redis_ours() { [ -f "$REDIS_PID" ] && pid_matches "$(cat "$REDIS_PID")" redis-server; }
 nginx_ours() { [ -f "$NGINX_PID" ] && pid_matches "$(cat "$NGINX_PID")" nginx; }
+# nginx serves TLS itself when PUBLIC_URL is https, unless NGINX_TLS=off (TLS ends in front of it).
+nginx_tls() { [[ $PUBLIC_URL == https://* ]] && [ "$NGINX_TLS" != off ]; }
 port_busy() { python3 -c 'import socket,sys; s=socket.socket(); s.settimeout(1); sys.exit(s.connect_ex(("127.0.0.1", int(sys.argv[1]))) != 0)' "$1"; }
 
 wait_for() {  # wait_for NAME SECONDS CMD...: poll CMD until it succeeds
@@ -168,8 +170,25 @@ nginx_render() {
         real_ip="$real_ip set_real_ip_from $net;"
     done
     [ -z "$real_ip" ] || real_ip="$real_ip real_ip_header X-Forwarded-For; real_ip_recursive on;"
+    # The scheme of PUBLIC_URL decides: https serves TLS on NGINX_PORT (and redirects NGINX_HTTP_PORT),
+    # http serves plain HTTP there as before. NGINX_TLS=off: TLS ends in front of nginx.
+    local tls="# " ssl="" redirect="# " cert="" key="" origin
+    origin=$(url_part "$PUBLIC_URL" origin)
+    if nginx_tls; then
+        local paths
+        paths=$("$REPO_ROOT/deploy/tls.sh" "$(url_part "$PUBLIC_URL" host)") || die "no TLS certificate for nginx"
+        cert=$(sed -n 1p <<< "$paths"); key=$(sed -n 2p <<< "$paths")
+        tls="" ssl=" ssl"
+        if [ "$NGINX_HTTP_PORT" != 0 ]; then
+            [ "$NGINX_HTTP_PORT" != "$NGINX_PORT" ] || die "NGINX_HTTP_PORT and NGINX_PORT are both $NGINX_PORT; \
+make them differ in .env (or NGINX_HTTP_PORT=0: no plain HTTP port)"
+            redirect=""
+        fi
+    fi
     sed -e "s|@USER_LINE@|$user_line|" -e "s|@NGINX_DIR@|$NGINX_DIR|g" -e "s|@NGINX_PORT@|$NGINX_PORT|g" \
-        -e "s|@REAL_IP@|$real_ip|" \
+        -e "s|@REAL_IP@|$real_ip|" -e "s|@TLS@|$tls|" -e "s|@SSL@|$ssl|" -e "s|@REDIRECT@|$redirect|" \
+        -e "s|@TLS_CERT@|$cert|" -e "s|@TLS_KEY@|$key|" -e "s|@PUBLIC_ORIGIN@|$origin|" \
+        -e "s|@NGINX_HTTP_PORT@|$NGINX_HTTP_PORT|" \
         -e "s|@GATEWAY_HOST@|$GATEWAY_HOST|g" -e "s|@GATEWAY_PORT@|$GATEWAY_PORT|g" \
         -e "s|@WEBSOCKIFY_PORT@|$WEBSOCKIFY_PORT|g" \
         "$REPO_ROOT/deploy/nginx.conf.in" > "$NGINX_CONF.tmp"
@@ -187,6 +206,10 @@ nginx_up() {
     fi
     port_busy "$NGINX_PORT" && die "nginx: 127.0.0.1:$NGINX_PORT is taken by another process (is make run up?).
   Stop it, or change NGINX_PORT and PUBLIC_URL in .env"
+    if nginx_tls && [ "$NGINX_HTTP_PORT" != 0 ] && port_busy "$NGINX_HTTP_PORT"; then
+        die "nginx: 127.0.0.1:$NGINX_HTTP_PORT is taken by another process (is make run up?).
+  Stop it, or change NGINX_HTTP_PORT in .env (0: no plain HTTP port)"
+    fi
     nginx -c "$NGINX_CONF" -p "$NGINX_DIR/" -e "$NGINX_DIR/error.log" \
         || die "nginx did not start (log: $NGINX_DIR/error.log)"
     wait_for nginx 10 port_busy "$NGINX_PORT"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -26,6 +27,7 @@ from urllib.parse import urlsplit
 REPO = Path(__file__).resolve().parent.parent
 STOP_GRACE = 15.0  # seconds children get after SIGTERM before SIGKILL
 HEALTH_TIMEOUT = 120.0
+DEFAULT_PUBLIC_URL = "https://127.0.0.1:8443"  # deploy/lib.sh's default; run.sh always sets PUBLIC_URL
 NAME_WIDTH = len("websockify")  # log prefixes line up
 
 
@@ -124,6 +126,18 @@ def public_origin(url: str) -> str:
     return f"{parts.scheme}://{parts.netloc}"
 
 
+def nginx_ports(conf: Path) -> list[int]:
+    """The ports an nginx configuration listens on (lines deploy/services.sh commented out do not count)."""
+    return [int(port) for port in re.findall(r"^\s*listen\s+127\.0\.0\.1:(\d+)", conf.read_text(), re.MULTILINE)]
+
+
+def local_ca(env: dict[str, str], public_url: str) -> Path | None:
+    """The local CA that signed nginx's certificate (deploy/tls.sh), when nginx serves that one."""
+    ca = Path(env["DATA_DIR"]) / "tls" / "ca.crt"
+    own_tls = public_url.startswith("https://") and env.get("NGINX_TLS") != "off"
+    return ca if own_tls and not env.get("TLS_CERT") and ca.is_file() else None
+
+
 def build_children(
     args: argparse.Namespace, env: dict[str, str], log_dir: Path, run_dir: Path
 ) -> list[Child]:
@@ -139,7 +153,7 @@ def build_children(
             "--token-source", "env:REDIS_URL",
             # Browsers send the page's origin; only pages served from PUBLIC_URL may open consoles.
             "--auth-plugin", "websockify.auth_plugins.ExpectOrigin",
-            "--auth-source", public_origin(env.get("PUBLIC_URL", "http://127.0.0.1:8080")),
+            "--auth-source", public_origin(env.get("PUBLIC_URL", DEFAULT_PUBLIC_URL)),
             f"127.0.0.1:{env['WEBSOCKIFY_PORT']}",
         ], child_env, log_dir, run_dir),
     ]
@@ -181,7 +195,9 @@ def main() -> int:
              ("GATEWAY_PORT", "WEBSOCKIFY_PORT", "WEBSOCKIFY_METRICS_PORT", "PROMETHEUS_PORT")}
     ports = {key: port for key, port in ports.items() if port}
     if args.nginx_conf:
-        ports["NGINX_PORT"] = int(env["NGINX_PORT"])
+        # The ports the rendered configuration listens on: NGINX_PORT, and NGINX_HTTP_PORT when it redirects.
+        for port in nginx_ports(Path(args.nginx_conf)):
+            ports["NGINX_HTTP_PORT" if str(port) == env.get("NGINX_HTTP_PORT") else "NGINX_PORT"] = port
     busy = [f"{key}={port}" for key, port in ports.items() if port_in_use(port)]
     if busy:
         say(lock, f"port(s) already in use on 127.0.0.1: {', '.join(busy)}. Is vmgate already running? "
@@ -206,7 +222,7 @@ def main() -> int:
                   f"logs in {log_dir}")
 
         health = f"http://{env.get('GATEWAY_HOST', '127.0.0.1')}:{env['GATEWAY_PORT']}/api/healthz"
-        public_url = env.get("PUBLIC_URL") or f"http://127.0.0.1:{env['NGINX_PORT']}"
+        public_url = env.get("PUBLIC_URL") or DEFAULT_PUBLIC_URL
         deadline = time.monotonic() + HEALTH_TIMEOUT
         up = False
         while not stop_requested:
@@ -220,6 +236,10 @@ def main() -> int:
                     up = True
                     say(lock, f"vmgate is up: {public_url}"
                               "   (Ctrl-C stops it; VMs keep running, `make down` stops them too)")
+                    ca = local_ca(env, public_url)
+                    if ca is not None:
+                        say(lock, f"its certificate is signed by a local CA: trust {ca} in your browser "
+                                  '(docs/DEPLOYMENT.md, "HTTPS")')
                 elif time.monotonic() > deadline:
                     failed = f"the gateway did not answer {health} within {HEALTH_TIMEOUT:.0f}s; stopping"
                     break

@@ -249,8 +249,9 @@ class Settings:
                                      "Lifetime of an email verification link, seconds")
     reset_token_ttl: int = _setting("RESET_TOKEN_TTL", _int(300, 86400), "3600",
                                     "Lifetime of a password reset link, seconds")
-    public_url: str = _setting("PUBLIC_URL", _url(("http", "https")), "http://127.0.0.1:8080",
-                               "URL users reach vmgate at (nginx)")
+    public_url: str = _setting("PUBLIC_URL", _url(("http", "https")), "https://127.0.0.1:8443",
+                               "URL users reach vmgate at (nginx): https serves TLS on NGINX_PORT, http plain "
+                               'HTTP (docs/DEPLOYMENT.md, "HTTPS")')
     vnc_public_url: str = _setting("VNC_PUBLIC_URL", _url(("ws", "wss"), optional=True), "",
                                    "WebSocket URL of the console proxy; empty derives it from PUBLIC_URL + /vnc")
     driver: str = _setting("VMGATE_DRIVER", _choice("local", "nomad"), "local",

@@ -1,15 +1,24 @@
 """nginx as `make run` configures it (deploy/nginx.conf.in, rendered by `deploy/services.sh render-nginx`):
 its own refusals answer in the API's JSON error envelope (issue 13), and TRUSTED_PROXIES beyond loopback
-becomes its real_ip configuration. The gateway behind it is down here on purpose: what nginx says itself."""
+becomes its real_ip configuration. The gateway behind it is down here on purpose: what nginx says itself.
+
+TLS (issue 16): with an https PUBLIC_URL it serves TLS 1.2 and 1.3 only, with the certificate deploy/tls.sh
+made under a local CA (kept across renders, made anew when it expires soon or does not name PUBLIC_URL's
+host) or the operator's TLS_CERT and TLS_KEY; plain HTTP, on NGINX_HTTP_PORT or on the TLS port, is
+redirected to the same path on PUBLIC_URL. tests/test_browser_tls.py goes through it in Chromium."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import re
 import shutil
+import ssl
 import subprocess
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
@@ -29,20 +38,71 @@ def render(data_dir: Path, **env: str) -> Path:
     return data_dir / "nginx" / "nginx.conf"
 
 
-@pytest.fixture
-def nginx(tmp_path: Path) -> Iterator[str]:
-    """nginx on a free port, in front of a gateway port nothing listens on; yields its base URL."""
-    port, gateway_port = free_port(), free_port()
-    conf = render(tmp_path, NGINX_PORT=str(port), GATEWAY_PORT=str(gateway_port))
+def render_fails(data_dir: Path, **env: str) -> str:
+    """Render expecting a refusal; returns what the script said."""
+    result = subprocess.run([str(REPO / "deploy/services.sh"), "render-nginx"], cwd=REPO, capture_output=True,
+                            text=True, timeout=60, check=False, env={**os.environ, "DATA_DIR": str(data_dir), **env})
+    assert result.returncode != 0, result.stdout
+    return result.stderr
+
+
+def tls_env(port: int, http_port: int = 0, **env: str) -> dict[str, str]:
+    """Settings for a TLS render on ``port``: the operator's certificate and NGINX_TLS from .env do not apply."""
+    return {"NGINX_PORT": str(port), "NGINX_HTTP_PORT": str(http_port), "PUBLIC_URL": f"https://127.0.0.1:{port}",
+            "NGINX_TLS": "auto", "TLS_CERT": "", "TLS_KEY": "", **env}
+
+
+def listens(conf: str) -> list[str]:
+    """The addresses (and flags) of the listen directives nginx reads: commented-out lines do not count."""
+    return re.findall(r"^\s*listen\s+([^;]+);", conf, re.MULTILINE)
+
+
+@contextlib.contextmanager
+def running_nginx(conf: Path) -> Iterator[None]:
+    """nginx (a daemon) with the rendered ``conf``, until the block ends."""
     prefix = ["-c", str(conf), "-p", f"{conf.parent}/", "-e", str(conf.parent / "error.log")]
     subprocess.run(["nginx", *prefix], check=True, timeout=30)
     try:
         deadline = time.monotonic() + 10
         while not (conf.parent / "nginx.pid").exists() and time.monotonic() < deadline:
             time.sleep(0.05)
-        yield f"http://127.0.0.1:{port}"
+        yield
     finally:
         subprocess.run(["nginx", "-s", "quit", *prefix], check=False, timeout=30)
+
+
+@pytest.fixture
+def nginx(tmp_path: Path) -> Iterator[str]:
+    """nginx on a free port, in front of a gateway port nothing listens on; yields its base URL. PUBLIC_URL
+    is http, as in a .env from before TLS: plain HTTP on NGINX_PORT and nothing else."""
+    port, gateway_port = free_port(), free_port()
+    conf = render(tmp_path, NGINX_PORT=str(port), GATEWAY_PORT=str(gateway_port), NGINX_HTTP_PORT=str(free_port()),
+                  PUBLIC_URL=f"http://127.0.0.1:{port}", TLS_CERT="", TLS_KEY="")
+    assert listens(conf.read_text()) == [f"127.0.0.1:{port}"]  # no TLS, no redirect server
+    assert not (tmp_path / "tls").exists()
+    with running_nginx(conf):
+        yield f"http://127.0.0.1:{port}"
+
+
+@dataclass
+class TlsNginx:
+    """An nginx serving TLS: its https URL, its plain HTTP redirect URL, the CA and the data dir."""
+
+    url: str
+    http_url: str
+    ca: Path
+    data_dir: Path
+    conf: Path
+
+
+@pytest.fixture
+def tls_nginx(tmp_path: Path) -> Iterator[TlsNginx]:
+    """nginx with PUBLIC_URL https on a free port and a redirecting plain HTTP port, the gateway down."""
+    port, http_port = free_port(), free_port()
+    conf = render(tmp_path, GATEWAY_PORT=str(free_port()), **tls_env(port, http_port))
+    with running_nginx(conf):
+        yield TlsNginx(f"https://127.0.0.1:{port}", f"http://127.0.0.1:{http_port}", tmp_path / "tls" / "ca.crt",
+                       tmp_path, conf)
 
 
 async def call(method: str, url: str, **kwargs: object) -> tuple[int, object, dict[str, str]]:
@@ -71,3 +131,134 @@ def test_trusted_proxies_become_real_ip_lines(tmp_path: Path) -> None:
     behind = render(tmp_path / "behind", TRUSTED_PROXIES="127.0.0.1/32,::1/128,10.0.0.0/8").read_text()
     assert "set_real_ip_from 10.0.0.0/8;" in behind and "real_ip_recursive on;" in behind
     assert "set_real_ip_from 127.0.0.1" not in behind
+
+
+def openssl(*args: str) -> str:
+    return subprocess.run(["openssl", *args], capture_output=True, text=True, check=True, timeout=60).stdout
+
+
+def trusting(ca: Path, **versions: ssl.TLSVersion) -> ssl.SSLContext:
+    """A client context that verifies the server (name included) against ``ca`` only."""
+    context = ssl.create_default_context(cafile=str(ca))
+    for name, version in versions.items():
+        setattr(context, name, version)
+    return context
+
+
+async def test_https_with_the_generated_certificate(tls_nginx: TlsNginx) -> None:
+    for host in ("127.0.0.1", "localhost"):  # both names are in the certificate
+        url = tls_nginx.url.replace("127.0.0.1", host)
+        status, body, _ = await call("GET", url + "/api/me", ssl=trusting(tls_nginx.ca))
+        assert_envelope(status, body, 503, "service_unavailable")  # nginx's own answer, over TLS
+    with pytest.raises(aiohttp.ClientConnectorCertificateError):  # not trusted without the local CA
+        await call("GET", tls_nginx.url + "/api/me")
+    tls = tls_nginx.data_dir / "tls"
+    assert (tls.stat().st_mode & 0o777) == 0o700
+    for key in ("ca.key", "server.key"):
+        assert ((tls / key).stat().st_mode & 0o777) == 0o600
+    assert str(tls / "ca.key") not in tls_nginx.conf.read_text()  # nginx gets the server's key only
+    text = openssl("x509", "-in", str(tls / "server.crt"), "-noout", "-ext", "subjectAltName,extendedKeyUsage")
+    assert "IP Address:127.0.0.1" in text and "DNS:localhost" in text and "TLS Web Server Authentication" in text
+
+
+async def test_tls_1_2_and_1_3_are_served(tls_nginx: TlsNginx) -> None:
+    assert "ssl_protocols TLSv1.2 TLSv1.3;" in tls_nginx.conf.read_text()
+    for version in (ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3):
+        context = trusting(tls_nginx.ca, minimum_version=version, maximum_version=version)
+        status, _, _ = await call("GET", tls_nginx.url + "/api/me", ssl=context)
+        assert status == 503
+
+
+def test_tls_1_0_and_1_1_are_refused(tls_nginx: TlsNginx) -> None:
+    # Offered by a client that allows them (security level 0): the server answers with the alert
+    # protocol_version (70). openssl, because Python's ssl deprecates setting them.
+    for flag in ("-tls1", "-tls1_1"):
+        hello = subprocess.run(["openssl", "s_client", "-connect", tls_nginx.url.removeprefix("https://"), flag,
+                                "-cipher", "DEFAULT:@SECLEVEL=0"], stdin=subprocess.DEVNULL, capture_output=True,
+                               text=True, timeout=30, check=False)
+        assert hello.returncode != 0 and "alert protocol version" in hello.stdout + hello.stderr, hello.stderr
+
+
+@pytest.mark.parametrize("method", ["GET", "POST"])
+async def test_plain_http_is_redirected_to_public_url(tls_nginx: TlsNginx, method: str) -> None:
+    path = "/vms/abc/console?tab=screen&x=1"
+    # On the plain HTTP port, and plain HTTP sent to the TLS port (nginx's 497).
+    for plain in (tls_nginx.http_url, tls_nginx.url.replace("https://", "http://")):
+        status, _, headers = await call(method, plain + path, allow_redirects=False)
+        assert status == 308, (plain, status)
+        assert headers["Location"] == tls_nginx.url + path
+
+
+def test_redirect_port_can_be_off_and_must_differ(tmp_path: Path) -> None:
+    port = free_port()
+    assert listens(render(tmp_path / "off", **tls_env(port, 0)).read_text()) == [f"127.0.0.1:{port} ssl"]
+    assert "both" in render_fails(tmp_path / "same", **tls_env(port, port))
+    # A TLS terminator in front of nginx: PUBLIC_URL is https, nginx itself speaks plain HTTP.
+    behind = render(tmp_path / "behind", **tls_env(port, free_port(), NGINX_TLS="off")).read_text()
+    assert listens(behind) == [f"127.0.0.1:{port}"] and not re.search(r"^\s*ssl_", behind, re.MULTILINE)
+    assert not (tmp_path / "behind" / "tls").exists()
+
+
+async def test_operator_certificate_is_used_as_given(tmp_path: Path) -> None:
+    own = tmp_path / "own"
+    own.mkdir()
+    cert, key = own / "cert.pem", own / "key.pem"
+    openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "30",
+            "-subj", "/CN=operator", "-addext", "subjectAltName=IP:127.0.0.1",
+            "-keyout", str(key), "-out", str(cert))
+    port = free_port()
+    conf = render(tmp_path / "data", GATEWAY_PORT=str(free_port()),
+                  **tls_env(port, TLS_CERT=str(cert), TLS_KEY=str(key)))
+    assert f"ssl_certificate {cert};" in conf.read_text() and f"ssl_certificate_key {key};" in conf.read_text()
+    assert not (tmp_path / "data" / "tls").exists()  # no local CA made
+    with running_nginx(conf):
+        status, _, _ = await call("GET", f"https://127.0.0.1:{port}/api/me", ssl=trusting(cert))
+        assert status == 503
+    assert "TLS_KEY" in render_fails(tmp_path / "half", **tls_env(port, TLS_CERT=str(cert)))
+    assert "no readable file" in render_fails(tmp_path / "gone", **tls_env(port, TLS_CERT=str(own / "x.pem"),
+                                                                          TLS_KEY=str(key)))
+
+
+def test_generated_certificate_is_kept_and_renewed(tmp_path: Path) -> None:
+    port = free_port()
+    tls = tmp_path / "tls"
+
+    def files() -> tuple[bytes, bytes, bytes]:
+        return (tls / "ca.crt").read_bytes(), (tls / "server.crt").read_bytes(), (tls / "server.key").read_bytes()
+
+    render(tmp_path, **tls_env(port))
+    first = files()
+    render(tmp_path, **tls_env(port))
+    assert files() == first  # kept across runs
+
+    # PUBLIC_URL names another host: a new server certificate (and key) from the same CA.
+    render(tmp_path, **tls_env(port, PUBLIC_URL=f"https://vmgate.test:{port}"))
+    renamed = files()
+    assert renamed[0] == first[0] and renamed[1] != first[1] and renamed[2] != first[2]
+    assert "DNS:vmgate.test" in openssl("x509", "-in", str(tls / "server.crt"), "-noout", "-ext", "subjectAltName")
+
+    # A certificate that expires within 30 days (here: tomorrow) is made anew.
+    openssl("x509", "-req", "-in", str(_csr(tls)), "-CA", str(tls / "ca.crt"),
+            "-CAkey", str(tls / "ca.key"), "-CAcreateserial", "-days", "1", "-out", str(tls / "server.crt"),
+            "-extfile", str(_ext(tls, "subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:vmgate.test")))
+    short = (tls / "server.crt").read_bytes()
+    render(tmp_path, **tls_env(port, PUBLIC_URL=f"https://vmgate.test:{port}"))
+    assert (tls / "server.crt").read_bytes() != short
+    openssl("x509", "-in", str(tls / "server.crt"), "-noout", "-checkend", str(300 * 86400))  # fails if not
+
+    # A server certificate its CA did not sign (the CA was replaced) is made anew too.
+    (tls / "ca.crt").unlink()
+    render(tmp_path, **tls_env(port))
+    openssl("verify", "-CAfile", str(tls / "ca.crt"), str(tls / "server.crt"))
+
+
+def _csr(tls: Path) -> Path:
+    csr = tls / "test.csr"
+    openssl("req", "-new", "-key", str(tls / "server.key"), "-subj", "/CN=vmgate.test", "-out", str(csr))
+    return csr
+
+
+def _ext(tls: Path, line: str) -> Path:
+    ext = tls / "test.ext"
+    ext.write_text(line + "\n")
+    return ext
