@@ -55,7 +55,7 @@ from jobspecs.manifest import sha256_of
 from jobspecs.memory import RAM_FILE
 from jobspecs.render import ACCELERATORS, FW_CFG_HOSTNAME, JobSettings, VMSpec, render_job
 
-FORMAT = 2  # bump when the way a layer is made changes: every layer is then rebuilt (2: the RAM file)
+FORMAT = 3  # bump when the way a layer is made changes: every layer is then rebuilt (2, 3: the RAM file)
 READY = ("vmgate-tiny: ready", "~ # ")  # a template whose catalog entry says no "ready"
 BOOT_TIMEOUT = 300.0  # seconds to the ready line (TCG on a busy host: tiny 3-9 s, debian-12 35-60 s)
 LEASE_TIMEOUT = 60.0  # seconds after the ready lines for the guest's DHCP lease (networkd may ask late)
@@ -170,12 +170,16 @@ async def boot_and_save(template: Template, settings: JobSettings, qemu_binary: 
         task_dir = driver.task_dir(VM_ID)
         if shared:
             await set_ignore_shared(task_dir / "qmp.sock", True)
-        # The driver's own suspend: pause, save the memory to a file, end QEMU (the VMs' suspend path).
-        await driver.suspend_to(VM_ID, str(state))
-        timings["save_s"] = round(time.monotonic() - saving, 2)
-        if shared:  # QEMU has ended: the file holds the RAM as it was saved. Holes stay holes.
+        async def keep_ram() -> None:
+            # The RAM as the state was saved, copied before anything runs again (holes stay holes): even the
+            # desktop's clipboard re-plug after the save writes into the guest's RAM, which the state would
+            # no longer match (a clone then fails to load virtio-console's queues).
             await asyncio.to_thread(subprocess.run, ["cp", "--sparse=always", str(task_dir / RAM_FILE),
                                                      str(out / RAM_FILE)], check=True)
+
+        # The driver's own suspend: pause, save the memory to a file, end QEMU (the VMs' suspend path).
+        await driver.suspend_to(VM_ID, str(state), while_paused=keep_ram if shared else None)
+        timings["save_s"] = round(time.monotonic() - saving, 2)
     finally:
         await driver.destroy(VM_ID)
         await driver.close()

@@ -17,7 +17,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -366,7 +366,10 @@ class LocalDriver(Driver):
                      time.monotonic() - began)
             return size
 
-    async def suspend_to(self, vm_id: str, path: str) -> int:
+    async def suspend_to(self, vm_id: str, path: str,
+                         while_paused: Callable[[], Awaitable[None]] | None = None) -> int:
+        """``while_paused`` (the warm builder's): run right after the save, while nothing has run since, not
+        even the clipboard's re-plug (which writes into the guest's RAM): the moment the RAM file is copied."""
         target = Path(path)
         partial = target.with_name(target.name + ".part")
         async with self._locks.hold(vm_id):
@@ -376,6 +379,8 @@ class LocalDriver(Driver):
             try:
                 async with vdagent.detached(task.qmp_socket, task.vdagent):
                     await save_memory(task.qmp_socket, partial)
+                    if while_paused is not None:
+                        await while_paused()
                 await self._shut_down(pid, task, task_dir, timeout=0)  # its memory is saved: no ACPI
                 os.replace(partial, target)  # complete: now it may be resumed from
                 size = target.stat().st_size
