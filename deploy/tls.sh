@@ -33,7 +33,7 @@ names_host() {
 lasts() { openssl x509 -in "$1" -noout -checkend "$RENEW_BEFORE" >/dev/null 2>&1; }
 
 if [ -n "${TLS_CERT:-}${TLS_KEY:-}" ]; then
-    [ -n "${TLS_CERT:-}" ] && [ -n "${TLS_KEY:-}" ] || die "set both TLS_CERT and TLS_KEY in .env, or neither"
+    if [ -z "${TLS_CERT:-}" ] || [ -z "${TLS_KEY:-}" ]; then die "set both TLS_CERT and TLS_KEY in .env, or neither"; fi
     cert=$(abspath "$TLS_CERT"); key=$(abspath "$TLS_KEY")
     [ -r "$cert" ] || die "TLS_CERT=$TLS_CERT: no readable file at $cert"
     [ -r "$key" ] || die "TLS_KEY=$TLS_KEY: no readable file at $key"
