@@ -16,6 +16,7 @@ PACKAGES=(
     nodejs npm                              # noVNC from npm
     chromium chromium-driver                # browser tests
     ca-certificates curl procps util-linux  # registries over TLS; ps, runuser
+    openssl                                 # deploy/tls.sh: the local CA and the server certificate
 )
 
 installed() { [ "$(dpkg-query -W -f='${db:Status-Status}' "$1" 2>/dev/null)" = installed ]; }

@@ -9,6 +9,7 @@ redirected to the same path on PUBLIC_URL. tests/test_browser_tls.py goes throug
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import os
@@ -20,11 +21,13 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
 
-from tests.conftest import assert_envelope
+from gateway.config import Settings
+from tests.conftest import assert_envelope, fake_gateway
 from tests.fixtures.websockify import free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -262,3 +265,33 @@ def _ext(tls: Path, line: str) -> Path:
     ext = tls / "test.ext"
     ext.write_text(line + "\n")
     return ext
+
+
+def wait_for_text(path: Path, text: str, timeout: float = 5.0) -> None:
+    """Until ``text`` is in the file (nginx writes its access log line after the answer)."""
+    deadline = time.monotonic() + timeout
+    while text not in (path.read_text() if path.exists() else "") and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+async def test_a_request_id_goes_from_nginx_to_the_gateway_and_its_log(
+        tmp_path: Path, aiohttp_server: Any, app_settings: Settings, database_url: str) -> None:
+    """nginx names each request ($request_id), tells the gateway (X-Request-ID), which answers with it and
+    logs with it; nginx's access log ends with it; nginx's own refusals carry one too (issue 16)."""
+    gateway = await fake_gateway(aiohttp_server, app_settings, database_url)
+    port = free_port()
+    conf = render(tmp_path, NGINX_PORT=str(port), GATEWAY_PORT=str(gateway.port), NGINX_HTTP_PORT=str(free_port()),
+                  PUBLIC_URL=f"http://127.0.0.1:{port}", TLS_CERT="", TLS_KEY="")
+    with running_nginx(conf):
+        status, _body, headers = await call("GET", f"http://127.0.0.1:{port}/api/healthz",
+                                            headers={"X-Request-ID": "client-chosen-id"})
+        assert status == 200
+        request_id = headers["X-Request-ID"]
+        # nginx's own id replaced the client's: the gateway answered with the id nginx logged.
+        assert re.fullmatch(r"[0-9a-f]{32}", request_id), request_id
+        status, _body, refused = await call("GET", f"http://127.0.0.1:{port}/api/vms/%00")
+        assert status == 400 and re.fullmatch(r"[0-9a-f]{32}", refused["X-Request-ID"])
+        log = conf.parent / "access.log"
+        await asyncio.to_thread(wait_for_text, log, request_id)
+    line = next(x for x in log.read_text().splitlines() if "/api/healthz" in x)
+    assert line.endswith(" " + request_id), line
