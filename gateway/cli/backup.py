@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
-import hashlib
 import json
 import os
 import shutil
@@ -50,6 +49,7 @@ from gateway.cli.common import Refused, apply_migrations
 from gateway.config import Settings
 from gateway.engine.locks import VmLocker
 from gateway.states import Desired, VmState
+from jobspecs.manifest import sha256_of
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -107,14 +107,6 @@ def _run(argv: list[str], env: dict[str, str] | None = None) -> str:
     if result.returncode != 0:
         raise Refused(f"{Path(argv[0]).name} failed: {(result.stderr or result.stdout).strip()[-800:]}")
     return result.stdout
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _copy(src: Path, dst: Path) -> None:
@@ -187,7 +179,7 @@ async def _write(settings: Settings, partial: Path, name: str) -> None:
             _copy(file, partial / "images" / rel / file.name)
         manifest["images"].append(str(rel))
     for file in sorted(p for p in partial.rglob("*") if p.is_file()):
-        manifest["files"][str(file.relative_to(partial))] = sha256(file)
+        manifest["files"][str(file.relative_to(partial))] = sha256_of(file)
     (partial / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
 
@@ -257,7 +249,7 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
         raise Refused(f"{folder} has backup format {manifest.get('format')!r}; this vmgate reads {FORMAT}")
     for rel, digest in manifest["files"].items():
         path = folder / rel
-        if not path.is_file() or sha256(path) != digest:
+        if not path.is_file() or sha256_of(path) != digest:
             raise Refused(f"{rel} in {folder} is missing or does not match the manifest: the backup is damaged")
     return manifest
 
@@ -287,8 +279,10 @@ def _place_images(folder: Path, manifest: dict[str, Any], images_dir: Path) -> d
         src = folder / "images" / rel
         target = images_dir / rel
         files = sorted(p for p in src.iterdir() if p.is_file())
-        same = target.is_dir() and all((target / f.name).is_file() and sha256(target / f.name) == sha256(f)
-                                       for f in files)
+        # The backup's files were checked against the manifest already: their digests are there.
+        digests = {f.name: manifest["files"][str(Path("images") / rel / f.name)] for f in files}
+        same = target.is_dir() and all((target / name).is_file() and sha256_of(target / name) == digest
+                                       for name, digest in digests.items())
         if target.exists() and not same:
             target = images_dir / "restored" / manifest["name"] / rel
         if not same:
