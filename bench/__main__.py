@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from bench import measure, templates
+from bench import keys, measure, templates
 from bench.client import Api
 from bench.measure import Config, Context, Phase
 from bench.stack import REPO, RESULTS, Stack, StackError
@@ -33,6 +33,7 @@ from bench.stats import Row, table
 PHASES: dict[str, Callable[[Context], Awaitable[Phase]]] = {
     "api": measure.api_throughput,
     "relay": measure.console_relay,
+    "keys": keys.keys,
     "console": measure.time_to_console,
     "resume": measure.resume,
     "templates": templates.templates,

@@ -29,9 +29,9 @@ READY = "vmgate-tiny: ready"
 DEFAULT_SIZE = {"cpu": 1, "memory_mb": 256, "disk_gb": 1}  # the tiny template's warm size
 COLD_SIZE = {"cpu": 1, "memory_mb": 320, "disk_gb": 1}  # any other size renders a cold job
 
-# Targets from issue 7, judged on the p95 of latencies and on the median of the API ratio.
-WARM_TARGET_S = 0.5
-RESUME_TARGET_S = 0.5
+# Targets from issues 7 and 17, judged on the p95 of latencies and on the median of the API ratio.
+WARM_TARGET_S = 0.3  # issue 17 (issue 7 asked for 0.5)
+RESUME_TARGET_S = 0.3  # issue 17 (issue 7 asked for 0.5)
 COLD_TARGET_S = 6.0
 API_RATIO_TARGET = 0.5
 DENSITY_P99_LIMIT_S = 0.1
@@ -42,13 +42,14 @@ class Config:
     """How much of each measurement to do; ``quick`` is for debugging the bench, not for figures."""
 
     quick: bool = False
-    console_runs: int = 5
-    resume_runs: int = 5
+    console_runs: int = 5  # cold
+    warm_runs: int = 20
+    resume_runs: int = 10
     throughput_vms: int = 16
     throughput_clients: int = 8
     throughput_rounds: int = 3
     density_batch: int = 4
-    density_cap: int = 48
+    density_cap: int = 160  # issue 17 asks whether 150 fit
     density_time_limit: float = 900.0
     density_requests: int = 200
     density_concurrency: int = 8
@@ -66,9 +67,9 @@ class Config:
     def make(cls, quick: bool) -> Config:
         if not quick:
             return cls()
-        return cls(quick=True, console_runs=2, resume_runs=2, throughput_vms=8, throughput_rounds=1, density_cap=8,
-                   density_time_limit=180.0, density_settle=2.0, api_seconds=2.0, api_runs=1, relay_seconds=2.0,
-                   relay_pings=20, relay_runs=1)
+        return cls(quick=True, console_runs=2, warm_runs=3, resume_runs=2, throughput_vms=8, throughput_rounds=1,
+                   density_cap=8, density_time_limit=180.0, density_settle=2.0, api_seconds=2.0, api_runs=1,
+                   relay_seconds=2.0, relay_pings=20, relay_runs=1)
 
 
 @dataclass
@@ -195,16 +196,18 @@ async def _console_once(ctx: Context, sizes: dict[str, int], cold: bool, frames:
 
 async def time_to_console(ctx: Context) -> Phase:
     runs: dict[str, list[dict[str, Any]]] = {"warm": [], "cold": []}
-    for i in range(ctx.config.console_runs):
-        # Interleaved, so a drift in the host's load hits both alike.
-        for kind, sizes in (("warm", DEFAULT_SIZE), ("cold", COLD_SIZE)):
-            # The first run of each kind keeps the frame it counted as the console, to look at.
-            frames = ctx.stack.run_dir / f"console-{kind}.png" if i == 0 else None
-            run = await _console_once(ctx, sizes, cold=kind == "cold", frames=frames)
-            runs[kind].append(run)
-            extra = f", shell ready {run['serial_ready_s']:.2f} s" if "serial_ready_s" in run else ""
-            ctx.say(f"time to console {kind} {i + 1}/{ctx.config.console_runs}: {run['console_s']:.3f} s "
-                    f"(running at {run['running_s']:.3f} s{extra})")
+    # The cold runs first, then the warm ones back to back ("20 creates in a row", issue 17): a tail that
+    # builds up over a series (the queue, the page cache, Postgres) shows in the p95.
+    plan = [("cold", COLD_SIZE, i, ctx.config.console_runs) for i in range(ctx.config.console_runs)]
+    plan += [("warm", DEFAULT_SIZE, i, ctx.config.warm_runs) for i in range(ctx.config.warm_runs)]
+    for kind, sizes, i, total in plan:
+        # The first run of each kind keeps the frame it counted as the console, to look at.
+        frames = ctx.stack.run_dir / f"console-{kind}.png" if i == 0 else None
+        run = await _console_once(ctx, sizes, cold=kind == "cold", frames=frames)
+        runs[kind].append(run)
+        extra = f", shell ready {run['serial_ready_s']:.2f} s" if "serial_ready_s" in run else ""
+        ctx.say(f"time to console {kind} {i + 1}/{total}: {run['console_s']:.3f} s "
+                f"(running at {run['running_s']:.3f} s{extra})")
     warm = summary([r["console_s"] for r in runs["warm"]])
     cold = summary([r["console_s"] for r in runs["cold"]])
     phases = ("accepted_s", "driver_start_s", "running_s", "console_url_s", "rfb_connected_s", "first_nonblank_s",
@@ -274,7 +277,7 @@ async def resume(ctx: Context) -> Phase:
             "how": "POST /api/vms/{id}/suspend?wait=60 (what idle suspend does), 1 s quiet, then the clock runs "
                    "from GET /api/vms/{id}/console (which resumes the VM and answers once it runs) to the "
                    "first non-blank guest frame through websockify"}
-    rows = [Row("resume from suspend, to console", "ms", figure, f"<= {RESUME_TARGET_S * 1000:.0f} ms",
+    rows = [Row("resume from suspend, to console", "ms", figure, f"p95 <= {RESUME_TARGET_S * 1000:.0f} ms",
                 figure["p95"] <= RESUME_TARGET_S),
             Row("  suspend (memory saved, QEMU ended)", "ms", suspend)]
     notes = ["resume, medians since GET /console: " + ", ".join(f"{p.removesuffix('_s')} {_ms(v)}"
@@ -419,41 +422,45 @@ async def api_throughput(ctx: Context) -> Phase:
         for vm_id in vm_ids:
             await api.wait_state(vm_id, "running", poll=0.1)
             await api.stop(vm_id)
-        gateway_url = f"{ctx.stack.gateway_url}/api/me/vms"
-        bare_url = f"{ctx.stack.bare_url}/api/me/vms"
+        urls = {"gateway": f"{ctx.stack.gateway_url}/api/me/vms", "minimal": f"{ctx.stack.bare_url}/minimal/api/me/vms",
+                "bare": f"{ctx.stack.bare_url}/api/me/vms"}
         cookie = api.session_cookie
-        for url in (gateway_url, bare_url):  # warm-up: connections, caches, the JIT-less interpreter's first calls
+        for url in urls.values():  # warm-up: connections, caches, the JIT-less interpreter's first calls
             await hammer(url, cookie=cookie, concurrency=cfg.api_concurrency, duration=1.0)
         runs: list[dict[str, Any]] = []
         for i in range(cfg.api_runs):
-            order = [("gateway", gateway_url), ("bare", bare_url)]
-            if i % 2:
-                order.reverse()
+            order = list(urls)
+            order = order[i % 3:] + order[:i % 3]  # each goes first in turn
             loads: dict[str, Load] = {}
-            for name, url in order:
-                loads[name] = await hammer(url, cookie=cookie, concurrency=cfg.api_concurrency,
+            for name in order:
+                loads[name] = await hammer(urls[name], cookie=cookie, concurrency=cfg.api_concurrency,
                                            duration=cfg.api_seconds)
-            gw, bare = loads["gateway"], loads["bare"]
+            gw, mini, bare = loads["gateway"], loads["minimal"], loads["bare"]
             run_ratio = gw.rps / bare.rps if bare.rps else 0.0
-            runs.append({"gateway": gw.to_json(), "bare": bare.to_json(), "ratio": run_ratio})
+            own_ratio = gw.rps / mini.rps if mini.rps else 0.0
+            runs.append({"gateway": gw.to_json(), "minimal": mini.to_json(), "bare": bare.to_json(),
+                         "ratio": run_ratio, "ratio_minimal": own_ratio})
             ctx.say(f"API {i + 1}/{cfg.api_runs}: gateway {gw.rps:.0f} req/s p99 {_ms(gw.p99)} "
-                    f"({gw.errors} errors), bare {bare.rps:.0f} req/s p99 {_ms(bare.p99)}, ratio {run_ratio:.3f}")
+                    f"({gw.errors} errors), minimal {mini.rps:.0f} req/s p99 {_ms(mini.p99)} ({mini.errors} errors), "
+                    f"bare {bare.rps:.0f} req/s p99 {_ms(bare.p99)}; gateway/bare {run_ratio:.3f}, "
+                    f"gateway/minimal {own_ratio:.3f}")
     ratio = summary([r["ratio"] for r in runs])
-    gw_rps = summary([r["gateway"]["rps"] for r in runs])
-    gw_p99 = summary([r["gateway"]["p99_s"] for r in runs])
-    bare_rps = summary([r["bare"]["rps"] for r in runs])
-    bare_p99 = summary([r["bare"]["p99_s"] for r in runs])
+    own = summary([r["ratio_minimal"] for r in runs])
+    figures = {f"{name}_{key}": summary([r[name][json_key] for r in runs])
+               for name in ("gateway", "minimal", "bare") for key, json_key in (("rps", "rps"), ("p99", "p99_s"))}
     data = {"concurrency": cfg.api_concurrency, "seconds_per_run": cfg.api_seconds, "listed_vms": cfg.api_listed_vms,
-            "gateway_rps": gw_rps, "gateway_p99": gw_p99, "bare_rps": bare_rps, "bare_p99": bare_p99,
-            "ratio": ratio, "runs": runs}
+            **figures, "ratio": ratio, "ratio_minimal": own, "runs": runs}
     c = cfg.api_concurrency
-    rows = [Row(f"API GET /api/me/vms, {c} conns", "req/s", gw_rps),
-            Row("  its p99", "ms", gw_p99),
-            Row(f"bare aiohttp handler, {c} conns", "req/s", bare_rps),
-            Row("  its p99", "ms", bare_p99),
+    rows = [Row(f"API GET /api/me/vms, {c} conns", "req/s", figures["gateway_rps"]),
+            Row("  its p99", "ms", figures["gateway_p99"]),
+            Row(f"minimal handler, same auth and queries, {c} conns", "req/s", figures["minimal_rps"]),
+            Row("  its p99", "ms", figures["minimal_p99"]),
+            Row(f"bare aiohttp handler, {c} conns", "req/s", figures["bare_rps"]),
+            Row("  its p99", "ms", figures["bare_p99"]),
             Row("API ratio (gateway / bare req/s)", "x", ratio, f">= {API_RATIO_TARGET}",
-                ratio["median"] >= API_RATIO_TARGET)]
-    errors = sum(r["gateway"]["errors"] + r["bare"]["errors"] for r in runs)
+                ratio["median"] >= API_RATIO_TARGET),
+            Row("API ratio (gateway / minimal req/s)", "x", own)]
+    errors = sum(r[name]["errors"] for r in runs for name in urls)
     return Phase(data, rows, [f"API: {errors} failed requests"] if errors else [])
 
 

@@ -7,7 +7,7 @@
   dir under a short temporary directory (QEMU's unix socket paths must stay under 108 bytes), every rate
   limit off and large quotas (the bench creates far more than a person would), mails to its outbox;
 - websockify with the token plugin and the Origin check, as deploy/supervise.py starts it;
-- the bare aiohttp app (bench/bare.py) the API figure is compared with.
+- the bare aiohttp app (bench/bare.py) the API figure is compared with, and its minimal handler.
 
 Every process is started in a session of its own; ``close`` ends them (their whole process groups), kills
 any QEMU whose command line points into the bench's VM root, drops the database and flushes Redis db 10.
@@ -305,7 +305,11 @@ class Stack:
         self._wait(child, lambda: _http_ok(f"{self.gateway_url}/api/healthz"))
 
     def _start_bare(self) -> None:
-        child = self._spawn("bare", [str(PYTHON), "-m", "bench.bare", "--port", str(self.bare_port)], self._env())
+        # --minimal: also the least handler that gives the gateway's answer, on the gateway's database.
+        env = self._env()
+        env.update({"POSTGRES_URL": self.database_url, "PUBLIC_URL": self.gateway_url})
+        child = self._spawn("bare", [str(PYTHON), "-m", "bench.bare", "--port", str(self.bare_port), "--minimal"],
+                            env)
         self._wait(child, lambda: _http_ok(f"{self.bare_url}/api/me/vms"))
 
     def _wait(self, child: Child, ready: Callable[[], bool]) -> None:
