@@ -7,7 +7,6 @@ errors (gateway.errors). Nothing above the store writes SQL."""
 from __future__ import annotations
 
 import contextlib
-import functools
 import time
 import uuid
 import weakref
@@ -58,7 +57,7 @@ def observe_queries(pool: aiopg.Pool, observe: Callable[[float], None]) -> None:
 
 
 def _timed(execute: Callable[..., Any], observe: Callable[[float], None]) -> Callable[..., Any]:
-    @functools.wraps(execute)
+    # A plain closure: functools.wraps would copy execute's attributes on every cursor of every request.
     async def run(*args: Any, **kwargs: Any) -> None:
         started = time.perf_counter()
         try:
