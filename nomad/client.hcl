@@ -47,7 +47,7 @@ plugin "qemu" {
     image_paths = ["/srv/vmgate/images", "/srv/vmgate/vms"]
 
     # Exactly the flags jobspecs.render puts in a VM job's args (tests/test_fleet.py checks it):
-    # kernel boot, vCPUs, VNC, QMP, QEMU's seccomp sandbox, only the devices a VM needs (-nodefaults,
+    # kernel boot, vCPUs, VNC (and -display dbus,p2p=yes, which keeps VNC's refresh at 30 ms), QMP, QEMU's seccomp sandbox, only the devices a VM needs (-nodefaults,
     # -vga std, -serial stdio: the serial console is the task's stdout), no NIC, virtio-rng (-device), the VM's
     # name for the guest (-fw_cfg), and the restore of a warm template's saved state on a warm VM's
     # first start (-incoming "exec:cat IMAGES_DIR/warm/<template>/<id>/state", with
@@ -63,6 +63,7 @@ plugin "qemu" {
       "-initrd",
       "-append",
       "-vnc",
+      "-display",
       "-qmp",
       "-sandbox",
       "-nodefaults",
