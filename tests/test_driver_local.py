@@ -184,3 +184,48 @@ async def test_serial_log_is_capped_at_start(local_driver: LocalDriver, make_ove
     assert log.stat().st_size <= SERIAL_LOG_KEEP + 64 * 1024
     tail = await local_driver.logs("cap", 50)
     assert len(tail.encode()) <= 50
+
+
+async def test_a_restore_waits_while_the_qmp_socket_exists_but_does_not_listen_yet(tmp_path: Path) -> None:
+    """QEMU binds its QMP socket a moment before it listens; under load a connect fell into that moment and
+    was refused, and the clone went to error (make bench, density, at 36 VMs). The restore keeps trying.
+    A stand-in QMP server is used here because QEMU cannot be held between its bind and its listen."""
+    import asyncio
+    import json
+    import socket
+
+    from drivers.local.qmp import restore_shared
+
+    path = tmp_path / "qmp.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(str(path))  # the file exists; a connect is refused until listen()
+    commands: list[str] = []
+
+    async def session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b'{"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 7}, "package": ""}, '
+                     b'"capabilities": []}}\r\n')
+        buffer, decoder = "", json.JSONDecoder()
+        while data := await reader.read(4096):  # QMP is a stream of JSON objects, not lines
+            buffer += data.decode()
+            while buffer.strip():
+                try:
+                    request, end = decoder.raw_decode(buffer.lstrip())
+                except ValueError:
+                    break
+                buffer = buffer.lstrip()[end:]
+                commands.append(request["execute"])
+                reply = {"return": {}, **({"id": request["id"]} if "id" in request else {})}
+                writer.write(json.dumps(reply).encode() + b"\r\n")
+                await writer.drain()
+        writer.close()
+
+    async def listen_later() -> asyncio.Server:
+        await asyncio.sleep(0.3)
+        sock.listen()
+        return await asyncio.start_unix_server(session, sock=sock)
+
+    later = asyncio.create_task(listen_later())
+    await restore_shared(path, lambda: True, timeout=10)
+    server = await later
+    server.close()
+    assert [c for c in commands if c != "qmp_capabilities"] == ["migrate-set-capabilities", "migrate-incoming"]
