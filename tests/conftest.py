@@ -180,12 +180,15 @@ def app_settings(base_settings: Settings, database_url: str, redis_test_url: str
     """Settings for an app under test: its own database, Redis db 15 (flushed), a short VM root, and
     a data dir of its own whose outbox receives the mails (never SMTP, whatever .env says), and Argon2id at
     its cheapest (every test signs up and logs in; tests/test_auth.py pins the production cost). The
-    lifecycle engine reconciles twice a second; the collector runs only when a test calls it."""
+    lifecycle engine reconciles twice a second; the collector runs only when a test calls it. No sealed copies
+    of the warm layers' RAM ahead (with the Debian templates built, 0.8 GB per gateway: tests/test_warm.py
+    checks them on a gateway of its own)."""
     return dataclasses.replace(base_settings, postgres_url=database_url, redis_url=redis_test_url,
                                vms_root=vms_root, images_dir=stand_in_images, stop_timeout=15,
                                reconcile_interval=0.5, claim_idle=3.0, collect_interval=3600.0, restart_delay=0,
                                data_dir=tmp_path / "data", smtp_host="", argon2_memory_kib=1024, argon2_time_cost=1,
-                               public_url="http://127.0.0.1:8080", vnc_public_url="ws://127.0.0.1:8080/vnc")
+                               public_url="http://127.0.0.1:8080", vnc_public_url="ws://127.0.0.1:8080/vnc",
+                               warm_memory_ahead=False)
 
 
 def truncate_all(database_url: str) -> None:

@@ -490,6 +490,13 @@ class LocalDriver(Driver):
             await asyncio.to_thread(network.ensure_host, self.network)
         return await asyncio.to_thread(network.sweep, self.network, network.SWEEP_GRACE)
 
+    def prepare_memory(self, ram_files: list[str]) -> None:
+        """Make the sealed copies of the current warm layers' RAM files now, and drop those of replaced layers
+        (memimage.py ``keep``). Blocking: the gateway calls it in a thread when it starts and every minute."""
+        for path in ram_files:
+            check_memory_file(path)
+        self._memory.keep(ram_files)
+
     async def close(self) -> None:
         self._procs.close()
         self._memory.close()

@@ -50,6 +50,11 @@ class Templates:
                 files += [warm.state, warm.disk]
         return files
 
+    def warm_ram_files(self) -> list[str]:
+        """The RAM files of the templates' current warm layers (what the local driver's clones map)."""
+        return [str(warm.ram) for template in self.templates.values() if template.is_built()
+                and (warm := template.warm_image()) is not None and warm.ram is not None]
+
     def keep_in_memory(self, extra: list[Path]) -> None:
         """Lock ``start_files()`` and ``extra`` in memory (gateway.pagecache), letting go of files no longer
         current (a warm layer replaced by `make images`). Blocking: call it in a thread."""

@@ -17,7 +17,7 @@ import redis.asyncio as aioredis
 from aiohttp import web
 
 from drivers import DriverConfigError, load_driver
-from drivers.base import Driver
+from drivers.base import Driver, DriverError
 from gateway import credentials, store
 from gateway.config import REPO_ROOT, ConfigError, Settings
 from gateway.engine.engine import Engine
@@ -56,14 +56,18 @@ NOVNC_DIR = REPO_ROOT / "node_modules" / "@novnc" / "novnc"
 POOL_MAXSIZE = 20
 
 
-async def _keep_in_memory(catalog: Templates, settings: Settings) -> None:
-    """Keep the files VM starts read locked in memory, following `make images` (checked every minute)."""
+async def _keep_in_memory(catalog: Templates, settings: Settings, driver: Driver) -> None:
+    """Keep the files VM starts read locked in memory, and have the local driver make its sealed copies of
+    the warm layers' RAM ahead of the first clone; following `make images` (checked every minute)."""
     qemu = shutil.which(settings.qemu_binary)
     extra = [Path(os.path.realpath(qemu))] if qemu else []
+    prepare = getattr(driver, "prepare_memory", None) if settings.warm_memory_ahead else None
     while True:
         try:
             await asyncio.to_thread(catalog.keep_in_memory, extra)
-        except OSError as exc:
+            if prepare is not None:
+                await asyncio.to_thread(prepare, catalog.warm_ram_files())
+        except (OSError, DriverError) as exc:
             log.warning("keeping the images in memory: %s", exc)
         await asyncio.sleep(PIN_RECHECK)
 
@@ -172,7 +176,8 @@ def create_app(settings: Settings, *, driver: Driver | None = None) -> web.Appli
         catalog = Templates(settings.images_dir)
         app[templates_key] = catalog
         # On one machine the gateway keeps what VM starts read (the warm layers above all) in memory.
-        keeper = asyncio.create_task(_keep_in_memory(catalog, settings)) if settings.driver == "local" else None
+        keeper = (asyncio.create_task(_keep_in_memory(catalog, settings, app[driver_key]))
+                  if settings.driver == "local" else None)
         try:
             yield
         finally:
