@@ -137,6 +137,24 @@ async def test_web_console_end_to_end(browser_gateway: Any, sessions: Any) -> No
         await page.get_by_label("Text to type").fill("echo Pasted-OK > /dev/console\n")
         await page.get_by_role("button", name="Type it").click()
         await wait_for_serial(api, vm_id, "Pasted-OK")  # QEMU paces keys: wait for the guest to say so
+
+        # A German keyboard (QWERTZ): its "z" key sits where a US keyboard has "y", so the browser reports
+        # key "z" with code "KeyY". noVNC sends QEMU's extended key event, the physical key's scan code, and
+        # the guest's own layout (US in tiny) picks the character: "y". Had the keysym been translated
+        # through QEMU's en-us map instead, the guest would get "z", and a guest set to German would show
+        # "y" for the key labelled "z". docs/CONSOLE.md, "Keyboard layouts".
+        await page.locator("#screen canvas").click()
+        await page.keyboard.type("echo layout-")
+        cdp = await page.context.new_cdp_session(page)
+        for kind in ("keyDown", "keyUp"):
+            await cdp.send("Input.dispatchKeyEvent", {"type": kind, "key": "z", "code": "KeyY", "text": "z",
+                                                      "windowsVirtualKeyCode": 90, "nativeVirtualKeyCode": 90})
+        await page.keyboard.type("-ok ")
+        await page.keyboard.press("Shift+Period")
+        await page.keyboard.type(" /dev/console")
+        await page.keyboard.press("Enter")
+        serial = await wait_for_serial(api, vm_id, "layout-")
+        assert "layout-y-ok" in serial and "layout-z-ok" not in serial
         await expect(page.get_by_role("button", name="Ctrl-Alt-Del")).to_be_enabled()
         await page.screenshot(path=str(ARTIFACTS / "console-running.png"))
 
