@@ -282,9 +282,9 @@ class Settings:
                                      "tcg (works everywhere) or kvm (needs a usable /dev/kvm)")
     warm_memory_ahead: bool = _setting(
         "WARM_MEMORY_AHEAD", _bool, "true",
-        "true or false: the local driver copies the warm layers' RAM into sealed memory when the gateway starts, so"
-        " no template's first clone waits for its copy (held while the gateway runs: 57 MiB for tiny, about 0.8 GB"
-        " with the Debian templates too); false: on a template's first clone")
+        "true or false: when the gateway starts, check the images' and warm layers' sha256 and have the local driver"
+        " copy the warm layers' RAM into sealed memory, so no template's first VM waits for them (the copies are held"
+        " while the gateway runs: 57 MiB for tiny, about 0.8 GB with the Debian templates too); false: on first use")
     nomad_datacenters: tuple[str, ...] = _setting("NOMAD_DATACENTERS", _csv, "dc1", "Datacenters of VM jobs")
     nomad_namespace: str = _setting("NOMAD_NAMESPACE", _host, "default", "Namespace of VM jobs")
     nomad_task_user: str = _setting("NOMAD_TASK_USER", _user, "vmgate",

@@ -276,7 +276,7 @@ async def test_warm_clones_share_the_template_memory_copy_on_write(local_gateway
         assert (await s.request("DELETE", f"/api/vms/{vm_id}?wait=60"))[0] == 200
 
 
-async def test_the_gateway_copies_the_template_memory_before_the_first_clone(
+async def test_the_gateway_checks_and_copies_the_template_memory_before_the_first_clone(
         aiohttp_server: Any, app_settings: Settings, tiny_images_dir: Path, database_url: str) -> None:
     """The first clone does not wait for the sealed copy of its template's RAM (the desktop's 471 MB took
     about 1 s): with WARM_MEMORY_AHEAD (the default) the gateway has the local driver make the copies of
@@ -292,6 +292,9 @@ async def test_the_gateway_copies_the_template_memory_before_the_first_clone(
             break
         await asyncio.sleep(0.1)
     assert {key[0] for key in driver._memory._fds} == wanted  # and no VM was created
+    # The files were checked against their manifests ahead too: the first VM hashes nothing.
+    warm = catalog.get("tiny").warm_image()
+    assert {warm.ram, warm.state, warm.disk, catalog.get("tiny").disk} <= set(catalog._verifier._verified)
 
 
 def test_memory_images_keep_only_the_current_layers(tmp_path: Path) -> None:

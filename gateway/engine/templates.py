@@ -3,6 +3,7 @@ job rendering (warm when the template has a warm layer that fits the VM: docs/IM
 
 from __future__ import annotations
 
+import logging
 import threading
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,8 @@ from gateway.errors import ValidationFailed
 from jobspecs import render, starts
 from jobspecs.catalog import DEFAULT_CATALOG, WARM_DISK, WARM_STATE, Template, load_catalog
 from jobspecs.memory import RAM_FILE
+
+log = logging.getLogger("vmgate.templates")
 
 
 class Templates:
@@ -54,6 +57,23 @@ class Templates:
         """The RAM files of the templates' current warm layers (what the local driver's clones map)."""
         return [str(warm.ram) for template in self.templates.values() if template.is_built()
                 and (warm := template.warm_image()) is not None and warm.ram is not None]
+
+    def verify_ahead(self) -> None:
+        """Check every built template's files and current warm layer against their manifests now, so that no
+        first VM of a template waits for the hashing (the desktop layer's 1 GB RAM file took seconds). What
+        fails here is logged and fails again, with its message, when a VM needs it. Blocking: in a thread."""
+        for template in self.templates.values():
+            if not template.is_built():
+                continue
+            warm = template.warm_image()
+            checks = [(template.image_dir, [template.disk.name, template.kernel.name, template.initrd.name])]
+            if warm is not None:
+                checks.append((warm.directory, [WARM_DISK, WARM_STATE, *([RAM_FILE] if warm.ram else [])]))
+            for directory, names in checks:
+                try:
+                    self._verifier.verify_sync(directory, names)
+                except ImageUnavailable as exc:
+                    log.warning("template %s: %s", template.name, exc.message)
 
     def keep_in_memory(self, extra: list[Path]) -> None:
         """Lock ``start_files()`` and ``extra`` in memory (gateway.pagecache), letting go of files no longer
