@@ -278,12 +278,8 @@ def qemu_args(vm: VMSpec, template: Template, target: str = "local") -> list[str
         "-append", f"{template.cmdline} vmgate.hostname={vm.hostname}",
         # ${NOMAD_TASK_DIR} is interpolated by the driver at start (Nomad's runtime variables).
         "-vnc", vnc_arg(target),
-        # A second display that refreshes every 30 ms. QEMU's VNC server sends what changed only from its
-        # display's refresh timer, and backs that timer off from 30 ms towards 3 s while nothing changes, so
-        # a key pressed on an idle console waited up to the next tick to show (80 ms here, seconds on a still
-        # desktop). The refresh timer runs at the shortest interval any display asks for; a D-Bus display with
-        # no client (p2p: no bus, no socket; a client could attach only through QMP's add_client) asks for
-        # 30 ms and does nothing else. It costs an idle VM about 0.2 % of a core (docs/BENCHMARKS.md).
+        # A display with no client (p2p: no bus, no socket) that holds QEMU's refresh timer at 30 ms, which VNC
+        # alone backs off towards 3 s: keys on an idle console showed late (docs/CONSOLE.md, "How fast a key shows").
         "-display", "dbus,p2p=yes",
         "-qmp", "unix:${NOMAD_TASK_DIR}/qmp.sock,server=on,wait=off",
         "-sandbox", sandbox.value(),  # jobspecs/sandbox.py
