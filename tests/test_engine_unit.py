@@ -154,3 +154,23 @@ def test_the_engine_imports_neither_aiohttp_nor_the_web_layer() -> None:
             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'aiohttp' or m.startswith('gateway.web')))\n")
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]", done.stdout
+
+
+def test_the_image_verifier_hashes_a_mismatching_file_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file that does not match its manifest is refused every time, but read whole only until it changes."""
+    import json
+
+    (tmp_path / "disk.qcow2").write_bytes(b"tampered")
+    (tmp_path / "manifest.json").write_text(json.dumps({"files": {"disk.qcow2": {"sha256": "0" * 64}}}))
+    hashed: list[Path] = []
+    real = storage.sha256_of
+    monkeypatch.setattr(storage, "sha256_of", lambda path: hashed.append(path) or real(path))
+    verifier = storage.ImageVerifier()
+    for _ in range(3):
+        with pytest.raises(storage.ImageUnavailable, match="does not match its sha256"):
+            verifier.verify_sync(tmp_path, ["disk.qcow2"])
+    assert len(hashed) == 1
+    (tmp_path / "disk.qcow2").write_bytes(b"tampered again")  # a changed file is hashed afresh
+    with pytest.raises(storage.ImageUnavailable, match="does not match its sha256"):
+        verifier.verify_sync(tmp_path, ["disk.qcow2"])
+    assert len(hashed) == 2

@@ -62,6 +62,9 @@ class ImageVerifier:
 
     def __init__(self) -> None:
         self._verified: dict[Path, tuple[int, int, int, int]] = {}
+        # Files found not to match, as they were then: refused again without hashing them again (each create
+        # of a broken template, and the gateway's check every minute, would otherwise re-read it whole).
+        self._mismatched: dict[Path, tuple[tuple[int, int, int, int], str]] = {}  # (signature, expected sha256)
 
     def verify_sync(self, image_dir: Path, names: list[str]) -> None:
         manifest_path = image_dir / MANIFEST
@@ -84,11 +87,14 @@ class ImageVerifier:
                                        details={"image": image_dir.name, "file": name}) from None
             if self._verified.get(path) == signature:
                 continue
-            if sha256_of(path) != entry["sha256"]:
+            known_bad = self._mismatched.get(path) == (signature, entry["sha256"])
+            if known_bad or sha256_of(path) != entry["sha256"]:
                 self._verified.pop(path, None)
+                self._mismatched[path] = (signature, entry["sha256"])
                 raise ImageUnavailable(
                     f"Image {image_dir.name}: {name} does not match its sha256 in the manifest; refusing to use it.",
                     details={"image": image_dir.name, "file": name})
+            self._mismatched.pop(path, None)
             self._verified[path] = signature
 
     async def verify(self, image_dir: Path, names: list[str]) -> None:
