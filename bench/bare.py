@@ -67,7 +67,6 @@ def app(settings: Settings | None) -> web.Application:
     application.router.add_get("/api/me/vms", handle)
     if settings is not None:
         application[SETTINGS] = settings
-
         application.cleanup_ctx.append(_pool)
         application.router.add_get("/minimal/api/me/vms", minimal)
     return application

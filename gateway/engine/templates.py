@@ -35,10 +35,18 @@ class Templates:
                                    details={"field": "template", "known": sorted(self.templates)})
         return self.templates[name]
 
+    @staticmethod
+    def _base_files(template: Template) -> list[str]:
+        return [template.disk.name, template.kernel.name, template.initrd.name]
+
+    @staticmethod
+    def _layer_files(layer: Path) -> list[str]:
+        """What a warm layer's VMs read: its disk and state, and the template's RAM that clones map."""
+        return [WARM_DISK, WARM_STATE, *([RAM_FILE] if (layer / RAM_FILE).exists() else [])]
+
     async def verify(self, template: Template) -> None:
         """Refuse a base image whose files do not match their build manifest."""
-        names = [template.disk.name, template.kernel.name, template.initrd.name]
-        await self._verifier.verify(template.image_dir, names)
+        await self._verifier.verify(template.image_dir, self._base_files(template))
 
     def start_files(self) -> list[Path]:
         """What starting a VM reads, per built template: its kernel, initrd and disk, and the current warm
@@ -53,27 +61,25 @@ class Templates:
                 files += [warm.state, warm.disk]
         return files
 
-    def warm_ram_files(self) -> list[str]:
-        """The RAM files of the templates' current warm layers (what the local driver's clones map)."""
-        return [str(warm.ram) for template in self.templates.values() if template.is_built()
-                and (warm := template.warm_image()) is not None and warm.ram is not None]
-
-    def verify_ahead(self) -> None:
+    def verify_ahead(self) -> list[str]:
         """Check every built template's files and current warm layer against their manifests now, so that no
-        first VM of a template waits for the hashing (the desktop layer's 1 GB RAM file took seconds). What
-        fails here is logged and fails again, with its message, when a VM needs it. Blocking: in a thread."""
+        first VM of a template waits for the hashing (the desktop layer's 1 GB RAM file took seconds); return
+        the RAM files of the layers that passed (what the local driver's clones map). What fails here is
+        logged and fails again, with its message, when a VM needs it. Blocking: in a thread."""
+        ram_files = []
         for template in self.templates.values():
             if not template.is_built():
                 continue
             warm = template.warm_image()
-            checks = [(template.image_dir, [template.disk.name, template.kernel.name, template.initrd.name])]
-            if warm is not None:
-                checks.append((warm.directory, [WARM_DISK, WARM_STATE, *([RAM_FILE] if warm.ram else [])]))
-            for directory, names in checks:
-                try:
-                    self._verifier.verify_sync(directory, names)
-                except ImageUnavailable as exc:
-                    log.warning("template %s: %s", template.name, exc.message)
+            try:
+                self._verifier.verify_sync(template.image_dir, self._base_files(template))
+                if warm is not None:
+                    self._verifier.verify_sync(warm.directory, self._layer_files(warm.directory))
+                    if warm.ram is not None:
+                        ram_files.append(str(warm.ram))
+            except ImageUnavailable as exc:
+                log.warning("template %s: %s", template.name, exc.message)
+        return ram_files
 
     def keep_in_memory(self, extra: list[Path]) -> None:
         """Lock ``start_files()`` and ``extra`` in memory (gateway.pagecache), letting go of files no longer
@@ -129,8 +135,7 @@ class Templates:
         """Refuse a warm layer whose disk or state does not match its manifest."""
         base = self.overlay_base(template, job)
         if base != template.disk:
-            shared = [RAM_FILE] if (base.parent / RAM_FILE).exists() else []  # the template's RAM, for clones
-            await self._verifier.verify(base.parent, [WARM_DISK, WARM_STATE, *shared])
+            await self._verifier.verify(base.parent, self._layer_files(base.parent))
 
     @staticmethod
     def loadvm(job: dict[str, Any], tag: str, settings: Settings) -> dict[str, Any]:

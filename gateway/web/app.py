@@ -66,8 +66,7 @@ async def _keep_in_memory(catalog: Templates, settings: Settings, driver: Driver
         try:
             await asyncio.to_thread(catalog.keep_in_memory, extra)
             if prepare is not None:
-                await asyncio.to_thread(catalog.verify_ahead)
-                await asyncio.to_thread(prepare, catalog.warm_ram_files())
+                await asyncio.to_thread(prepare, await asyncio.to_thread(catalog.verify_ahead))
         except (OSError, DriverError) as exc:
             log.warning("keeping the images in memory: %s", exc)
         await asyncio.sleep(PIN_RECHECK)
