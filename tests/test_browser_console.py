@@ -26,6 +26,7 @@ from tests.fixtures.browser import (
     CHROMIUM_ARGS,
     api_session_of,
     base_url,
+    canvas_until,
     chromium,
     log_in,
     new_page,
@@ -40,21 +41,6 @@ pytestmark = [pytest.mark.qemu, pytest.mark.browser]
 
 # Console tokens live 5 s (the least allowed), so the test can hold one back until it expires.
 TOKEN_TTL = 5
-
-# Sums the canvas's pixels in the page; a blank (single-colour) canvas gives distinct == 1.
-CANVAS_STATS = """() => {
-  const c = document.querySelector('#screen canvas');
-  if (!c || !c.width) return {distinct: 0, sum: 0};
-  const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
-  const seen = new Set(); let sum = 0;
-  for (let i = 0; i < d.length; i += 4) {
-    const v = d[i] << 16 | d[i + 1] << 8 | d[i + 2];
-    sum += v % 9973;
-    if (seen.size < 4) seen.add(v);
-  }
-  return {distinct: seen.size, sum};
-}"""
-
 
 @pytest.fixture
 async def browser_gateway(aiohttp_server: Any, app_settings: Settings, tiny_images_dir: Path,
@@ -117,8 +103,7 @@ async def test_web_console_end_to_end(browser_gateway: Any, sessions: Any) -> No
         # The API session of the same user reads the serial log while the browser shows the screen.
         api = await api_session_of(page, server, sessions)
         await wait_for_serial(api, vm_id, READY)
-        await page.wait_for_function(f"({CANVAS_STATS})().distinct > 1", timeout=30_000)
-        before = await page.evaluate(CANVAS_STATS)
+        before = await canvas_until(page, lambda s: s["distinct"] > 1)
 
         await page.locator("#screen canvas").click()
         # As a person types it: "|" with Shift held (Playwright sends a bare "|" without Shift, and
@@ -130,7 +115,7 @@ async def test_web_console_end_to_end(browser_gateway: Any, sessions: Any) -> No
         await page.keyboard.press("Enter")
         serial = await wait_for_serial(api, vm_id, "Linux ")
         assert "cloud-amd64" in serial
-        await page.wait_for_function(f"({CANVAS_STATS})().sum !== {before['sum']}", timeout=30_000)
+        await canvas_until(page, lambda s: s["sum"] != before["sum"])
 
         # Paste: capitals and ">" arrive as a person would type them, Shift included.
         await page.get_by_role("button", name="Paste text").click()
@@ -210,7 +195,7 @@ async def test_suspend_resume_and_snapshots_in_the_browser(browser_gateway: Any,
         await page.get_by_role("link", name=f"Resume {vm['name']} and open its console").click()
         status_el = page.locator("#status")
         await expect(status_el).to_have_attribute("data-state", "connected", timeout=60_000)
-        await page.wait_for_function(f"({CANVAS_STATS})().distinct > 1", timeout=30_000)
+        await canvas_until(page, lambda s: s["distinct"] > 1)
         assert (await api.request("GET", f"/api/vms/{vm_id}"))[1]["state"] == "running"
 
         await page.goto(f"{base}/vms/{vm_id}")

@@ -21,10 +21,9 @@ from typing import Any
 import pytest
 
 from tests.conftest import outbox_link
-from tests.fixtures.browser import chromium, new_page, require_assets
+from tests.fixtures.browser import canvas_until, chromium, new_page, require_assets
 from tests.fixtures.gateway_process import GatewayFactory, GatewayProcess
 from tests.fixtures.websockify import free_port, start_websockify, stop_websockify
-from tests.test_browser_console import CANVAS_STATS
 from tests.test_nginx import render, running_nginx, tls_env
 
 pytestmark = [pytest.mark.qemu, pytest.mark.browser]
@@ -111,5 +110,5 @@ async def test_console_over_tls(tls_stack: TlsStack) -> None:
         await page.get_by_role("button", name="Create VM").click()
         await page.wait_for_url("**/vms/*/console", timeout=60_000)
         await expect(page.locator("#status")).to_have_attribute("data-state", "connected", timeout=60_000)
-        await page.wait_for_function(f"({CANVAS_STATS})().distinct > 1", timeout=60_000)
+        await canvas_until(page, lambda s: s["distinct"] > 1, timeout=60)
         assert sockets and all(s.startswith(url.replace("https://", "wss://") + "/vnc") for s in sockets), sockets

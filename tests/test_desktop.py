@@ -31,13 +31,13 @@ from tests.conftest import Session, not_built, truncate_all
 from tests.fixtures.browser import (
     api_session_of,
     base_url,
+    canvas_until,
     chromium,
     log_in,
     new_page,
     require_assets,
     sign_up_and_confirm,
 )
-from tests.test_browser_console import CANVAS_STATS
 from tests.test_e2e import wait_for_serial
 
 pytestmark = pytest.mark.qemu
@@ -98,7 +98,7 @@ async def test_desktop_in_the_browser_resizes_shares_the_clipboard_and_moves_fil
         await page.goto(f"{base}/vms/{vm_id}/console")
         await expect(page.locator("#status")).to_have_attribute("data-state", "connected", timeout=30_000)
         # The restored desktop is on the screen at once: many colours, not a text console's two.
-        await page.wait_for_function(f"({CANVAS_STATS})().distinct >= 4", timeout=30_000)
+        await canvas_until(page, lambda s: s["distinct"] >= 4)
         shown = time.monotonic() - began
         await wait_for_serial(api, vm_id, READY, timeout=60)
 
