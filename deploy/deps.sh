@@ -8,6 +8,7 @@ set -euo pipefail
 PACKAGES=(
     qemu-system-x86 qemu-utils              # the local driver's VMs
     iproute2 nftables dnsmasq-base          # their networks (drivers/local/network.py)
+    containernetworking-plugins iptables    # a fleet node's CNI network (tests/test_fleet_network.py, with nomad)
     postgresql redis-server nginx           # the servers make run starts
     prometheus                              # make run's monitoring; promtool checks its rules in make test
     busybox-static e2fsprogs cpio zstd xz-utils   # images/build-tiny.sh

@@ -212,6 +212,7 @@ class NomadConfig:
     cacert: Path | None = None  # NOMAD_CACERT: the CA bundle of Nomad's certificate; None: the system's
     client_cert: Path | None = None  # NOMAD_CLIENT_CERT and NOMAD_CLIENT_KEY: mutual TLS, both or neither
     client_key: Path | None = None
+    outbound: bool = False  # NOMAD_OUTBOUND and VM_NETWORK=outbound: VMs may be outbound (jobspecs/fleet.py)
 
 
 class NomadDriver(Driver):
@@ -223,6 +224,8 @@ class NomadDriver(Driver):
     def __init__(self, config: NomadConfig, client: Any | None = None) -> None:
         self.namespace = config.namespace
         self.addr = config.addr
+        self.outbound = config.outbound
+        self.network_problem = None if self.outbound else "fleet nodes give VMs none (NOMAD_OUTBOUND=false)"
         if bool(config.client_cert) != bool(config.client_key):
             raise DriverConfigError("NOMAD_CLIENT_KEY", "NOMAD_CLIENT_CERT and NOMAD_CLIENT_KEY go together")
         cert = (str(config.client_cert), str(config.client_key)) if config.client_cert else ()
@@ -418,5 +421,9 @@ class NomadDriver(Driver):
             leader = await self._call("asking Nomad for its leader", self.client.status.leader.get_leader)
         except DriverError as exc:
             return {"ok": False, "driver": self.name, "nomad_addr": self.addr, "error": str(exc)}
+        network = "outbound" if self.outbound else f"none: {self.network_problem}"
         return {"ok": bool(leader), "driver": self.name, "nomad_addr": self.addr, "leader": leader,
-                "namespace": self.namespace}
+                "namespace": self.namespace, "network": network}
+
+    def networks(self) -> tuple[str, ...]:
+        return ("outbound", "none") if self.outbound else ("none",)

@@ -289,6 +289,9 @@ class Settings:
     nomad_namespace: str = _setting("NOMAD_NAMESPACE", _host, "default", "Namespace of VM jobs")
     nomad_task_user: str = _setting("NOMAD_TASK_USER", _user, "vmgate",
                                     "Account QEMU runs as on fleet nodes (the VM task's user); empty: Nomad's default")
+    nomad_outbound: bool = _setting("NOMAD_OUTBOUND", _bool, "false",
+                                    "true once every VM node has the CNI network `vmgate` and the node rules"
+                                    " (vmgate fleet-node; docs/NETWORK.md): fleet VMs then get VM_NETWORK")
     console_token_ttl: int = _setting("CONSOLE_TOKEN_TTL", _int(5, 60), "60", "Console token lifetime, seconds")
     console_max_session: int = _setting("CONSOLE_MAX_SESSION", _int(60, 7 * 86400), "28800",
                                         "Longest a console connection stays open, seconds; then websockify ends it")

@@ -6,8 +6,9 @@ Every VM: ``-nodefaults`` (no CD-ROM, floppy, default NIC), the serial console o
 **The NIC** is the same device with the same MAC in every VM, whatever its network (``VMSpec.network``,
 docs/NETWORK.md): ``outbound`` connects it to ``tap0``, which the local driver makes in the VM's own network
 namespace (drivers/local/network.py); ``none`` to a hub port with nothing else on the hub, so frames go
-nowhere. QEMU's user-mode network (slirp) is never used: its guest reaches the host's loopback (Postgres,
-Redis, the gateway). One device for both lets any VM restore a warm layer saved with either, which is why
+nowhere. QEMU's user-mode network (slirp) is used only by an outbound VM on a fleet node, inside the
+allocation's own namespace (jobspecs/fleet.py); anywhere else its guest would reach the host's loopback
+(Postgres, Redis, the gateway). One device for both lets any VM restore a warm layer saved with either, which is why
 the tap runs without ``vnet_hdr``: with it the guest negotiates offloads a hub port cannot offer, and QEMU
 refuses such a state on a hub port ("saved image requires vnet_hdr=on").
 
@@ -31,7 +32,9 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["CLIPBOARD_META", "NETDEVS", "NETWORKS", "NIC_MAC", "SERIAL_BUS", "VDAGENT_PORT", "devices"]
+from jobspecs.fleet import FLEET_NETDEV
+
+__all__ = ["CLIPBOARD_META", "NETDEVS", "NETWORKS", "NIC_MAC", "SERIAL_BUS", "VDAGENT_PORT", "devices", "netdev"]
 
 VDAGENT_PORT = "com.redhat.spice.0"  # the port name spice-vdagentd opens in the guest
 SERIAL_BUS = "vmgate-serial"
@@ -49,9 +52,14 @@ DESKTOP = ("-device", "virtio-tablet-pci", "-device", f"virtio-serial-pci,id={SE
 CLIPBOARD_META = {"clipboard": "vdagent"}  # job Meta of a desktop: the local driver plugs the clipboard in
 
 
-def devices(template: Any, network: str = "none") -> list[str]:
+def netdev(network: str, target: str = "local") -> str:
+    """The NIC's backend for a VM on ``network`` on ``target`` (local or nomad)."""
+    return FLEET_NETDEV if network == "outbound" and target == "nomad" else NETDEVS[network]
+
+
+def devices(template: Any, network: str = "none", target: str = "local") -> list[str]:
     """QEMU arguments for the devices of a VM of ``template`` (a ``jobspecs.catalog.Template``) on ``network``."""
-    common = [*COMMON, "-netdev", NETDEVS[network], *NIC, *RNG]
+    common = [*COMMON, "-netdev", netdev(network, target), *NIC, *RNG]
     if template.desktop:
         return ["-nodefaults", *DESKTOP_DISPLAY, *common, *DESKTOP]
     return ["-nodefaults", *TEXT, *common]

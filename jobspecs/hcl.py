@@ -47,6 +47,7 @@ _SCHEMA: dict[str, list[tuple[str, str, str]]] = {
     ],
     "port": [
         ("Label", LABEL, ""),
+        ("To", ATTR, "to"),
     ],
     "service": [
         ("Name", ATTR, "name"),
@@ -100,6 +101,7 @@ _SCHEMA: dict[str, list[tuple[str, str, str]]] = {
     "resources": [
         ("CPU", ATTR, "cpu"),
         ("MemoryMB", ATTR, "memory"),
+        ("MemoryMaxMB", ATTR, "memory_max"),
     ],
 }
 

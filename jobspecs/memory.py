@@ -16,6 +16,11 @@ from __future__ import annotations
 
 import re
 
+# QEMU's own memory above the guest's (~70 MiB for tiny at boot; TCG's translation cache as it grows, the display,
+# slirp): the local driver's cgroup allows the guest's memory plus this (drivers/local/cgroups.py), and so does a
+# fleet task's hard limit (memory_max: jobspecs/fleet.py).
+QEMU_OVERHEAD_MB = 512
+
 OBJECT = "-object"
 MACHINE = "-machine"
 BACKEND_ID = "pc.ram"

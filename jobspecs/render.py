@@ -33,10 +33,8 @@ restart and reschedule blocks allow no attempt, for the same reason: a scheduler
 Two targets (``JobSettings.target``), one template:
 
 - ``local`` (the local driver, one machine): VNC listens on a unix socket in the task directory; nothing on TCP.
-- ``nomad`` (a fleet): the group also gets a ``network`` with a dynamic port ``vnc`` and a Consul ``service``
-  (``vmgate-vnc``, tagged ``vm-<id>``, meta vm_id/owner) with a TCP check; a ``template`` computes the VNC display
-  (port - 5900) that ``-vnc ${NOMAD_IP_vnc}:${VMGATE_VNC_DISPLAY}`` takes (docs/DRIVERS.md); the task runs as
-  ``task_user``.
+- ``nomad`` (a fleet): the group also gets a ``network`` (a namespace of its own for an outbound VM) with a
+  port ``vnc`` and a Consul ``service`` with a TCP check, and the task runs as ``task_user`` (jobspecs/fleet.py).
 """
 
 from __future__ import annotations
@@ -50,9 +48,8 @@ from typing import Any
 from jobspecs import memory, sandbox
 from jobspecs.catalog import NOMAD_MEMORY_MB, SIZE_NAMES, Template, WarmImage
 from jobspecs.devices import CLIPBOARD_META, NETWORKS, devices
-from jobspecs.hcl import to_hcl
-
-SECOND = 1_000_000_000  # Nomad's API takes durations in nanoseconds
+from jobspecs.fleet import VNC_PORT_LABEL, VNC_SERVICE, fleet_parts, vnc_arg
+from jobspecs.hcl import SECOND, to_hcl  # Nomad's API takes durations in nanoseconds (SECOND)
 
 __all__ = ["FW_CFG_HOSTNAME", "VNC_PORT_LABEL", "VNC_SERVICE", "JobSettings", "JobSpecError", "VMSpec", "job_name",
            "qemu_args", "render_job", "to_hcl", "variables", "vm_id_of", "vnc_arg", "warm_fits"]
@@ -65,13 +62,6 @@ HOUR = 60 * MINUTE
 CPU_MHZ_PER_VCPU = 1000
 
 TARGETS = ("local", "nomad")
-VNC_PORT_LABEL = "vnc"
-VNC_SERVICE = "vmgate-vnc"  # the Consul service every VM's VNC registers as (tag vm-<id>)
-VNC_ENV_FILE = "local/vnc.env"
-# consul-template: `subtract A B` is B - A. Nomad's dynamic ports (20000-32000 by default) give
-# displays 14100-26100, all within QEMU's 5900 + display <= 65535.
-VNC_DISPLAY_TEMPLATE = 'VMGATE_VNC_DISPLAY={{ env "NOMAD_PORT_vnc" | parseInt | subtract 5900 }}\n'
-VNC_CHECK = {"Interval": 10 * SECOND, "Timeout": 2 * SECOND}
 
 # The guest (images/tiny/rootfs/lib/vmgate/identity.sh) takes its name from this fw_cfg entry; a clone
 # restored from a warm template finds its own name there (its kernel command line is the template's).
@@ -141,7 +131,7 @@ class VMSpec:
     hostname: str = _var("string", "Guest hostname (RFC 1123 label), passed as vmgate.hostname=")
     userdata: str = _var("string", "A script the guest runs once at first boot (fw_cfg opt/vmgate/userdata); "
                          f"empty for none, at most {MAX_USERDATA} bytes", "")
-    network: str = _var("string", "outbound (NAT to the internet; local target) or none (job meta `network`)", "none")
+    network: str = _var("string", "outbound (NAT to the internet) or none (job meta `network`)", "none")
 
     @classmethod
     def for_template(cls, template: Template, *, id: str, owner: str, overlay_path: str | Path,
@@ -230,8 +220,8 @@ def _check(vm: VMSpec, template: Template, settings: JobSettings) -> None:
             raise JobSpecError(size, f"{value} is outside {low}..{high}, the limits of template {template.name!r}")
     if not isinstance(vm.userdata, str) or "\0" in vm.userdata or len(vm.userdata.encode()) > MAX_USERDATA:
         raise JobSpecError("userdata", f"must be text of at most {MAX_USERDATA} bytes without NUL")
-    if vm.network not in NETWORKS or (vm.network == "outbound" and settings.target != "local"):
-        raise JobSpecError("network", f"must be none, or outbound on the local target, got {vm.network!r}")
+    if vm.network not in NETWORKS:
+        raise JobSpecError("network", f"must be one of {', '.join(NETWORKS)}, got {vm.network!r}")
     if not NOMAD_MEMORY_MB[0] <= vm.memory_mb <= NOMAD_MEMORY_MB[1]:
         raise JobSpecError("memory_mb", f"Nomad's qemu driver needs {NOMAD_MEMORY_MB[0]}..{NOMAD_MEMORY_MB[1]} MB")
     if not isinstance(vm.hostname, str) or not HOSTNAME_RE.fullmatch(vm.hostname):
@@ -262,13 +252,6 @@ def _check(vm: VMSpec, template: Template, settings: JobSettings) -> None:
         raise JobSpecError("target", f"must be one of {', '.join(TARGETS)}, got {settings.target!r}")
 
 
-def vnc_arg(target: str) -> str:
-    """The value of ``-vnc`` for a target: the task directory's socket, or the node's address and display."""
-    if target == "nomad":
-        return "${NOMAD_IP_vnc}:${VMGATE_VNC_DISPLAY}"
-    return "unix:${NOMAD_TASK_DIR}/vnc.sock"
-
-
 def qemu_args(vm: VMSpec, template: Template, target: str = "local") -> list[str]:
     """The task's ``args``: everything QEMU needs beyond what Nomad's qemu driver adds itself."""
     return [
@@ -277,15 +260,15 @@ def qemu_args(vm: VMSpec, template: Template, target: str = "local") -> list[str
         "-initrd", str(template.initrd),
         "-append", f"{template.cmdline} vmgate.hostname={vm.hostname}",
         # ${NOMAD_TASK_DIR} is interpolated by the driver at start (Nomad's runtime variables).
-        "-vnc", vnc_arg(target),
+        "-vnc", vnc_arg(target, vm.network),
         # A display with no client (p2p: no bus, no socket) that holds QEMU's refresh timer at 30 ms, which VNC
         # alone backs off towards 3 s: keys on an idle console showed late (docs/CONSOLE.md, "How fast a key shows").
         "-display", "dbus,p2p=yes",
         "-qmp", "unix:${NOMAD_TASK_DIR}/qmp.sock,server=on,wait=off",
         "-sandbox", sandbox.value(),  # jobspecs/sandbox.py
-        # These devices (jobspecs/devices.py), Nomad's own, and never QEMU's user-mode network: its guest
-        # would reach the host's loopback (10.0.2.2 is the host's 127.0.0.1: Postgres, Redis, the gateway).
-        *devices(template, vm.network),
+        # These devices (jobspecs/devices.py), Nomad's own, and QEMU's user-mode network only in a fleet VM's
+        # own namespace: elsewhere its guest would reach the host's loopback (Postgres, Redis, the gateway).
+        *devices(template, vm.network, target),
         "-fw_cfg", f"name={FW_CFG_HOSTNAME},string={vm.hostname}",
         *(("-fw_cfg", f"name={FW_CFG_USERDATA},string={base64.b64encode(vm.userdata.encode()).decode()}")
           if vm.userdata else ()),
@@ -309,25 +292,6 @@ def policies(settings: JobSettings, warm: bool) -> tuple[dict[str, Any], dict[st
     if warm:
         reschedule["Attempts"] = 0
     return restart, reschedule
-
-
-def _fleet_parts(vm: VMSpec, name: str, user: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """What the nomad target adds: (group fields: network and service, task fields: the display template, the
-    unprivileged user QEMU runs as: nomad/README.md)."""
-    group = {
-        "Networks": [{"Mode": "host", "DynamicPorts": [{"Label": VNC_PORT_LABEL}]}],
-        "Services": [{
-            "Name": VNC_SERVICE,
-            "PortLabel": VNC_PORT_LABEL,
-            "Provider": "consul",
-            "Tags": [name],
-            "Meta": {"vm_id": vm.id, "owner": vm.owner, "alloc_id": "${NOMAD_ALLOC_ID}"},
-            "Checks": [{"Name": "vnc-tcp", "Type": "tcp", **VNC_CHECK}],
-        }],
-    }
-    task = {"Templates": [{"EmbeddedTmpl": VNC_DISPLAY_TEMPLATE, "DestPath": VNC_ENV_FILE, "Envvars": True,
-                           "ChangeMode": "noop"}], **({"User": user} if user else {})}
-    return group, task
 
 
 def render_job(vm: VMSpec, template: Template, settings: JobSettings,
@@ -354,7 +318,7 @@ def render_job(vm: VMSpec, template: Template, settings: JobSettings,
         job["Meta"]["start"] = "warm"
         job["Meta"]["warm_layer"] = warm.id
     if settings.target == "nomad":
-        group_extra, task_extra = _fleet_parts(vm, name, settings.task_user)
+        group_extra, task_extra = fleet_parts(vm, name, settings.task_user, CPU_MHZ_PER_VCPU)
         group = job["TaskGroups"][0]
         group.update(group_extra)
         group["Tasks"][0].update(task_extra)

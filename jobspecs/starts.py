@@ -17,7 +17,8 @@ import re
 from typing import Any
 
 from jobspecs import memory, sandbox
-from jobspecs.devices import NETDEVS
+from jobspecs.devices import NETDEVS, netdev
+from jobspecs.fleet import fleet_network, vnc_arg
 from jobspecs.render import LOADVM, SNAPSHOT_TAG_RE, WARM_ARGS, JobSettings, JobSpecError, policies
 from jobspecs.sandbox import INCOMING
 
@@ -53,10 +54,15 @@ def with_network(job: dict[str, Any], network: str) -> dict[str, Any]:
     if network not in NETDEVS:
         raise JobSpecError("network", f"must be one of {', '.join(NETDEVS)}, got {network!r}")
     copy: dict[str, Any] = json.loads(json.dumps(job))
-    args = copy["TaskGroups"][0]["Tasks"][0]["Config"]["args"]
+    group = copy["TaskGroups"][0]
+    args = group["Tasks"][0]["Config"]["args"]
     if "-netdev" not in args:
         raise JobSpecError("network", "this VM was made without a network card")
-    args[args.index("-netdev") + 1] = NETDEVS[network]
+    fleet = bool(group.get("Networks"))  # a fleet job: its group's network and VNC follow (jobspecs/fleet.py)
+    args[args.index("-netdev") + 1] = netdev(network, "nomad" if fleet else "local")
+    if fleet:
+        group["Networks"] = [fleet_network(network)]
+        args[args.index("-vnc") + 1] = vnc_arg("nomad", network)
     copy.setdefault("Meta", {})["network"] = network
     return copy
 

@@ -13,6 +13,13 @@ server {
   # Stopped VM jobs stay queryable for a day; vmgate keeps every job in Postgres anyway and
   # registers it again on start, so garbage collection never loses a VM.
   job_gc_threshold = "24h"
+
+  # VM jobs set memory (the guest's RAM, QEMU's -m) and memory_max (that plus QEMU's own overhead: the task's
+  # hard limit); without oversubscription Nomad would make memory the hard limit, and a guest that fills its
+  # RAM would get its QEMU killed. Read at the cluster's first start (later: `nomad operator scheduler`).
+  default_scheduler_config {
+    memory_oversubscription_enabled = true
+  }
 }
 
 acl {

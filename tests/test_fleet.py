@@ -32,6 +32,7 @@ from drivers.nomad import (
 )
 from gateway.cli.jobspec import CLIENT_HCL, client_allowlist, flags_of
 from gateway.config import Settings
+from gateway.web.app import driver_from_settings
 from jobspecs import (
     DEFAULT_CATALOG,
     JobSettings,
@@ -43,6 +44,7 @@ from jobspecs import (
     to_hcl,
     vnc_password,
 )
+from jobspecs.memory import QEMU_OVERHEAD_MB
 from tests.conftest import VM
 from tests.test_jobspecs import _check_hcl_matches_json, go_duration, parse_hcl, sizes_of, spec
 
@@ -88,7 +90,8 @@ def test_nomad_target_renders_every_template_at_every_size(templates: dict[str, 
             [tmpl] = task["Templates"]
             assert tmpl["Envvars"] is True and tmpl["DestPath"] == "local/vnc.env"
             assert 'VMGATE_VNC_DISPLAY={{ env "NOMAD_PORT_vnc" | parseInt | subtract 5900 }}' in tmpl["EmbeddedTmpl"]
-            assert task["Resources"] == {"CPU": 1000 * sizes["cpu"], "MemoryMB": sizes["memory_mb"]}
+            assert task["Resources"] == {"CPU": 1000 * sizes["cpu"], "MemoryMB": sizes["memory_mb"],
+                                         "MemoryMaxMB": sizes["memory_mb"] + QEMU_OVERHEAD_MB}
             # Everything but the VNC parts is the job the local driver runs.
             local = render_job(vm, template, dataclasses.replace(NOMAD, target="local"))
             local_task = local["TaskGroups"][0]["Tasks"][0]
@@ -131,6 +134,21 @@ def test_the_target_follows_the_driver(templates: dict[str, Template]) -> None:
     assert JobSettings.from_settings(local).target == "local"
     assert JobSettings.from_settings(fleet).target == "nomad"
     assert fleet.nomad_token == "" and fleet.nomad_cacert is None
+
+
+def test_fleet_vms_are_outbound_only_where_the_operator_says_the_nodes_are_ready() -> None:
+    """NOMAD_OUTBOUND (docs/NETWORK.md "Fleet nodes"): off by default, since a node without the CNI network
+    `vmgate` could not place an outbound VM; VM_NETWORK=none still turns every VM's network off."""
+    environ = {"POSTGRES_URL": "postgresql://u:p@127.0.0.1:5432/db", "REDIS_URL": "redis://127.0.0.1:6379/0",
+               "JWT_SECRET": "x" * 32, "VMGATE_DRIVER": "nomad"}
+
+    def driver(**more: str) -> Any:
+        return driver_from_settings(Settings.load(environ={**environ, **more}, dotenv=Path("/nonexistent")))
+
+    default, ready, off = driver(), driver(NOMAD_OUTBOUND="true"), driver(NOMAD_OUTBOUND="true", VM_NETWORK="none")
+    assert default.networks() == ("none",) and "NOMAD_OUTBOUND" in default.network_problem
+    assert ready.networks() == ("outbound", "none") and ready.network_problem is None
+    assert off.networks() == ("none",)
 
 
 def test_the_local_driver_keeps_the_unix_socket(templates: dict[str, Template]) -> None:
@@ -385,7 +403,7 @@ async def test_cli_render_and_export(server: Any, sessions: Any, app_settings: S
 def test_cli_validate(app_settings: Settings) -> None:
     result = cli(app_settings, "validate")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "ok   tiny min (local)" in result.stdout and "ok   tiny max (nomad)" in result.stdout
+    assert "ok   tiny min (local, none)" in result.stdout and "ok   tiny max (nomad, outbound)" in result.stdout
     assert "every job is valid" in result.stdout
     if "nomad is not on PATH" not in result.stdout:
         assert "nomad parse" in result.stdout or "nomad job validate" in result.stdout

@@ -153,6 +153,14 @@ class AgentHead:
     rpc: int  # its RPC port (clients join a server there)
 
 
+# As nomad/server.hcl: VM jobs' memory_max (QEMU's own memory above the guest's) is their hard limit.
+OVERSUBSCRIPTION = """
+  default_scheduler_config {
+    memory_oversubscription_enabled = true
+  }
+"""
+
+
 def _agent_head(data_dir: Path) -> AgentHead:
     http, rpc, serf = free_port(), free_port(), free_port()
     hcl = f"""
@@ -218,7 +226,8 @@ async def _ready_qemu_nodes(agent: Agent, count: int) -> list[dict[str, Any]]:
 @pytest.fixture
 async def nomad_agent(agent_dir: Path, consul_agent: Agent, vms_root: Path,
                       tiny_images_dir: Path) -> AsyncIterator[Agent]:
-    hcl, http = _nomad_hcl(agent_dir / "nomad", consul_agent, vms_root, tiny_images_dir)
+    hcl, http = _nomad_hcl(agent_dir / "nomad", consul_agent, vms_root, tiny_images_dir,
+                           extra=f"server {{{OVERSUBSCRIPTION}}}")
     config = agent_dir / "nomad.hcl"
     config.write_text(hcl)
     agent = _start("nomad", ["nomad", "agent", "-dev", f"-config={config}"], agent_dir / "nomad.log", http)
@@ -438,7 +447,7 @@ server {{
   # Notice a dead node within seconds, not the default tens of seconds.
   min_heartbeat_ttl = "1s"
   heartbeat_grace   = "2s"
-}}
+{OVERSUBSCRIPTION}}}
 consul {{
   address = "{consul_agent.http.removeprefix('http://')}"
 }}

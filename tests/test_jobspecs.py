@@ -3,6 +3,7 @@ and compared with the JSON), escaping of hostile strings, and clear errors for b
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -387,7 +388,9 @@ def _check_hcl_matches_json(job: dict[str, Any]) -> None:
     htask = hgroup["task"][task["Name"]]
     assert htask["driver"] == task["Driver"]
     assert htask["config"] == task["Config"]
-    assert htask["resources"] == {"cpu": task["Resources"]["CPU"], "memory": task["Resources"]["MemoryMB"]}
+    resources = task["Resources"]
+    assert htask["resources"] == {"cpu": resources["CPU"], "memory": resources["MemoryMB"],
+                                  **({"memory_max": resources["MemoryMaxMB"]} if "MemoryMaxMB" in resources else {})}
     assert go_duration(htask["kill_timeout"]) == task["KillTimeout"]
     # Nomad keeps the serial console (the task's stdout) to two rotated files of 1 MiB.
     assert task["LogConfig"] == {"MaxFiles": 2, "MaxFileSizeMB": 1}
@@ -467,9 +470,11 @@ def test_the_cli_renders_every_template() -> None:
 
 @pytest.mark.nomad
 @pytest.mark.skipif(shutil.which("nomad") is None, reason="nomad is not on PATH (a real agent binary is needed)")
-@pytest.mark.parametrize("target", ["local", "nomad"])
-def test_nomad_parses_the_hcl_into_the_same_job(templates: dict[str, Template], tmp_path: Path, target: str) -> None:
-    job = render_job(spec(templates["tiny"], owner='${x} "q"'), templates["tiny"], JobSettings(target=target))
+@pytest.mark.parametrize(("target", "network"), [("local", "none"), ("nomad", "none"), ("nomad", "outbound")])
+def test_nomad_parses_the_hcl_into_the_same_job(templates: dict[str, Template], tmp_path: Path, target: str,
+                                                network: str) -> None:
+    vm = dataclasses.replace(spec(templates["tiny"], owner='${x} "q"'), network=network)
+    job = render_job(vm, templates["tiny"], JobSettings(target=target))
     path = tmp_path / "vm.nomad.hcl"
     path.write_text(to_hcl(job))
     result = subprocess.run(["nomad", "job", "run", "-output", str(path)], capture_output=True, text=True,
@@ -489,6 +494,12 @@ def test_nomad_parses_the_hcl_into_the_same_job(templates: dict[str, Template], 
     assert {k: task["LogConfig"][k] for k in ours["LogConfig"]} == ours["LogConfig"]
     assert (task["Resources"]["CPU"], task["Resources"]["MemoryMB"]) == (ours["Resources"]["CPU"],
                                                                           ours["Resources"]["MemoryMB"])
+    assert task["Resources"].get("MemoryMaxMB") == ours["Resources"].get("MemoryMaxMB")
+    if target == "nomad":  # the group's network (a CNI namespace of its own for an outbound VM) and VNC's port
+        [net] = group["Networks"]
+        [ours_net] = job["TaskGroups"][0]["Networks"]
+        assert net["Mode"] == ours_net["Mode"] and [(p["Label"], p.get("To", 0)) for p in net["DynamicPorts"]] == \
+            [(p["Label"], p.get("To", 0)) for p in ours_net["DynamicPorts"]]
 
 
 # ---------------------------------------------------------------- starting from a saved state

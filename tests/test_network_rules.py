@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import ipaddress
+import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -14,13 +15,16 @@ from typing import Any
 
 import pytest
 
+from drivers import fleetnet
 from drivers.base import JobInvalid
 from drivers.fake import FakeDriver
 from drivers.local import network
 from drivers.local.job import build_task
+from gateway.cli.main import main
 from gateway.config import ConfigError, Settings
-from jobspecs import DEFAULT_CATALOG, JobSettings, VMSpec, load_catalog, render_job
+from jobspecs import DEFAULT_CATALOG, JobSettings, VMSpec, load_catalog, render_job, with_network
 from jobspecs.devices import NETDEVS
+from jobspecs.fleet import FLEET_NETDEV
 from jobspecs.render import JobSpecError
 from tests.conftest import VM, Session, assert_envelope
 
@@ -50,9 +54,31 @@ def test_the_job_carries_one_nic_on_a_tap_or_an_empty_hub() -> None:
     assert build_task("net", outbound, TASK_DIR).network == "outbound"
     assert build_task("net", none, TASK_DIR).network == "none"
     with pytest.raises(JobSpecError, match="network"):
-        job_for("outbound", target="nomad")  # a fleet node has no namespace for it yet
-    with pytest.raises(JobSpecError, match="network"):
         job_for("bridged")
+    # The local driver's own check refuses a job rendered for a fleet (slirp, VNC on TCP).
+    with pytest.raises(JobInvalid):
+        build_task("net", job_for("outbound", target="nomad"), TASK_DIR)
+
+
+def test_a_fleet_job_puts_an_outbound_vm_in_a_namespace_of_its_own() -> None:
+    """jobspecs/fleet.py: an outbound fleet VM's group is on the CNI network vmgate with VNC on 5900 inside it
+    (mapped to the dynamic port), its NIC on slirp with the local driver's addresses; a `none` VM stays on the
+    node's network with an empty hub. The same device either way, so with_network swaps it, VNC included."""
+    outbound, none = job_for("outbound", target="nomad"), job_for("none", target="nomad")
+    out_group, none_group = outbound["TaskGroups"][0], none["TaskGroups"][0]
+    assert out_group["Networks"] == [{"Mode": "cni/vmgate", "DynamicPorts": [{"Label": "vnc", "To": 5900}]}]
+    assert none_group["Networks"] == [{"Mode": "host", "DynamicPorts": [{"Label": "vnc"}]}]
+    netdev = args_of(outbound)[args_of(outbound).index("-netdev") + 1]
+    assert netdev == FLEET_NETDEV and "dns=10.0.2.2" in netdev and "restrict" not in netdev and "hostfwd" not in netdev
+    assert args_of(outbound)[args_of(outbound).index("-vnc") + 1] == "0.0.0.0:${VMGATE_VNC_DISPLAY}"
+    assert args_of(none)[args_of(none).index("-vnc") + 1] == "${NOMAD_IP_vnc}:${VMGATE_VNC_DISPLAY}"
+    assert args_of(none)[args_of(none).index("-netdev") + 1] == NETDEVS["none"]
+    assert [a for a in args_of(outbound) if a not in (netdev, "0.0.0.0:${VMGATE_VNC_DISPLAY}")] == \
+        [a for a in args_of(none) if a not in (NETDEVS["none"], "${NOMAD_IP_vnc}:${VMGATE_VNC_DISPLAY}")]
+    for start, goal in ((none, outbound), (outbound, none)):
+        changed = with_network(start, goal["Meta"]["network"])
+        assert changed["TaskGroups"][0]["Networks"] == goal["TaskGroups"][0]["Networks"]
+        assert args_of(changed) == args_of(goal) and changed["Meta"]["network"] == goal["Meta"]["network"]
 
 
 @pytest.mark.parametrize("change", [
@@ -95,6 +121,31 @@ def test_the_rules_follow_the_settings() -> None:
     assert network.NetworkConfig().slots() == 16383
     inside = network.namespace_rules(network.NetworkConfig(uplink=False))
     assert "policy drop" in inside and 'oifname "eth0"' not in inside.split("chain forward")[1].split("chain post")[0]
+    if shutil.which("nft") and network.problem() is None:  # nftables itself reads them
+        subprocess.run(["nft", "-c", "-f", "-"], input=rules, text=True, check=True)
+
+
+def test_a_fleet_nodes_network_and_rules_follow_the_settings(capsys: pytest.CaptureFixture[str]) -> None:
+    """`vmgate fleet-node conflist|rules` (drivers/fleetnet.py): the CNI network of outbound fleet VMs with the
+    bandwidth cap, and the node's tables: the local driver's rules on the bridge, the console's mapped port let
+    in, answers to the node let back, nothing across the bridge from one allocation to another."""
+    config = network.NetworkConfig(dns=(ipaddress.IPv4Address("10.255.255.53"),), bandwidth_mbit=8, conn_rate=7)
+    cni = fleetnet.conflist(config)
+    assert cni["name"] == "vmgate" and [p["type"] for p in cni["plugins"]] == ["loopback", "bridge", "portmap",
+                                                                               "bandwidth"]
+    assert cni["plugins"][1]["bridge"] == fleetnet.BRIDGE and not cni["plugins"][1]["ipMasq"]
+    assert cni["plugins"][3]["ingressRate"] == cni["plugins"][3]["egressRate"] == 8_000_000
+    assert "bandwidth" not in json.dumps(fleetnet.conflist(network.NetworkConfig(bandwidth_mbit=0)))
+    rules = fleetnet.node_rules(config)
+    forward = rules[rules.index("chain forward"):rules.index("chain postrouting")]
+    order = ['oifname "vmgate0" ct state established,related accept', 'oifname "vmgate0" ct status dnat tcp dport '
+             '5900 accept', 'comment "into-vm"', "limit rate over 7/second", "@dns", "@denied", 'comment "outbound"']
+    at = [forward.index(needle) for needle in order]
+    assert at == sorted(at)
+    assert 'iifname "vmgate0" counter drop comment "to-host"' in rules and "10.236.0.0/16" in rules
+    assert "table bridge vmgate_fleet" in rules and 'ip saddr 10.236.0.0/16 counter drop comment "vm-to-vm"' in rules
+    assert main(["fleet-node", "rules"]) == 0 and "table inet vmgate_fleet {" in capsys.readouterr().out
+    assert main(["fleet-node", "conflist"]) == 0 and json.loads(capsys.readouterr().out)["name"] == "vmgate"
     if shutil.which("nft") and network.problem() is None:  # nftables itself reads them
         subprocess.run(["nft", "-c", "-f", "-"], input=rules, text=True, check=True)
 

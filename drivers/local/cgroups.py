@@ -33,13 +33,14 @@ import os
 import re
 from pathlib import Path
 
+from jobspecs.memory import QEMU_OVERHEAD_MB
+
 log = logging.getLogger(__name__)
 
 ROOT = Path("/sys/fs/cgroup")
 PARENT = "vmgate"
 PERIOD_US = 100_000
 QEMU_SHARE = 0.25  # of a core, for QEMU's main loop and I/O threads beside the vCPU threads
-QEMU_OVERHEAD_MB = 512  # QEMU itself (~70 MiB for tiny at boot) and TCG's translation cache as it grows
 MAX_TASKS = 256
 IO_BPS = 200 << 20
 IO_IOPS = 4000

@@ -21,8 +21,7 @@ The namespace lives exactly as long as the VM's QEMU: ``up`` before the spawn, `
 gone (stop, crash, suspend, a failed start, destroy), and ``sweep`` removes any vmg-* namespace with no QEMU
 in it (a gateway killed mid-way, ``kill -9`` of everything) and any vmg-* link without its namespace.
 
-Everything here runs ``ip``, ``nft``, ``tc``, ``nsenter`` and ``dnsmasq`` (Debian: iproute2, nftables,
-util-linux, dnsmasq-base) as root; ``problem()`` says why a host cannot, and then VMs get no network.
+Runs ``ip``, ``nft``, ``tc``, ``nsenter``, ``dnsmasq`` as root; ``problem()`` says why a host cannot (no network).
 """
 
 from __future__ import annotations
@@ -119,9 +118,9 @@ def _set(name: str, networks: Iterable[ipaddress.IPv4Network | ipaddress.IPv4Add
     return f"    set {name} {{ {body} }}\n"
 
 
-def host_rules(config: NetworkConfig) -> str:
-    """The host's ``inet vmgate`` table, for ``nft -f`` (replaces the previous one atomically)."""
-    vm = f'"{PREFIX}*"'
+def host_rules(config: NetworkConfig, vm: str = f'"{PREFIX}*"', table: str = TABLE, let_in: str = "") -> str:
+    """The host's ``inet vmgate`` table, for ``nft -f`` (replaces the previous one atomically). ``vm`` matches
+    the VMs' links, ``let_in`` accepts some new connections into VMs (a fleet node's console: drivers/fleetnet)."""
     limits = []
     if config.conn_max:
         limits.append(f"        ct state new add @vm_conns {{ ip saddr ct count over {config.conn_max} }} "
@@ -130,20 +129,22 @@ def host_rules(config: NetworkConfig) -> str:
         limits.append(f"        ct state new update @vm_rate {{ ip saddr limit rate over {config.conn_rate}/second "
                       f'burst {config.conn_rate * 2} packets }} counter drop comment "conn-rate"')
     return "\n".join([
-        f"table inet {TABLE} {{}}",
-        f"delete table inet {TABLE}",
-        f"table inet {TABLE} {{",
+        f"table inet {table} {{}}",
+        f"delete table inet {table}",
+        f"table inet {table} {{",
         _set("denied", DENIED) + _set("egress_deny", config.egress_deny) + _set("egress_allow", config.egress_allow)
         + _set("dns", config.dns).rstrip("\n"),
         "    set vm_conns { type ipv4_addr; size 65535; flags dynamic; }",
         "    set vm_rate { type ipv4_addr; size 65535; flags dynamic,timeout; timeout 1m; }",
         "    chain input {",
         "        type filter hook input priority filter; policy accept;",
+        f"        iifname {vm} ct state established,related accept",  # answers to the host (a node's checks)
         f'        iifname {vm} counter drop comment "to-host"',
         "    }",
         "    chain forward {",
         "        type filter hook forward priority filter; policy accept;",
         f"        oifname {vm} ct state established,related accept",
+        *([f"        oifname {vm} {let_in} accept"] if let_in else []),
         f'        oifname {vm} counter drop comment "into-vm"',
         f"        iifname != {vm} accept",
         '        meta nfproto ipv6 counter drop comment "ipv6"',
@@ -230,8 +231,7 @@ def _tool(config: NetworkConfig | None, name: str) -> str:
 
 def _run(argv: list[str], stdin: str | None = None, *, check: bool = True) -> str:
     try:
-        done = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=COMMAND_TIMEOUT,
-                              check=False)
+        done = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=COMMAND_TIMEOUT, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise DriverError(f"network: {argv[0]} failed: {exc}") from exc
     if check and done.returncode != 0:

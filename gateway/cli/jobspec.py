@@ -4,7 +4,7 @@
     jobspec export DIR                         every live VM's job as DIR/vm-<id>.nomad.hcl; files of
                                                VMs that are gone are removed, so DIR mirrors the fleet
     jobspec validate                           render every template x (min, default, max) sizes for both
-                                               targets and check them; with `nomad` on PATH, also
+                                               targets and networks and check them; with `nomad` on PATH, also
                                                `nomad job run -output` (offline parse) and
                                                `nomad job validate` (asks the agent at NOMAD_ADDR)
 """
@@ -149,10 +149,11 @@ def validate(settings: Settings, out: Any = sys.stdout) -> int:
                 spec = VMSpec.for_template(template, id=vm_id, owner="0",
                                            overlay_path=settings.vms_root / "users" / "0" / f"{vm_id}.qcow2",
                                            **sizes)
-                for target in ("local", "nomad"):
-                    where = f"{template.name} {label} ({target})"
+                for target, network in (("local", "none"), ("local", "outbound"), ("nomad", "none"),
+                                        ("nomad", "outbound")):
+                    where = f"{template.name} {label} ({target}, {network})"
                     try:
-                        job = render_job(spec, template, replace(base, target=target))
+                        job = render_job(replace(spec, network=network), template, replace(base, target=target))
                         json.dumps({"Job": job})
                         text = to_hcl(job)
                         missing = sorted(set(flags_of(job)) - allowed)
@@ -164,7 +165,7 @@ def validate(settings: Settings, out: Any = sys.stdout) -> int:
                         problems += 1
                         print(f"FAIL {where}: {exc}", file=out)
                         continue
-                    path = Path(tmp) / f"{vm_id}-{target}.nomad.hcl"
+                    path = Path(tmp) / f"{vm_id}-{target}-{network}.nomad.hcl"
                     path.write_text(text)
                     hcl_files.append(path)
                     print(f"ok   {where}", file=out)

@@ -80,7 +80,8 @@ def driver_from_settings(settings: Settings) -> Driver:
 
         nomad = NomadConfig(addr=settings.nomad_addr, token=settings.nomad_token, namespace=settings.nomad_namespace,
                             cacert=settings.nomad_cacert, client_cert=settings.nomad_client_cert,
-                            client_key=settings.nomad_client_key)
+                            client_key=settings.nomad_client_key,
+                            outbound=settings.nomad_outbound and settings.vm_network == "outbound")
     networks = None
     if settings.driver == "local" and settings.vm_network == "outbound":
         from drivers.local.network import NetworkConfig, host_resolvers
