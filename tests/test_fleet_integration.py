@@ -27,6 +27,8 @@ import aiohttp
 import pytest
 
 from console.rfb import RFBClient, RFBError
+from drivers import fleetnet
+from drivers.local.network import NetworkConfig
 from gateway.cli.jobspec import client_allowlist
 from gateway.config import Settings
 from gateway.web.app import create_app, driver_from_settings
@@ -153,6 +155,36 @@ class AgentHead:
     rpc: int  # its RPC port (clients join a server there)
 
 
+# Debian's containernetworking-plugins: with them the agents have the CNI network `vmgate` (drivers/fleetnet.py)
+# and the gateway gives fleet VMs outbound networks (NOMAD_OUTBOUND); without them VMs are `none`.
+CNI_PATH = Path("/usr/lib/cni")
+CNI_MISSING = [name for name in ("bridge", "host-local", "loopback", "portmap", "bandwidth")
+               if not (CNI_PATH / name).exists()]
+
+
+def cni_client(directory: Path, mbit: int = 100) -> str:
+    """A client's HCL lines for the CNI network `vmgate`, whose conflist (as `vmgate fleet-node conflist` prints
+    it, bandwidth capped at ``mbit``) goes to ``directory``; nothing without the CNI plugins."""
+    if CNI_MISSING:
+        return ""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "vmgate.conflist").write_text(json.dumps(fleetnet.conflist(NetworkConfig(bandwidth_mbit=mbit))))
+    return f'  cni_path       = "{CNI_PATH}"\n  cni_config_dir = "{directory}"'
+
+
+@pytest.fixture
+def node_rules() -> Iterator[str]:
+    """The node rules (`vmgate fleet-node rules`), installed on this host as a node's nftables.service would."""
+    rules = fleetnet.node_rules(NetworkConfig(dns=(), conn_rate=50, conn_max=1024))
+    Path("/proc/sys/net/ipv4/ip_forward").write_text("1\n")
+    subprocess.run(["nft", "-f", "-"], input=rules, text=True, check=True, capture_output=True)
+    try:
+        yield rules
+    finally:
+        for family in ("inet", "bridge"):
+            subprocess.run(["nft", "delete", "table", family, fleetnet.TABLE], check=False, capture_output=True)
+
+
 # As nomad/server.hcl: VM jobs' memory_max (QEMU's own memory above the guest's) is their hard limit.
 OVERSUBSCRIPTION = """
   default_scheduler_config {
@@ -175,10 +207,12 @@ ports {{
     return AgentHead(hcl, f"http://127.0.0.1:{http}", rpc)
 
 
-def _nomad_hcl(data_dir: Path, consul: Agent, vms_root: Path, images: Path, *, extra: str = "",
-               client_extra: str = "") -> tuple[str, str]:
+def _nomad_hcl(data_dir: Path, consul: Agent | None, vms_root: Path, images: Path, *, extra: str = "",
+               client_extra: str = "", cni_mbit: int = 100) -> tuple[str, str]:
     """An agent's configuration (HCL) and its HTTP address: on loopback, free ports, the qemu plugin like
-    nomad/client.hcl with image_paths = the images and the test's VMS_ROOT."""
+    nomad/client.hcl with image_paths = the images and the test's VMS_ROOT, the CNI network `vmgate` where
+    the plugins are (bandwidth capped at ``cni_mbit``), Consul's agent unless ``consul`` is None."""
+    consul_block = f'consul {{\n  address = "{consul.http.removeprefix("http://")}"\n}}' if consul else ""
     head = _agent_head(data_dir)
     allowlist = ", ".join(json.dumps(flag) for flag in sorted(client_allowlist()))
     return head.hcl + f"""client {{
@@ -189,10 +223,9 @@ def _nomad_hcl(data_dir: Path, consul: Agent, vms_root: Path, images: Path, *, e
     "fingerprint.denylist" = "env_aws,env_gce,env_azure,env_digitalocean"
   }}
 {client_extra}
+{cni_client(data_dir.parent / f"{data_dir.name}-cni", cni_mbit)}
 }}
-consul {{
-  address = "{consul.http.removeprefix('http://')}"
-}}
+{consul_block}
 plugin "qemu" {{
   config {{
     image_paths    = [{json.dumps(str(images))}, {json.dumps(str(vms_root))}]
@@ -224,8 +257,8 @@ async def _ready_qemu_nodes(agent: Agent, count: int) -> list[dict[str, Any]]:
 
 
 @pytest.fixture
-async def nomad_agent(agent_dir: Path, consul_agent: Agent, vms_root: Path,
-                      tiny_images_dir: Path) -> AsyncIterator[Agent]:
+async def nomad_agent(agent_dir: Path, consul_agent: Agent, vms_root: Path, tiny_images_dir: Path,
+                      node_rules: str) -> AsyncIterator[Agent]:
     hcl, http = _nomad_hcl(agent_dir / "nomad", consul_agent, vms_root, tiny_images_dir,
                            extra=f"server {{{OVERSUBSCRIPTION}}}")
     config = agent_dir / "nomad.hcl"
@@ -249,7 +282,8 @@ async def fleet_gateway(aiohttp_server: Any, app_settings: Settings, tiny_images
                         nomad_agent: Agent, database_url: str) -> Any:
     settings = dataclasses.replace(app_settings, images_dir=tiny_images_dir, driver="nomad",
                                    nomad_addr=nomad_agent.http, nomad_namespace="default",
-                                   vnc_public_url=websockify_server.ws_url, nomad_task_user=AS_AGENT)
+                                   vnc_public_url=websockify_server.ws_url, nomad_task_user=AS_AGENT,
+                                   nomad_outbound=not CNI_MISSING)
     server = await aiohttp_server(create_app(settings))
     truncate_all(database_url)
     return server
@@ -285,7 +319,11 @@ async def test_a_vm_on_nomad(fleet_gateway: Any, sessions: Any, nomad_agent: Age
         assert job["TaskGroups"][0]["Tasks"][0]["Driver"] == "qemu"
         meta = {"vm_id": vm_id, "owner": s.user["id"], "template": "tiny"}  # type: ignore[index]
         assert {k: job["Meta"].get(k) for k in meta} == meta
-        assert job["Meta"].get("start") == "warm"  # a default-size tiny VM starts from the warm layer (docs/IMAGES.md)
+        # tiny's warm layer keeps its RAM in a file for the local driver's clones to share: a fleet VM boots.
+        assert job["Meta"].get("start") is None
+        # With the CNI plugins, the VM is outbound: its allocation has a namespace of its own (docs/NETWORK.md).
+        assert job["Meta"]["network"] == ("none" if CNI_MISSING else "outbound")
+        assert job["TaskGroups"][0]["Networks"][0]["Mode"] == ("host" if CNI_MISSING else "cni/vmgate")
         first = await nomad_running()
         status, detail = await _get(http, f"{nomad_agent.http}/v1/allocation/{first['ID']}")
         [port] = [p for p in detail["AllocatedResources"]["Shared"]["Ports"] if p["Label"] == "vnc"]

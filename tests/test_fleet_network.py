@@ -19,7 +19,7 @@ import json
 import socket
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -27,20 +27,20 @@ import aiohttp
 import pytest
 
 from drivers import fleetnet
-from drivers.local.network import NetworkConfig
-from gateway.cli.jobspec import client_allowlist
 from jobspecs import JobSettings, Template, VMSpec, render_job
 from jobspecs.render import TASK_NAME
-from tests import test_network
+from tests import test_fleet_integration, test_network
 from tests.conftest import kill_qemu_under
 from tests.fixtures.qemu import type_text
 from tests.test_e2e import READY
 from tests.test_fleet_integration import (
+    CNI_MISSING,
+    CNI_PATH,
     MISSING,
     OVERSUBSCRIPTION,
     Agent,
-    _agent_head,
     _get,
+    _nomad_hcl,
     _ready_qemu_nodes,
     _start,
     _stop,
@@ -50,61 +50,27 @@ from tests.test_network import HOST_SIDE, OUTSIDE, PORT, PRIVATE, PROBE, Namespa
 
 # The namespaces of tests/test_network.py ("outside", "private"), each with a logging server (fixtures).
 net_host, namespaces, outside = test_network.net_host, test_network.namespaces, test_network.outside
+node_rules = test_fleet_integration.node_rules  # the node rules, installed on this host for the test
 
 MBIT = 2  # the test network's bandwidth cap, each way
-CNI_PATH = Path("/usr/lib/cni")  # Debian's containernetworking-plugins
-NEEDS = [name for name in ("bridge", "host-local", "loopback", "portmap", "bandwidth")
-         if not (CNI_PATH / name).exists()]
 
 pytestmark = [
     pytest.mark.qemu,
     pytest.mark.skipif("nomad" in MISSING, reason="nomad not on PATH: built beside the project (DESIGN.md)"),
-    pytest.mark.skipif(bool(NEEDS), reason=f"Debian's containernetworking-plugins lack {NEEDS} in {CNI_PATH}"),
+    pytest.mark.skipif(bool(CNI_MISSING), reason=f"Debian's CNI plugins lack {CNI_MISSING} in {CNI_PATH}"),
 ]
-
-
-@pytest.fixture
-def node_rules() -> Iterator[str]:
-    """The node rules, installed on this host for the test (as a node's nftables.service would)."""
-    rules = fleetnet.node_rules(NetworkConfig(dns=(), conn_rate=50, conn_max=1024))
-    sh("sysctl", "-qw", "net.ipv4.ip_forward=1")
-    sh("nft", "-f", "-", stdin=rules)
-    try:
-        yield rules
-    finally:
-        for family in ("inet", "bridge"):
-            sh("nft", "delete", "table", family, fleetnet.TABLE, check=False)
 
 
 @pytest.fixture
 async def cni_agent(tiny_images_dir: Path, vms_root: Path, node_rules: str) -> AsyncIterator[Agent]:
     """``nomad agent -dev`` with the qemu plugin and the CNI network ``vmgate`` (bandwidth capped at MBIT)."""
     agent_dir = Path(tempfile.mkdtemp(prefix="vgc", dir="/tmp"))  # short: the allocations' unix sockets
-    cni = agent_dir / "cni"
-    cni.mkdir()
-    (cni / "vmgate.conflist").write_text(json.dumps(fleetnet.conflist(NetworkConfig(bandwidth_mbit=MBIT))))
-    head = _agent_head(agent_dir / "nomad")
-    allowlist = ", ".join(json.dumps(flag) for flag in sorted(client_allowlist()))
-    (agent_dir / "nomad.hcl").write_text(head.hcl + f"""client {{
-  enabled           = true
-  network_interface = "lo"
-  cni_path          = "{CNI_PATH}"
-  cni_config_dir    = "{cni}"
-  options = {{
-    "fingerprint.denylist" = "env_aws,env_gce,env_azure,env_digitalocean"
-  }}
-}}
-server {{{OVERSUBSCRIPTION}}}
-plugin "qemu" {{
-  config {{
-    image_paths    = [{json.dumps(str(tiny_images_dir))}, {json.dumps(str(vms_root))}]
-    args_allowlist = [{allowlist}]
-  }}
-}}
-""")
+    hcl, http = _nomad_hcl(agent_dir / "nomad", None, vms_root, tiny_images_dir, cni_mbit=MBIT,
+                           extra=f"server {{{OVERSUBSCRIPTION}}}")
+    (agent_dir / "nomad.hcl").write_text(hcl)
     had_bridge = Path("/sys/class/net", fleetnet.BRIDGE).exists()
     agent = _start("nomad", ["nomad", "agent", "-dev", f"-config={agent_dir / 'nomad.hcl'}"],
-                   agent_dir / "nomad.log", head.http)
+                   agent_dir / "nomad.log", http)
     agent.data_dir = agent_dir / "nomad"  # type: ignore[attr-defined]
     try:
         await _ready_qemu_nodes(agent, 1)
