@@ -24,9 +24,18 @@ from drivers.local import LocalDriver
 from drivers.nomad import NomadConfig, NomadDriver
 from jobspecs import DEFAULT_CATALOG, JobSettings, Template, VMSpec, load_catalog, render_job
 from tests.fixtures.qemu import destroy_all, qemu_pids_under, zombie_children
-from tests.test_fleet_integration import AS_AGENT, MISSING, SKIP_REASON, Agent, agent_dir, consul_agent, nomad_agent
+from tests.test_fleet_integration import (
+    AS_AGENT,
+    MISSING,
+    SKIP_REASON,
+    Agent,
+    agent_dir,
+    consul_agent,
+    node_rules,
+    nomad_agent,
+)
 
-__all__ = ["agent_dir", "consul_agent", "nomad_agent"]  # fixtures, imported for the Nomad params
+__all__ = ["agent_dir", "consul_agent", "node_rules", "nomad_agent"]  # fixtures, imported for the Nomad params
 
 JobFactory = Callable[[str], dict[str, Any]]
 

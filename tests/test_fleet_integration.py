@@ -68,6 +68,39 @@ def _start(name: str, argv: list[str], log_path: Path, http: str) -> Agent:
     return Agent(name, process, log_path, http)
 
 
+def cni_leftovers(alloc_ids: set[str]) -> list[str]:
+    """What CNI made for these allocations that is still on the node: namespaces, cached results, port maps."""
+    def out(*argv: str) -> str:
+        return subprocess.run(argv, capture_output=True, text=True, check=False).stdout
+
+    found = [f"netns {n}" for n in out("ip", "netns", "list").split() if n in alloc_ids]
+    results = Path("/var/lib/cni/results")
+    found += [f"cni result {r.name}" for r in results.glob("vmgate-*") if any(a in r.name for a in alloc_ids)]
+    nat = out("iptables", "-t", "nat", "-S")
+    found += [f"port map {line}" for line in nat.splitlines() if "DNAT" in line and "10.236." in line]
+    return found
+
+
+async def destroy_all(agent: Agent, timeout: float = 60) -> set[str]:
+    """Purge every job of the agent and wait until their allocations are over and their networks gone;
+    returns the allocations' IDs."""
+    async with aiohttp.ClientSession() as http:
+        status, jobs = await _get(http, f"{agent.http}/v1/jobs")
+        assert status == 200, jobs
+        alloc_ids: set[str] = set()
+        for job in jobs:
+            _, allocs = await _get(http, f"{agent.http}/v1/job/{job['ID']}/allocations")
+            alloc_ids |= {a["ID"] for a in allocs}
+            async with http.delete(f"{agent.http}/v1/job/{job['ID']}", params={"purge": "true"}) as resp:
+                assert resp.status == 200, await resp.text()
+
+        async def gone() -> bool:
+            return not cni_leftovers(alloc_ids)
+
+        await _until("the VMs' namespaces, CNI results and port maps going", gone, timeout, agent)
+    return alloc_ids
+
+
 def _stop(agent: Agent) -> None:
     if agent.process.poll() is None:
         agent.process.send_signal(signal.SIGINT)  # a graceful leave; a dev client destroys its allocations
@@ -77,6 +110,15 @@ def _stop(agent: Agent) -> None:
             agent.process.kill()
             agent.process.wait()
     _kill_session(agent.process.pid)
+    # A client that is not -dev leaves its executors running on SIGINT (to re-attach after a restart); and
+    # they are sessions of their own. The test's agents are done for good.
+    where = str(agent.log_path.parent)
+    for proc in Path("/proc").iterdir():
+        with contextlib.suppress(OSError, ValueError):
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+            if proc.name.isdigit() and len(argv) > 2 and argv[1] in (b"executor", b"logmon") \
+                    and where.encode() in b" ".join(argv):
+                os.kill(int(proc.name), signal.SIGKILL)
 
 
 def _kill_session(session_id: int) -> None:
@@ -268,6 +310,8 @@ async def nomad_agent(agent_dir: Path, consul_agent: Agent, vms_root: Path, tiny
         await _ready_qemu_nodes(agent, 1)
         yield agent
     finally:
+        with contextlib.suppress(Exception):  # the test's VMs: Nomad tears their networks down (CNI DEL)
+            await destroy_all(agent, timeout=30)
         _stop(agent)
 
 
@@ -562,6 +606,8 @@ consul {{
         status, body = await s.request("DELETE", f"/api/vms/{vm_id}?wait=90")
         assert status == 200 and body["state"] == "destroyed", body
     finally:
+        with contextlib.suppress(Exception):
+            await destroy_all(agents["server"], timeout=30)
         for agent in reversed(list(agents.values())):
             _stop(agent)
         kill_qemu_under(agent_dir)

@@ -45,6 +45,7 @@ from tests.test_fleet_integration import (
     _start,
     _stop,
     _until,
+    destroy_all,
 )
 from tests.test_network import HOST_SIDE, OUTSIDE, PORT, PRIVATE, PROBE, Namespace, sh
 
@@ -83,35 +84,6 @@ async def cni_agent(tiny_images_dir: Path, vms_root: Path, node_rules: str) -> A
         sh("rm", "-rf", str(agent_dir), check=False)
         if not had_bridge:  # a node keeps it; this host gets back what it had
             sh("ip", "link", "del", fleetnet.BRIDGE, check=False)
-
-
-def leftovers(alloc_ids: set[str]) -> list[str]:
-    """What CNI made for these allocations that is still on the node: namespaces, cached results, port maps."""
-    found = [f"netns {n}" for n in sh("ip", "netns", "list").split() if n in alloc_ids]
-    results = Path("/var/lib/cni/results")
-    found += [f"cni result {r.name}" for r in results.glob("vmgate-*") if any(a in r.name for a in alloc_ids)]
-    nat = sh("iptables", "-t", "nat", "-S", check=False)
-    found += [f"port map {line}" for line in nat.splitlines() if "DNAT" in line and "10.236." in line]
-    return found
-
-
-async def destroy_all(agent: Agent, timeout: float = 60) -> set[str]:
-    """Purge every job of the agent and wait until their allocations are over and their networks gone;
-    returns the allocations' IDs."""
-    async with aiohttp.ClientSession() as http:
-        _, jobs = await _get(http, f"{agent.http}/v1/jobs")
-        alloc_ids: set[str] = set()
-        for job in jobs:
-            _, allocs = await _get(http, f"{agent.http}/v1/job/{job['ID']}/allocations")
-            alloc_ids |= {a["ID"] for a in allocs}
-            async with http.delete(f"{agent.http}/v1/job/{job['ID']}", params={"purge": "true"}) as resp:
-                assert resp.status == 200, await resp.text()
-
-        async def gone() -> bool:
-            return not leftovers(alloc_ids)
-
-        await _until("the VMs' namespaces, CNI results and port maps going", gone, timeout, agent)
-    return alloc_ids
 
 
 async def run_vm(agent: Agent, template: Template, vms_root: Path, vm_id: str) -> dict[str, Any]:
