@@ -298,6 +298,8 @@ class NomadDriver(Driver):
         if not has_vnc_port(job):
             raise JobInvalid(f"job vm-{vm_id} has no '{VNC_PORT_LABEL}' network port: it was rendered for the local "
                              "driver; render it again with VMGATE_DRIVER=nomad (target nomad)")
+        if (job.get("Meta") or {}).get("network") == "outbound" and not self.outbound:
+            raise JobInvalid(f"fleet nodes give VMs no outbound network: {self.network_problem}")
         status, _ = await self._status(vm_id)
         if status.state == "running" and status.vnc is not None:
             return status

@@ -8,8 +8,8 @@ docs/NETWORK.md): ``outbound`` connects it to ``tap0``, which the local driver m
 namespace (drivers/local/network.py); ``none`` to a hub port with nothing else on the hub, so frames go
 nowhere. QEMU's user-mode network (slirp) is used only by an outbound VM on a fleet node, inside the
 allocation's own namespace (jobspecs/fleet.py); anywhere else its guest would reach the host's loopback
-(Postgres, Redis, the gateway). One device for both lets any VM restore a warm layer saved with either, which is why
-the tap runs without ``vnet_hdr``: with it the guest negotiates offloads a hub port cannot offer, and QEMU
+(Postgres, Redis, the gateway). One device for both lets any VM restore a warm layer saved with either,
+which is why the tap runs without ``vnet_hdr``: with it the guest negotiates offloads a hub port cannot offer, and QEMU
 refuses such a state on a hub port ("saved image requires vnet_hdr=on").
 
 A text template (catalog ``"desktop": false``) has the standard VGA: the text console, 720x400.

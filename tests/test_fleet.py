@@ -331,6 +331,8 @@ async def test_driver_start_stop_destroy_against_recorded_answers() -> None:
     job = {"ID": "vm-1", "TaskGroups": [{"Networks": [{"DynamicPorts": [{"Label": "vnc"}]}], "Tasks": [task]}]}
     with pytest.raises(JobInvalid, match="rendered for the local driver"):
         await driver.start("1", {"ID": "vm-1", "TaskGroups": [{"Tasks": []}]})
+    with pytest.raises(JobInvalid, match=r"no outbound network.*NOMAD_OUTBOUND"):  # made outbound, nodes no longer
+        await driver.start("1", {**job, "Meta": {"network": "outbound"}})
     with pytest.raises(JobInvalid, match="-vnc"):
         await driver.start("1", {**job, "TaskGroups": [{**job["TaskGroups"][0], "Tasks": [{"Config": {"args": []}}]}]})
     assert (await driver.status("1")).state == "missing"
