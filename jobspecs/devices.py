@@ -3,6 +3,13 @@
 Every VM: ``-nodefaults`` (no CD-ROM, floppy, default NIC), the serial console on stdio, one virtio NIC
 (below), and virtio-rng (the host's entropy; a clone of a warm template reseeds its RNG from it).
 
+A VM of the local driver has a **second serial port** (the guest's ttyS1) on a unix socket in its task
+directory, ``wake.sock``: the driver writes a line to it after every restore, and the guest's
+``vmgate-clone-watch`` waits in ``read`` on ttyS1 for it, then looks whether it is a new clone (docs/IMAGES.md,
+"How a clone becomes a machine of its own"). Without it the watcher looked five times a second, three
+quarters of an idle clone's CPU (docs/BENCHMARKS.md). A fleet VM has none (no one on its node would write
+to it); its guest finds no UART behind ttyS1 and keeps looking five times a second.
+
 **The NIC** is the same device with the same MAC in every VM, whatever its network (``VMSpec.network``,
 docs/NETWORK.md): ``outbound`` connects it to ``tap0``, which the local driver makes in the VM's own network
 namespace (drivers/local/network.py); ``none`` to a hub port with nothing else on the hub, so frames go
@@ -34,7 +41,8 @@ from typing import Any
 
 from jobspecs.fleet import FLEET_NETDEV
 
-__all__ = ["CLIPBOARD_META", "NETDEVS", "NETWORKS", "NIC_MAC", "SERIAL_BUS", "VDAGENT_PORT", "devices", "netdev"]
+__all__ = ["CLIPBOARD_META", "NETDEVS", "NETWORKS", "NIC_MAC", "SERIAL_BUS", "VDAGENT_PORT", "WAKE_SOCKET", "devices",
+           "netdev"]
 
 VDAGENT_PORT = "com.redhat.spice.0"  # the port name spice-vdagentd opens in the guest
 SERIAL_BUS = "vmgate-serial"
@@ -47,6 +55,8 @@ NETDEVS = {"outbound": "tap,id=net0,ifname=tap0,script=no,downscript=no,vnet_hdr
            "none": "hubport,id=net0,hubid=0"}
 NIC = ("-device", f"virtio-net-pci,netdev=net0,mac={NIC_MAC}")
 COMMON = ("-serial", "stdio")
+WAKE_SOCKET = "wake.sock"  # in the task directory
+WAKE = ("-serial", f"unix:${{NOMAD_TASK_DIR}}/{WAKE_SOCKET},server=on,wait=off")
 RNG = ("-device", "virtio-rng-pci")
 DESKTOP = ("-device", "virtio-tablet-pci", "-device", f"virtio-serial-pci,id={SERIAL_BUS}")
 CLIPBOARD_META = {"clipboard": "vdagent"}  # job Meta of a desktop: the local driver plugs the clipboard in
@@ -59,7 +69,7 @@ def netdev(network: str, target: str = "local") -> str:
 
 def devices(template: Any, network: str = "none", target: str = "local") -> list[str]:
     """QEMU arguments for the devices of a VM of ``template`` (a ``jobspecs.catalog.Template``) on ``network``."""
-    common = [*COMMON, "-netdev", netdev(network, target), *NIC, *RNG]
+    common = [*COMMON, *(WAKE if target == "local" else ()), "-netdev", netdev(network, target), *NIC, *RNG]
     if template.desktop:
         return ["-nodefaults", *DESKTOP_DISPLAY, *common, *DESKTOP]
     return ["-nodefaults", *TEXT, *common]

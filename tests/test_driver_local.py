@@ -56,7 +56,7 @@ async def test_life_of_a_vm(local_driver: LocalDriver, make_overlay: MakeOverlay
     print(f"\nboot: QEMU running after {running_s:.2f} s, guest shell after {shell_s:.2f} s")
     task_dir = driver.task_dir("life")
     assert oct(task_dir.stat().st_mode & 0o777) == "0o700"
-    assert {"job.json", "qemu.pid", "serial.log", "stderr.log", "qmp.sock", "vnc.sock", "qm.sock"} <= \
+    assert {"job.json", "qemu.pid", "serial.log", "stderr.log", "qmp.sock", "vnc.sock", "qm.sock", "wake.sock"} <= \
         {p.name for p in task_dir.iterdir()}
     status = await driver.status("life")
     assert status.vnc is not None and status.vnc.unix_socket == str(task_dir / "vnc.sock")
@@ -97,6 +97,36 @@ async def test_life_of_a_vm(local_driver: LocalDriver, make_overlay: MakeOverlay
     assert (await driver.status("life")).state == "missing"
     await driver.destroy("life")
     assert zombie_children() == []
+
+
+async def watcher_waits_on(driver: LocalDriver, vm_id: str) -> str:
+    """What the guest's vmgate-clone-watch waits on (its fd 3): ttyS1 (the driver's wake port) or its FIFO."""
+    offset = serial_size(driver, vm_id)
+    await type_text(driver.task_dir(vm_id) / "qmp.sock",
+                    "echo WAITS $(ls -l /proc/*/fd/3 2>/dev/null | grep -o -e ttyS1 -e clone-watch.tick) DONE"
+                    " >/dev/ttyS0\n")
+    await wait_for_serial(driver, vm_id, " DONE", timeout=60, after=offset)
+    line = (await driver.logs(vm_id, 1 << 20)).rsplit("WAITS ", 1)[1]
+    return line.split(" DONE", 1)[0].strip()
+
+
+async def test_the_clone_watcher_waits_for_the_driver_or_looks_by_itself(
+        local_driver: LocalDriver, make_overlay: MakeOverlay, render_tiny: Render) -> None:
+    """With the wake port (every local job) the guest's watcher waits on ttyS1; a job without it (as on a
+    fleet, where nobody would write to it) leaves it looking by itself, through the FIFO it sleeps on."""
+    job = render_tiny("waker", make_overlay("waker"))
+    await boot(local_driver, "waker", job)
+    assert await watcher_waits_on(local_driver, "waker") == "ttyS1"
+    await local_driver.destroy("waker")
+    job = render_tiny("looker", make_overlay("looker"))
+    args = job["TaskGroups"][0]["Tasks"][0]["Config"]["args"]
+    at = next(i for i, arg in enumerate(args) if arg.startswith("unix:") and "wake.sock" in arg)
+    assert args[at - 1] == "-serial"
+    del args[at - 1:at + 1]
+    await boot(local_driver, "looker", job)
+    assert not (local_driver.task_dir("looker") / "wake.sock").exists()
+    assert await watcher_waits_on(local_driver, "looker") == "clone-watch.tick"
+    await local_driver.destroy("looker")
 
 
 async def test_readoption_by_a_new_driver(make_overlay: MakeOverlay, render_tiny: Render, vms_root: Path) -> None:

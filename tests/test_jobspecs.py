@@ -262,6 +262,7 @@ def test_every_template_renders_at_every_size(templates: dict[str, Template]) ->
             "-qmp", "unix:${NOMAD_TASK_DIR}/qmp.sock,server=on,wait=off",
             "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
             "-nodefaults", *display, "-serial", "stdio",
+            "-serial", "unix:${NOMAD_TASK_DIR}/wake.sock,server=on,wait=off",
             "-netdev", "hubport,id=net0,hubid=0", "-device", "virtio-net-pci,netdev=net0,mac=52:54:00:76:6d:01",
             "-device", "virtio-rng-pci",
             *(desktop if template.desktop else []),
@@ -281,6 +282,26 @@ def test_the_local_driver_reads_the_job_like_nomad(templates: dict[str, Template
         "-monitor", "unix:/tmp/vg/tasks/abc/qm.sock,server=on,wait=off")
     assert "unix:/tmp/vg/tasks/abc/vnc.sock" in task.argv
     assert task.vnc is not None and task.vnc.unix_socket == "/tmp/vg/tasks/abc/vnc.sock"
+    # The second serial port, which the driver pokes after a restore (jobspecs/devices.py).
+    assert task.wake_socket == Path("/tmp/vg/tasks/abc/wake.sock") and task.wake_socket in task.sockets
+
+
+@pytest.mark.parametrize("serial", ["unix:/tmp/elsewhere/wake.sock,server=on,wait=off", "unix:${NOMAD_TASK_DIR}/w.sock",
+                                    "tcp:127.0.0.1:4555,server=on,wait=off", "file:/etc/passwd"])
+def test_the_local_driver_takes_one_wake_socket_in_the_task_directory(templates: dict[str, Template],
+                                                                      serial: str) -> None:
+    template = templates["tiny"]
+    job = render_job(spec(template, id="abc"), template, JobSettings())
+    job["TaskGroups"][0]["Tasks"][0]["Config"]["args"] += ["-serial", serial]
+    with pytest.raises(JobInvalid, match="-serial"):
+        build_task("abc", job, Path("/tmp/vg/tasks/abc"), "/usr/bin/qemu-system-x86_64")
+
+
+def test_a_fleet_vm_has_no_wake_port(templates: dict[str, Template]) -> None:
+    """No one on a Nomad node would write to it: the guest finds no UART on ttyS1 and looks by itself."""
+    template = templates["tiny"]
+    args = render_job(spec(template), template, JobSettings(target="nomad"))["TaskGroups"][0]["Tasks"][0]["Config"]
+    assert args["args"].count("-serial") == 1
 
 
 def test_settings_feed_the_job(templates: dict[str, Template]) -> None:

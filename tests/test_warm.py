@@ -88,6 +88,21 @@ async def identity(server: Any, s: Session, vm_id: str) -> tuple[str, str, str, 
     return match[1], match[2], match[3], guest_now, host_now
 
 
+WAKE_RE = re.compile(r"WAKE 1: uart:(\S+) port:\S+ irq:\d+ tx:\d+ rx:(\d+).* HELD (\d+)")
+
+
+async def wake_port(server: Any, s: Session, vm_id: str) -> tuple[str, int, int]:
+    """Ask the guest about its ttyS1, the port the driver pokes after a restore (jobspecs/devices.py): the UART
+    behind it, the bytes it received, and how many processes hold it as fd 3 (vmgate-clone-watch)."""
+    qmp_socket = server.app[driver_key].task_dir(vm_id) / "qmp.sock"
+    await type_text(qmp_socket, "echo WAKE $(sed -n 3p /proc/tty/driver/serial) "
+                                "HELD $(ls -l /proc/*/fd/3 2>/dev/null | grep -c ttyS1) >/dev/ttyS0\n")
+    serial = await wait_for_serial(s, vm_id, "HELD ", timeout=60)
+    match = WAKE_RE.search(serial)
+    assert match, serial[-1500:]
+    return match[1], int(match[2]), int(match[3])
+
+
 def overlay_of(settings: Settings, s: Session, vm_id: str) -> Path:
     return settings.vms_root / "users" / str(s.user["id"] if s.user else "") / f"{vm_id}.qcow2"
 
@@ -113,6 +128,10 @@ async def test_two_warm_clones_are_distinct_machines(local_gateway: Any, session
         assert not is_warm(await stored_job(s, vm_id))
         await wait_for_serial(s, vm_id, "~ # ", timeout=30)  # a fresh shell prompt on ttyS0 after the ready line
         results[name] = await identity(local_gateway, s, vm_id)
+        # The clone was told to look by a line on its ttyS1 from the driver, where its watcher waits (an idle
+        # VM is not woken five times a second to look by itself).
+        uart, received, holders = await wake_port(local_gateway, s, vm_id)
+        assert uart == "16550A" and received >= 1 and holders == 1, (uart, received, holders)
     a, b = results["clone-a"], results["clone-b"]
     assert (a[0], b[0]) == ("clone-a", "clone-b")
     assert a[1] != b[1], "both clones kept one machine id"

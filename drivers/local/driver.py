@@ -32,6 +32,7 @@ from drivers.local.qmp import (
     QMP_TIMEOUT,
     RESTORE_POLL,
     hmp,
+    poke_guest,
     qmp,
     restore_shared,
     save_memory,
@@ -157,6 +158,8 @@ class LocalDriver(Driver):
                 await self._wait_ready(pid, task, task_dir)
                 if memory_fd is not None and task.incoming is not None:
                     await set_ignore_shared(task.qmp_socket, False)  # from now on a VM like any other
+                if task.incoming is not None and task.wake_socket is not None:
+                    await poke_guest(task.wake_socket)  # a warm clone looks at its name now (devices.py)
                 if task.vdagent:
                     await vdagent.plug(task.qmp_socket)
             except BaseException as exc:

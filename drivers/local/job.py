@@ -60,6 +60,9 @@ class QemuTask:
     # boot: the file is in the task directory).
     memory_file: str | None = None
     memory_shared: bool = False
+    # -serial unix:${NOMAD_TASK_DIR}/wake.sock: the guest's ttyS1, which the driver pokes after a restore
+    # (jobspecs/devices.py); None for a job without it.
+    wake_socket: Path | None = None
 
 
 def check_vm_id(vm_id: str) -> None:
@@ -248,6 +251,7 @@ def build_task(vm_id: str, job: dict[str, Any], task_dir: Path, qemu_path: str =
             if arg.strip().startswith("-") and arg not in allowed:
                 raise JobInvalid(f"{arg!r} is not in args_allowlist")
     qmp_socket: Path | None = None
+    wake_socket: Path | None = None
     vnc: VncTarget | None = None
     incoming: str | None = None
     memory_file, memory_shared = _memory_backend(extra, memory, task_dir)
@@ -276,6 +280,12 @@ def build_task(vm_id: str, job: dict[str, Any], task_dir: Path, qemu_path: str =
                                  "(unix:${NOMAD_TASK_DIR}/qmp.sock,server=on,wait=off)")
             qmp_socket = _socket_in(value, task_dir, "-qmp")
             sockets.append(qmp_socket)
+        elif flag == "-serial" and value != "stdio":
+            if not value.startswith("unix:") or "server" not in value or wake_socket is not None:
+                raise JobInvalid(f"-serial {value!r}: the local driver takes stdio and one unix socket server in "
+                                 "the task directory (unix:${NOMAD_TASK_DIR}/wake.sock,server=on,wait=off)")
+            wake_socket = _socket_in(value, task_dir, "-serial")
+            sockets.append(wake_socket)
         elif flag == "-vnc":
             vnc, vnc_socket = _vnc_target(value, task_dir)
             if vnc_socket is not None:
@@ -300,4 +310,4 @@ def build_task(vm_id: str, job: dict[str, Any], task_dir: Path, qemu_path: str =
     return QemuTask(argv=tuple(argv), image_path=image_path, qmp_socket=qmp_socket, sockets=tuple(sockets),
                     vnc=vnc, graceful_shutdown=bool(config.get("graceful_shutdown")), env=env, incoming=incoming,
                     vdagent=(job.get("Meta") or {}).get("clipboard") == "vdagent", network=network,
-                    memory_file=memory_file, memory_shared=memory_shared)
+                    memory_file=memory_file, memory_shared=memory_shared, wake_socket=wake_socket)

@@ -1,4 +1,5 @@
-"""Talking to a running QEMU over its QMP socket: single commands, HMP snapshot commands, saving memory.
+"""Talking to a running QEMU over its QMP socket: single commands, HMP snapshot commands, saving memory;
+and poking its guest after a restore (``poke_guest``).
 
 QEMU serves one QMP client at a time, so nothing here holds a connection: each call opens its own and
 closes it. Every failure of the transport is one of ``QMP_ERRORS``; the helpers that the driver's
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import time
 from pathlib import Path
@@ -17,6 +19,8 @@ from typing import Any
 from qemu.qmp import ConnectError, QMPClient, QMPError
 
 from drivers.base import DriverError
+
+log = logging.getLogger(__name__)
 
 QMP_TIMEOUT = 5.0  # per QMP connect and per command
 SAVE_TIMEOUT = 120.0  # savevm / loadvm / delvm / a memory save of one VM (a few hundred ms for the tiny image)
@@ -101,6 +105,23 @@ async def restore_shared(socket_path: Path, alive: Any, timeout: float) -> None:
         await qmp(socket_path, "migrate-incoming", {"uri": "fd:3"})
     except QMP_ERRORS as exc:
         raise DriverError(f"the restore did not start: {type(exc).__name__}: {exc}") from exc
+
+
+async def poke_guest(wake_socket: Path) -> None:
+    """Write a line to the guest's ttyS1 (``-serial unix:.../wake.sock``, jobspecs/devices.py): its
+    ``vmgate-clone-watch`` waits for it after a restore to look whether it is a new clone. A lost poke is
+    logged, not raised: the watcher also looks every 30 s by itself."""
+    try:
+        _reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(wake_socket)), QMP_TIMEOUT)
+        try:
+            writer.write(b"\n")
+            await asyncio.wait_for(writer.drain(), QMP_TIMEOUT)
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError, TimeoutError):
+                await asyncio.wait_for(writer.wait_closed(), QMP_TIMEOUT)
+    except (OSError, TimeoutError) as exc:
+        log.warning("could not poke the guest at %s after a restore: %s", wake_socket, exc)
 
 
 async def save_memory(socket_path: Path, path: Path) -> None:
