@@ -47,7 +47,7 @@ class Row:
 
 
 _SCALE = {"ms": 1000.0, "s": 1.0, "MB/s": 1e-6, "MiB": 1 / 2**20, "VMs/s": 1.0, "req/s": 1.0, "x": 1.0,
-          "VMs": 1.0}
+          "VMs": 1.0, "% core": 100.0}
 
 
 def fmt(value: float, unit: str) -> str:
