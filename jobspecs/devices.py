@@ -3,21 +3,14 @@
 Every VM: ``-nodefaults`` (no CD-ROM, floppy, default NIC), the serial console on stdio, one virtio NIC
 (below), and virtio-rng (the host's entropy; a clone of a warm template reseeds its RNG from it).
 
-A VM of the local driver has a **second serial port** (the guest's ttyS1) on a unix socket in its task
-directory, ``wake.sock``: the driver writes a line to it after every restore, and the guest's
-``vmgate-clone-watch`` waits in ``read`` on ttyS1 for it, then looks whether it is a new clone (docs/IMAGES.md,
-"How a clone becomes a machine of its own"). Without it the watcher looked five times a second, three
-quarters of an idle clone's CPU (docs/BENCHMARKS.md). A fleet VM has none (no one on its node would write
-to it); its guest finds no UART behind ttyS1 and keeps looking five times a second.
-
-**The NIC** is the same device with the same MAC in every VM, whatever its network (``VMSpec.network``,
-docs/NETWORK.md): ``outbound`` connects it to ``tap0``, which the local driver makes in the VM's own network
-namespace (drivers/local/network.py); ``none`` to a hub port with nothing else on the hub, so frames go
-nowhere. QEMU's user-mode network (slirp) is used only by an outbound VM on a fleet node, inside the
-allocation's own namespace (jobspecs/fleet.py); anywhere else its guest would reach the host's loopback
-(Postgres, Redis, the gateway). One device for both lets any VM restore a warm layer saved with either,
-which is why the tap runs without ``vnet_hdr``: with it the guest negotiates offloads a hub port cannot offer, and QEMU
-refuses such a state on a hub port ("saved image requires vnet_hdr=on").
+Every VM also has a **second serial port** (the guest's ttyS1) on a unix socket in its task directory,
+``wake.sock``. The local driver writes a line to it after every restore, and says so on the kernel command
+line (``vmgate.wake=ttyS1``, ``WAKE_CMDLINE``): the guest's ``vmgate-clone-watch`` then waits in ``read`` on
+ttyS1 and looks whether it is a new clone when the line comes (docs/IMAGES.md, "How a clone becomes a machine
+of its own"). Before, the watcher looked five times a second, three quarters of an idle clone's CPU
+(docs/BENCHMARKS.md). A fleet VM has the same port, so that a memory state saved under one driver loads
+under the other (QEMU refuses a state that holds a device it does not have), but no one on a Nomad node
+writes to it: its command line does not say ``vmgate.wake``, and its watcher keeps looking by itself.
 
 A text template (catalog ``"desktop": false``) has the standard VGA: the text console, 720x400.
 
@@ -41,8 +34,8 @@ from typing import Any
 
 from jobspecs.fleet import FLEET_NETDEV
 
-__all__ = ["CLIPBOARD_META", "NETDEVS", "NETWORKS", "NIC_MAC", "SERIAL_BUS", "VDAGENT_PORT", "WAKE_SOCKET", "devices",
-           "netdev"]
+__all__ = ["CLIPBOARD_META", "NETDEVS", "NETWORKS", "NIC_MAC", "SERIAL_BUS", "VDAGENT_PORT", "WAKE_CMDLINE",
+           "WAKE_SOCKET", "devices", "netdev"]
 
 VDAGENT_PORT = "com.redhat.spice.0"  # the port name spice-vdagentd opens in the guest
 SERIAL_BUS = "vmgate-serial"
@@ -57,6 +50,7 @@ NIC = ("-device", f"virtio-net-pci,netdev=net0,mac={NIC_MAC}")
 COMMON = ("-serial", "stdio")
 WAKE_SOCKET = "wake.sock"  # in the task directory
 WAKE = ("-serial", f"unix:${{NOMAD_TASK_DIR}}/{WAKE_SOCKET},server=on,wait=off")
+WAKE_CMDLINE = "vmgate.wake=ttyS1"  # on the local driver's kernel command lines: "ttyS1 will be poked"
 RNG = ("-device", "virtio-rng-pci")
 DESKTOP = ("-device", "virtio-tablet-pci", "-device", f"virtio-serial-pci,id={SERIAL_BUS}")
 CLIPBOARD_META = {"clipboard": "vdagent"}  # job Meta of a desktop: the local driver plugs the clipboard in
@@ -69,7 +63,7 @@ def netdev(network: str, target: str = "local") -> str:
 
 def devices(template: Any, network: str = "none", target: str = "local") -> list[str]:
     """QEMU arguments for the devices of a VM of ``template`` (a ``jobspecs.catalog.Template``) on ``network``."""
-    common = [*COMMON, *(WAKE if target == "local" else ()), "-netdev", netdev(network, target), *NIC, *RNG]
+    common = [*COMMON, *WAKE, "-netdev", netdev(network, target), *NIC, *RNG]
     if template.desktop:
         return ["-nodefaults", *DESKTOP_DISPLAY, *common, *DESKTOP]
     return ["-nodefaults", *TEXT, *common]

@@ -12,10 +12,11 @@ The job (``vm-<id>``, type service):
       task "qemu" (driver qemu, kill_timeout = STOP_TIMEOUT)
         config: image_path = the VM's overlay, accelerator, machine_type "pc",
                 drive_interface "virtio", graceful_shutdown (ACPI power-off on stop), args:
-                -smp N -kernel K -initrd I -append "<cmdline> vmgate.hostname=<hostname>"
+                -smp N -kernel K -initrd I -append "<cmdline> vmgate.hostname=<hostname> [vmgate.wake=ttyS1]"
                 -vnc unix:${NOMAD_TASK_DIR}/vnc.sock
                 -qmp unix:${NOMAD_TASK_DIR}/qmp.sock,server=on,wait=off
                 -sandbox on,obsolete=deny,... -nodefaults -vga std -serial stdio
+                -serial unix:${NOMAD_TASK_DIR}/wake.sock,server=on,wait=off   (vmgate.wake: local only)
                 -netdev tap|hubport,id=net0 -device virtio-net-pci,... -device virtio-rng-pci
                 -fw_cfg name=opt/vmgate/hostname,string=<hostname>
                 -set drive.image0.file.auto-read-only=off
@@ -47,7 +48,7 @@ from typing import Any
 
 from jobspecs import memory, sandbox
 from jobspecs.catalog import NOMAD_MEMORY_MB, SIZE_NAMES, Template, WarmImage
-from jobspecs.devices import CLIPBOARD_META, NETWORKS, devices
+from jobspecs.devices import CLIPBOARD_META, NETWORKS, WAKE_CMDLINE, devices
 from jobspecs.fleet import VNC_PORT_LABEL, VNC_SERVICE, fleet_parts, vnc_arg
 from jobspecs.hcl import SECOND, to_hcl  # Nomad's API takes durations in nanoseconds (SECOND)
 
@@ -258,7 +259,8 @@ def qemu_args(vm: VMSpec, template: Template, target: str = "local") -> list[str
         "-smp", str(vm.cpu),
         "-kernel", str(template.kernel),
         "-initrd", str(template.initrd),
-        "-append", f"{template.cmdline} vmgate.hostname={vm.hostname}",
+        "-append", f"{template.cmdline} vmgate.hostname={vm.hostname}"
+                   + (f" {WAKE_CMDLINE}" if target == "local" else ""),  # jobspecs/devices.py
         # ${NOMAD_TASK_DIR} is interpolated by the driver at start (Nomad's runtime variables).
         "-vnc", vnc_arg(target, vm.network),
         # A display with no client (p2p: no bus, no socket) that holds QEMU's refresh timer at 30 ms, which VNC

@@ -112,21 +112,28 @@ async def watcher_waits_on(driver: LocalDriver, vm_id: str) -> str:
 
 async def test_the_clone_watcher_waits_for_the_driver_or_looks_by_itself(
         local_driver: LocalDriver, make_overlay: MakeOverlay, render_tiny: Render) -> None:
-    """With the wake port (every local job) the guest's watcher waits on ttyS1; a job without it (as on a
-    fleet, where nobody would write to it) leaves it looking by itself, through the FIFO it sleeps on."""
+    """Told by its kernel command line that the driver pokes ttyS1 (every local job) the guest's watcher waits
+    on it; a job that does not say so (a fleet's, where nobody would write to the port), or has no port at
+    all, leaves it looking by itself, through the FIFO it sleeps on."""
     job = render_tiny("waker", make_overlay("waker"))
     await boot(local_driver, "waker", job)
     assert await watcher_waits_on(local_driver, "waker") == "ttyS1"
     await local_driver.destroy("waker")
     job = render_tiny("looker", make_overlay("looker"))
     args = job["TaskGroups"][0]["Tasks"][0]["Config"]["args"]
+    args[args.index("-append") + 1] = args[args.index("-append") + 1].replace(" vmgate.wake=ttyS1", "")
+    await boot(local_driver, "looker", job)
+    assert (local_driver.task_dir("looker") / "wake.sock").exists()  # the port is there, but not announced
+    assert await watcher_waits_on(local_driver, "looker") == "clone-watch.tick"
+    await local_driver.destroy("looker")
+    job = render_tiny("portless", make_overlay("portless"))
+    args = job["TaskGroups"][0]["Tasks"][0]["Config"]["args"]
     at = next(i for i, arg in enumerate(args) if arg.startswith("unix:") and "wake.sock" in arg)
     assert args[at - 1] == "-serial"
     del args[at - 1:at + 1]
-    await boot(local_driver, "looker", job)
-    assert not (local_driver.task_dir("looker") / "wake.sock").exists()
-    assert await watcher_waits_on(local_driver, "looker") == "clone-watch.tick"
-    await local_driver.destroy("looker")
+    await boot(local_driver, "portless", job)
+    assert await watcher_waits_on(local_driver, "portless") == "clone-watch.tick"
+    await local_driver.destroy("portless")
 
 
 async def test_readoption_by_a_new_driver(make_overlay: MakeOverlay, render_tiny: Render, vms_root: Path) -> None:
