@@ -117,7 +117,6 @@ class Guest:
         self.serial = root / "alloc" / "logs" / f"{TASK_NAME}.stdout.0"
         self.alloc = alloc
         net = alloc["AllocatedResources"]["Shared"]
-        self.address = str(net["Networks"][0]["IP"]) if net.get("Networks") else ""
         self.ports = net.get("Ports") or []
 
     def log(self) -> str:
