@@ -13,6 +13,7 @@ PACKAGES=(
     prometheus                              # make run's monitoring; promtool checks its rules in make test
     busybox-static e2fsprogs cpio zstd xz-utils   # images/build-tiny.sh
     mmdebstrap                              # images/build-debian.sh
+    grub-common grub-pc-bin                 # images/lib.sh: the boot loader every image boots through
     python3 python3-venv                    # .venv and the deploy/ helpers
     nodejs npm                              # noVNC from npm
     chromium chromium-driver                # browser tests

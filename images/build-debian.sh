@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Build a Debian base image from Debian packages only, booted by direct kernel boot like tiny (vmlinuz,
-# initrd.img, disk.qcow2):
+# Build a Debian base image from Debian packages only, booted like tiny by GRUB from QEMU's -kernel
+# (boot.bin, images/lib.sh), which loads the disk's own /vmlinuz and /initrd.img (disk.qcow2):
 #   debian-12          Debian 12 (bookworm) with systemd, a root login on tty1 and ttyS0, apt, cloud-init
 #                      (NoCloud, seeded from QEMU's fw_cfg), the QEMU guest agent and OpenSSH
 #   debian-12-desktop  the same plus X, IceWM, a terminal, a file manager, Firefox ESR and spice-vdagent
@@ -8,7 +8,7 @@
 #
 # Usage: images/build-debian.sh [--desktop] OUTDIR [WORKDIR]
 #   --desktop  build debian-12-desktop (default: debian-12)
-#   OUTDIR   where vmlinuz, initrd.img, disk.qcow2 and manifest.json end up (read-only files)
+#   OUTDIR   where boot.bin, disk.qcow2 and manifest.json end up (read-only files)
 #   WORKDIR  package cache and scratch space (default: ~/.cache/vmgate/build/<name>)
 #   FORCE=1  rebuild even when OUTDIR/manifest.json matches the files
 #   DEBIAN_DISK_MB  size of the root file system in the base image (default 2048, desktop 4096; VMs grow it)
@@ -88,17 +88,17 @@ for deb in "$WORKDIR/debs"/*.deb; do
 	grep -qxF "${base%_*.deb}" "$STAGE/packages.txt" || rm -f "$deb"
 done
 
-# ---------------------------------------------------------------- 2. kernel, initrd, disk
+# ---------------------------------------------------------------- 2. boot loader, disk
 KREL="$(basename "$(readlink -f "$TREE/vmlinuz")" | sed 's/^vmlinuz-//')"
-cp -L "$TREE/vmlinuz" "$NEWOUT/vmlinuz"
-cp -L "$TREE/initrd.img" "$NEWOUT/initrd.img"
+[ -e "$TREE/vmlinuz" ] && [ -e "$TREE/initrd.img" ] || die "the tree has no /vmlinuz or /initrd.img for the boot loader"
+image_bootloader "$NEWOUT/boot.bin"
 mkfs.ext4 -q -F -t ext4 -b 4096 -L vmgate-root -d "$TREE" "$STAGE/rootfs.ext4" "${DISK_MB}M" >/dev/null
 qemu-img convert -f raw -O qcow2 "$STAGE/rootfs.ext4" "$NEWOUT/disk.qcow2"
 
 # ---------------------------------------------------------------- 3. manifest, move into place
 KPKG="$(chroot "$TREE" dpkg-query -W -f '${Package}=${Version}\n' 'linux-image-6*' | head -n 1)"
-"$PY" "$HERE/manifest.py" write "$NEWOUT" "$NAME" "$KREL" vmlinuz,initrd.img,disk.qcow2 "$KPKG" \
+"$PY" "$HERE/manifest.py" write "$NEWOUT" "$NAME" "$KREL" boot.bin,disk.qcow2 "$KPKG" \
 	"packages-sha256=$(sha256sum <"$STAGE/packages.txt" | cut -d' ' -f1)" \
 	"packages=$(wc -l <"$STAGE/packages.txt")"
 image_install
-say "built $OUTDIR in $(($(date +%s) - began)) s: $(cd "$OUTDIR" && du -b vmlinuz initrd.img disk.qcow2 | awk '{ printf "%s %d KiB  ", $2, $1 / 1024 }')"
+say "built $OUTDIR in $(($(date +%s) - began)) s: $(cd "$OUTDIR" && du -b boot.bin disk.qcow2 | awk '{ printf "%s %d KiB  ", $2, $1 / 1024 }')"

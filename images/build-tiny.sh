@@ -3,7 +3,8 @@
 #   a Debian cloud kernel, a busybox initramfs and a busybox ext4 root file system (qcow2).
 #
 # Usage: images/build-tiny.sh OUTDIR [WORKDIR]
-#   OUTDIR   where vmlinuz, initrd.img, disk.qcow2 and manifest.json end up (read-only files)
+#   OUTDIR   where boot.bin (GRUB, images/lib.sh), disk.qcow2 and manifest.json end up (read-only files);
+#            the kernel and the initramfs are in the disk: /vmlinuz and /initrd.img, as on Debian
 #   WORKDIR  download cache and scratch space (default: ~/.cache/vmgate/build/tiny)
 #   FORCE=1  rebuild even when OUTDIR/manifest.json matches the files
 #   TINY_DISK_MB  size of the root file system in the base image (default 128; VMs grow it at boot)
@@ -28,7 +29,7 @@ DISK_MB="${TINY_DISK_MB:-128}"
 case "$DISK_MB" in '' | *[!0-9]*) die "TINY_DISK_MB must be a number of MiB" ;; esac
 [ "$DISK_MB" -ge 32 ] || die "TINY_DISK_MB must be at least 32"
 
-for tool in apt-cache apt-get dpkg-deb cpio gzip mkfs.ext4 debugfs qemu-img flock sha256sum cmp "$PY"; do
+for tool in apt-cache apt-get dpkg-deb cpio gzip mkfs.ext4 debugfs qemu-img flock sha256sum cmp grub-mkimage "$PY"; do
 	command -v "$tool" >/dev/null || die "$tool is missing (install: qemu-utils busybox-static e2fsprogs cpio python3)"
 done
 
@@ -114,7 +115,7 @@ install -m 0755 "$HERE/tiny/initramfs/init" "$INITRAMFS/init"
 "$PY" "$HERE/kmods.py" "$MODROOT" "$INITRAMFS" virtio_pci virtio_blk ext4 >/dev/null
 find "$INITRAMFS" -exec touch -h -d "@$EPOCH" {} +
 (cd "$INITRAMFS" && find . -mindepth 1 -print0 | LC_ALL=C sort -z |
-	cpio --quiet --null -o -H newc --owner=0:0 --reproducible) | gzip -9 -n >"$NEWOUT/initrd.img"
+	cpio --quiet --null -o -H newc --owner=0:0 --reproducible) | gzip -9 -n >"$STAGE/initrd.img"
 
 # ---------------------------------------------------------------- 3. root file system
 ROOTFS="$STAGE/rootfs"
@@ -132,6 +133,11 @@ chmod 1777 "$ROOTFS/tmp"
 ln -s /proc/self/mounts "$ROOTFS/etc/mtab"
 ln -s /run "$ROOTFS/var/run"
 echo "$NAME" >"$ROOTFS/etc/hostname"
+# The kernel and initramfs the boot loader reads, laid out as Debian does.
+install -D -m 0644 "$VMLINUZ" "$ROOTFS/boot/vmlinuz-$KREL"
+install -m 0644 "$STAGE/initrd.img" "$ROOTFS/boot/initrd.img-$KREL"
+ln -s "boot/vmlinuz-$KREL" "$ROOTFS/vmlinuz"
+ln -s "boot/initrd.img-$KREL" "$ROOTFS/initrd.img"
 # Everything the root needs: the disk modules again (so lsmod/modprobe know them), the ACPI power
 # button and its input events (acpid), fw_cfg in sysfs (user data, the VM's name), virtio-net (the NIC
 # Nomad's port_map adds), virtio-rng (the host's entropy, which clones of a warm template reseed from).
@@ -156,10 +162,10 @@ BUILDER_UID="$(id -u)"
 done | E2FSPROGS_FAKE_TIME="$EPOCH" debugfs -w -f - "$STAGE/rootfs.ext4" >"$STAGE/debugfs.log" 2>&1 || die "debugfs failed: $(tail -n 3 "$STAGE/debugfs.log")"
 qemu-img convert -f raw -O qcow2 "$STAGE/rootfs.ext4" "$NEWOUT/disk.qcow2"
 
-# ---------------------------------------------------------------- 4. kernel, manifest, move into place
-cp "$VMLINUZ" "$NEWOUT/vmlinuz"
+# ---------------------------------------------------------------- 4. boot loader, manifest, move into place
+image_bootloader "$NEWOUT/boot.bin"
 SOURCES=()
 for pkg in "${PACKAGES[@]}"; do SOURCES+=("$pkg=${VERSION[$pkg]}"); done
-"$PY" "$HERE/manifest.py" write "$NEWOUT" "$NAME" "$KREL" vmlinuz,initrd.img,disk.qcow2 "${SOURCES[@]}"
+"$PY" "$HERE/manifest.py" write "$NEWOUT" "$NAME" "$KREL" boot.bin,disk.qcow2 "${SOURCES[@]}"
 image_install
-say "built $OUTDIR: $(cd "$OUTDIR" && du -b vmlinuz initrd.img disk.qcow2 | awk '{ printf "%s %d KiB  ", $2, $1 / 1024 }')"
+say "built $OUTDIR: $(cd "$OUTDIR" && du -b boot.bin disk.qcow2 | awk '{ printf "%s %d KiB  ", $2, $1 / 1024 }')"

@@ -3,8 +3,8 @@
 
     .venv/bin/python images/check-tiny.py IMAGE_DIR [--keep] [--accel tcg]
 
-Boots IMAGE_DIR/{vmlinuz,initrd.img} with a fresh 1 GiB qcow2 overlay on IMAGE_DIR/disk.qcow2
-(the base is never written), twice, and checks:
+Boots IMAGE_DIR/boot.bin (GRUB, which boots the disk's kernel) with a fresh 1 GiB qcow2 overlay on
+IMAGE_DIR/disk.qcow2 (the base is never written), twice, and checks:
 
   1. the serial log shows "vmgate-tiny: ready" and the shell prompt (time from exec is reported);
   2. the VGA screen (QMP screendump) shows the shell and the VNC socket speaks RFB, with -nographic;
@@ -99,11 +99,9 @@ class Guest:
             "-smp",
             "1",
             "-kernel",
-            str(image / "vmlinuz"),
-            "-initrd",
-            str(image / "initrd.img"),
-            "-append",
-            cmdline,
+            str(image / "boot.bin"),
+            "-smbios",
+            "type=11,value=" + cmdline.replace(",", ",,"),
             "-vnc",
             f"unix:{self.vnc_path}",
             "-qmp",
@@ -280,7 +278,7 @@ async def run(image: Path, work: Path, accel: str, overlay: Path, userdata: Path
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("image", type=Path, help="directory with vmlinuz, initrd.img, disk.qcow2")
+    parser.add_argument("image", type=Path, help="directory with boot.bin, disk.qcow2")
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory (logs, screen.png)")
     parser.add_argument("--accel", default="tcg", help="QEMU accelerator (default tcg)")
     args = parser.parse_args()

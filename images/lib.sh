@@ -9,7 +9,9 @@ image_begin() {
 	WORKDIR="$2"
 	mkdir -p "$(dirname "$OUTDIR")"
 	OUTDIR="$(cd "$(dirname "$OUTDIR")" && pwd)/$(basename "$OUTDIR")"
-	if [ "${FORCE:-0}" != 1 ] && [ -f "$OUTDIR/manifest.json" ] && "$PY" "$HERE/manifest.py" check "$OUTDIR" 2>/dev/null
+	# boot.bin: images from before the boot loader (a kernel and initrd beside the disk) are rebuilt.
+	if [ "${FORCE:-0}" != 1 ] && [ -f "$OUTDIR/manifest.json" ] && [ -f "$OUTDIR/boot.bin" ] &&
+		"$PY" "$HERE/manifest.py" check "$OUTDIR" 2>/dev/null
 	then
 		echo "$NAME image up to date"
 		exit 0
@@ -41,4 +43,32 @@ image_install() {
 	else
 		mv "$NEWOUT" "$OUTDIR"
 	fi
+}
+
+# image_bootloader OUT: write GRUB (BIOS build, from Debian's grub-pc-bin) as a Linux-bootable image to
+# OUT, the file QEMU's -kernel loads. It boots the disk's /vmlinuz and /initrd.img with the command line
+# QEMU gives as an SMBIOS OEM string (-smbios type=11,value=CMDLINE, jobspecs/render.py).
+# Why not QEMU's -kernel vmlinuz: QEMU keeps a copy of the kernel it loads for as long as it runs (to
+# serve it through fw_cfg again on a reboot), about 14 MiB of private memory in every VM, clones of a
+# warm template included; GRUB is 140 KiB, and it reads the kernel into guest memory, which clones share.
+image_bootloader() {
+	local out="$1" cfg
+	for tool in grub-mkimage; do
+		command -v "$tool" >/dev/null || die "$tool is missing (install: grub-common grub-pc-bin)"
+	done
+	[ -f /usr/lib/grub/i386-pc/lnxboot.img ] || die "/usr/lib/grub/i386-pc is missing (install: grub-pc-bin)"
+	cfg="$(mktemp "$STAGE/grub.XXXXXX")"
+	# SMBIOS type 11's first field (offset 4) is its string count; with one string, --get-string 4 is
+	# that string. eval splits it into the kernel's arguments (the renderer allows no GRUB syntax in it).
+	cat >"$cfg" <<-'CFG'
+		set root=(hd0)
+		smbios --type 11 --get-string 4 --set cmdline
+		if [ -z "$cmdline" ]; then echo "vmgate: no kernel command line (QEMU -smbios type=11,value=...)"; fi
+		eval linux /vmlinuz $cmdline
+		initrd /initrd.img
+		boot
+	CFG
+	grub-mkimage -O i386-pc -o "$STAGE/core.img" -c "$cfg" -p '(hd0)/boot/grub' \
+		biosdisk ext2 linux boot smbios eval test echo || die "grub-mkimage failed"
+	cat /usr/lib/grub/i386-pc/lnxboot.img "$STAGE/core.img" >"$out"
 }

@@ -103,7 +103,7 @@ def inputs_of(template: Template, settings: JobSettings, qemu: str) -> dict[str,
         "format": FORMAT,
         "template": template.name,
         "base_files": {name: base["files"][name]["sha256"]
-                       for name in (template.kernel.name, template.initrd.name, template.disk.name)},
+                       for name in (template.boot.name, template.disk.name)},
         "config": {k: v for k, v in task["Config"].items() if k != "image_path"},
         "memory_mb": task["Resources"]["MemoryMB"],
         "sizes": dataclasses.asdict(template.defaults),

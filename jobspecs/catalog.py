@@ -1,7 +1,8 @@
 """The template catalog: ``images/catalog.json`` joined with the built images under IMAGES_DIR.
 
 A template names a base image directory (``IMAGES_DIR/<image>/``, built by ``images/build-*.sh``
-with a ``manifest.json``), the kernel, initrd and disk files in it, the kernel command line, and
+with a ``manifest.json``), the boot loader and disk files in it (the kernel and initrd are in the disk),
+the kernel command line, and
 the sizes a VM may ask for. Loading the catalog never needs the images to be built, so the
 gateway can start (and list templates) before ``make images`` finished; ``Template.is_built()``
 says whether a template can boot.
@@ -25,6 +26,12 @@ from jobspecs.memory import RAM_FILE
 
 # images/catalog.json in this repository.
 DEFAULT_CATALOG = Path(__file__).resolve().parent.parent / "images" / "catalog.json"
+
+# What a template's kernel command line may hold. The boot loader gets it from QEMU's SMBIOS and splits
+# it with GRUB's eval (images/lib.sh), so nothing in it may be GRUB syntax: no quotes, $, ;, braces,
+# backslashes or redirections.
+CMDLINE_PUNCTUATION = "._,:=/+@%-"
+CMDLINE_RE = re.compile(r"[A-Za-z0-9._,:=/+@%-]+( [A-Za-z0-9._,:=/+@%-]+)*")
 
 # Nomad's qemu driver refuses memory outside 128..4000000 MB; no template may promise more.
 NOMAD_MEMORY_MB = (128, 4_000_000)
@@ -118,8 +125,7 @@ class Template:
     title: str
     description: str
     image_dir: Path
-    kernel: Path
-    initrd: Path
+    boot: Path  # GRUB as QEMU's -kernel; it boots the disk's /vmlinuz and /initrd.img (images/lib.sh)
     disk: Path
     cmdline: str
     limits: Limits
@@ -156,8 +162,8 @@ class Template:
         return image if image is not None and image.template == self.name else None
 
     def is_built(self) -> bool:
-        """True when the image's manifest and the kernel, initrd and disk it boots from exist."""
-        return all(path.is_file() for path in (self.manifest, self.kernel, self.initrd, self.disk))
+        """True when the image's manifest and the boot loader and disk it boots from exist."""
+        return all(path.is_file() for path in (self.manifest, self.boot, self.disk))
 
     def to_json(self) -> dict[str, Any]:
         """What the API shows about a template (no host paths)."""
@@ -206,8 +212,9 @@ def _template(name: str, entry: Any, images_dir: Path, where: str) -> Template:
         raise CatalogError(f"{where}: template names are 1-32 of a-z, 0-9 and '-'")
     image_dir = images_dir / _file_name(entry, "image", where)
     cmdline = _text(entry, "cmdline", where)
-    if any(ord(c) < 0x20 for c in cmdline) or "vmgate.hostname=" in cmdline:
-        raise CatalogError(f"{where}: cmdline must be one line without vmgate.hostname= (the renderer adds it)")
+    if not CMDLINE_RE.fullmatch(cmdline) or "vmgate.hostname=" in cmdline:
+        raise CatalogError(f"{where}: cmdline must be kernel parameters of A-Z a-z 0-9 and {CMDLINE_PUNCTUATION} "
+                           "separated by spaces, without vmgate.hostname= (the renderer adds it)")
 
     raw_limits = _require(entry, "limits", where)
     raw_defaults = _require(entry, "defaults", where)
@@ -249,8 +256,7 @@ def _template(name: str, entry: Any, images_dir: Path, where: str) -> Template:
         title=_text(entry, "title", where),
         description=_text(entry, "description", where),
         image_dir=image_dir,
-        kernel=image_dir / _file_name(entry, "kernel", where),
-        initrd=image_dir / _file_name(entry, "initrd", where),
+        boot=image_dir / _file_name(entry, "boot", where),
         disk=image_dir / _file_name(entry, "disk", where),
         cmdline=cmdline,
         limits=Limits(**bounds),

@@ -12,7 +12,8 @@ The job (``vm-<id>``, type service):
       task "qemu" (driver qemu, kill_timeout = STOP_TIMEOUT)
         config: image_path = the VM's overlay, accelerator, machine_type "pc",
                 drive_interface "virtio", graceful_shutdown (ACPI power-off on stop), args:
-                -smp N -kernel K -initrd I -append "<cmdline> vmgate.hostname=<hostname> [vmgate.wake=ttyS1]"
+                -smp N -kernel <image>/boot.bin (GRUB: boots the disk's /vmlinuz and /initrd.img with
+                -smbios type=11,value=<cmdline> vmgate.hostname=<hostname> [vmgate.wake=ttyS1])
                 -vnc unix:${NOMAD_TASK_DIR}/vnc.sock
                 -qmp unix:${NOMAD_TASK_DIR}/qmp.sock,server=on,wait=off
                 -sandbox on,obsolete=deny,... -nodefaults -vga std -serial stdio
@@ -253,14 +254,20 @@ def _check(vm: VMSpec, template: Template, settings: JobSettings) -> None:
         raise JobSpecError("target", f"must be one of {', '.join(TARGETS)}, got {settings.target!r}")
 
 
+def kernel_cmdline(vm: VMSpec, template: Template, target: str = "local") -> str:
+    """The guest kernel's command line: the template's, the VM's name, and on the local driver the wake port."""
+    return (f"{template.cmdline} vmgate.hostname={vm.hostname}"
+            + (f" {WAKE_CMDLINE}" if target == "local" else ""))  # jobspecs/devices.py
+
+
 def qemu_args(vm: VMSpec, template: Template, target: str = "local") -> list[str]:
     """The task's ``args``: everything QEMU needs beyond what Nomad's qemu driver adds itself."""
     return [
         "-smp", str(vm.cpu),
-        "-kernel", str(template.kernel),
-        "-initrd", str(template.initrd),
-        "-append", f"{template.cmdline} vmgate.hostname={vm.hostname}"
-                   + (f" {WAKE_CMDLINE}" if target == "local" else ""),  # jobspecs/devices.py
+        # GRUB, which boots the disk's own kernel with this command line (SMBIOS OEM string; images/lib.sh).
+        # Not -kernel vmlinuz: QEMU holds a copy of that in every VM's memory, clones too (docs/IMAGES.md).
+        "-kernel", str(template.boot),
+        "-smbios", "type=11,value=" + kernel_cmdline(vm, template, target).replace(",", ",,"),
         # ${NOMAD_TASK_DIR} is interpolated by the driver at start (Nomad's runtime variables).
         "-vnc", vnc_arg(target, vm.network),
         # A display with no client (p2p: no bus, no socket) that holds QEMU's refresh timer at 30 ms, which VNC

@@ -50,18 +50,18 @@ consul {
 plugin "qemu" {
   config {
     # image_path of a VM job is its overlay under VMS_ROOT; the base images and warm layers (its
-    # backing files), the kernels in -kernel/-initrd and the saved states in -incoming are under IMAGES_DIR.
+    # backing files), the boot loaders in -kernel and the saved states in -incoming are under IMAGES_DIR.
     image_paths = ["/srv/vmgate/images", "/srv/vmgate/vms"]
 
     # Exactly the flags jobspecs.render puts in a VM job's args (tests/test_fleet.py checks it):
-    # kernel boot, vCPUs, VNC (and -display dbus,p2p=yes, which keeps VNC's refresh at 30 ms), QMP, QEMU's
+    # the boot loader (-kernel, GRUB) and the kernel command line it reads (-smbios type=11), vCPUs, VNC (and -display dbus,p2p=yes, which keeps VNC's refresh at 30 ms), QMP, QEMU's
     # seccomp sandbox, only the devices a VM needs (-nodefaults, -vga std, -serial stdio: the serial console
     # is the task's stdout), one NIC (-netdev: an empty hub, or for an outbound VM QEMU's user-mode network
     # inside the allocation's own namespace: jobspecs/fleet.py), virtio-rng (-device), the VM's
     # name for the guest (-fw_cfg), and the restore of a warm template's saved state on a warm VM's
     # first start (-incoming "exec:cat IMAGES_DIR/warm/<template>/<id>/state", with
     # -set drive.image0.file.auto-read-only=off: docs/IMAGES.md "Warm templates").
-    # The allowlist is per flag: -netdev, -device, -fw_cfg, -set and -incoming "exec:" accept anything QEMU
+    # The allowlist is per flag: -netdev, -device, -fw_cfg, -smbios (file=), -set and -incoming "exec:" accept anything QEMU
     # does (a device, a host file copied into the guest, any option, a shell command), so only the
     # gateway may submit VM jobs (the Nomad ACL policy, docs/SECURITY.md). -loadvm TAG starts a VM from an
     # internal snapshot of its own disk (a resume or a restore: docs/SNAPSHOTS.md). -object carries each
@@ -69,8 +69,7 @@ plugin "qemu" {
     args_allowlist = [
       "-smp",
       "-kernel",
-      "-initrd",
-      "-append",
+      "-smbios",
       "-vnc",
       "-display",
       "-qmp",

@@ -144,15 +144,14 @@ def _write_manifest(image_dir: Path, names: list[str]) -> None:
 
 @pytest.fixture(scope="session")
 def stand_in_images() -> Iterator[Path]:
-    """An images dir whose `tiny` holds a real (empty) qcow2 and placeholder kernel files, with a
+    """An images dir whose `tiny` holds a real (empty) qcow2 and a placeholder boot loader, with a
     valid manifest: enough for gateway tests that run on the fake driver."""
     root = Path(tempfile.mkdtemp(prefix="vgimg", dir="/tmp"))
     tiny = root / "tiny"
     tiny.mkdir()
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(tiny / "disk.qcow2"), "64M"], check=True)
-    (tiny / "vmlinuz").write_bytes(b"stand-in kernel")
-    (tiny / "initrd.img").write_bytes(b"stand-in initrd")
-    _write_manifest(tiny, ["disk.qcow2", "vmlinuz", "initrd.img"])
+    (tiny / "boot.bin").write_bytes(b"stand-in boot loader")
+    _write_manifest(tiny, ["disk.qcow2", "boot.bin"])
     yield root
     shutil.rmtree(root, ignore_errors=True)
 

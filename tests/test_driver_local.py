@@ -90,6 +90,19 @@ async def test_life_of_a_vm(local_driver: LocalDriver, make_overlay: MakeOverlay
     await type_text(task_dir / "qmp.sock", "cat /root/marker > /dev/ttyS0\n")
     await wait_for_serial(driver, "life", "vmgate-marker", timeout=60, after=offset)
 
+    # A reboot inside the guest: the same QEMU resets, SeaBIOS loads the boot loader (-kernel boot.bin) again,
+    # and it boots the disk's kernel with the same command line (the VM's name comes back from it).
+    offset = serial_size(driver, "life")
+    await type_text(task_dir / "qmp.sock", "reboot\n")
+    await wait_for_serial(driver, "life", "GRUB", timeout=120, after=offset)
+    await wait_for_serial(driver, "life", "vmgate-tiny: ready", timeout=120, after=offset)
+    assert (await driver.status("life")).state == "running" and os.path.exists(f"/proc/{pid2}")
+    offset = serial_size(driver, "life")
+    await type_text(task_dir / "qmp.sock", "cat /root/marker /etc/hostname > /dev/ttyS0\n")
+    await wait_for_serial(driver, "life", "vmgate-marker", timeout=60, after=offset)
+    await wait_for_serial(driver, "life", job["TaskGroups"][0]["Tasks"][0]["Meta"]["hostname"], timeout=10,
+                          after=offset)
+
     await driver.destroy("life")
     assert not os.path.exists(f"/proc/{pid2}")
     assert not task_dir.exists()
@@ -121,7 +134,7 @@ async def test_the_clone_watcher_waits_for_the_driver_or_looks_by_itself(
     await local_driver.destroy("waker")
     job = render_tiny("looker", make_overlay("looker"))
     args = job["TaskGroups"][0]["Tasks"][0]["Config"]["args"]
-    args[args.index("-append") + 1] = args[args.index("-append") + 1].replace(" vmgate.wake=ttyS1", "")
+    args[args.index("-smbios") + 1] = args[args.index("-smbios") + 1].replace(" vmgate.wake=ttyS1", "")
     await boot(local_driver, "looker", job)
     assert (local_driver.task_dir("looker") / "wake.sock").exists()  # the port is there, but not announced
     assert await watcher_waits_on(local_driver, "looker") == "clone-watch.tick"

@@ -186,8 +186,8 @@ def all_renders(templates: dict[str, Template]) -> list[tuple[Template, dict[str
 
 def test_catalog_has_the_tiny_template(templates: dict[str, Template]) -> None:
     tiny = templates["tiny"]
-    assert tiny.kernel == tiny.image_dir / "vmlinuz" and tiny.image_dir.name == "tiny"
-    assert tiny.disk.name == "disk.qcow2" and tiny.initrd.name == "initrd.img"
+    assert tiny.boot == tiny.image_dir / "boot.bin" and tiny.image_dir.name == "tiny"
+    assert tiny.disk.name == "disk.qcow2"
     assert tiny.limits.cpu == (1, 2) and tiny.defaults.memory_mb == 256
     assert not tiny.is_built()  # an empty images dir
     assert tiny.to_json()["limits"]["memory_mb"] == [128, 1024]
@@ -195,12 +195,18 @@ def test_catalog_has_the_tiny_template(templates: dict[str, Template]) -> None:
 
 
 @pytest.mark.parametrize(("change", "message"), [
-    (lambda t: t.pop("kernel"), "missing key 'kernel'"),
+    (lambda t: t.pop("boot"), "missing key 'boot'"),
     (lambda t: t.update(disk="../../etc/shadow"), "plain file name"),
     (lambda t: t["limits"].update(cpu=[2, 1]), "limits.cpu"),
     (lambda t: t["defaults"].update(memory_mb=4096), "defaults.memory_mb"),
     (lambda t: t["limits"].update(memory_mb=[64, 256]), "Nomad's 128..4000000"),
     (lambda t: t.update(cmdline="quiet vmgate.hostname=x"), "cmdline"),
+    # The boot loader evaluates the command line as GRUB script (images/lib.sh): none of its syntax gets in.
+    (lambda t: t.update(cmdline="quiet; reboot"), "cmdline"),
+    (lambda t: t.update(cmdline="quiet $root"), "cmdline"),
+    (lambda t: t.update(cmdline='quiet "a b"'), "cmdline"),
+    (lambda t: t.update(cmdline="quiet  rw"), "cmdline"),
+    (lambda t: t.update(cmdline="quiet\nrw"), "cmdline"),
     (lambda t: t.update(idle_suspend_after=-1), "idle_suspend_after"),
     (lambda t: t.update(idle_suspend_after="900"), "idle_suspend_after"),
     (lambda t: t.update(idle_suspend_after=True), "idle_suspend_after"),
@@ -254,9 +260,8 @@ def test_every_template_renders_at_every_size(templates: dict[str, Template]) ->
         desktop = ["-device", "virtio-tablet-pci", "-device", "virtio-serial-pci,id=vmgate-serial"]
         assert config["args"] == [
             "-smp", str(sizes["cpu"]),
-            "-kernel", str(template.kernel),
-            "-initrd", str(template.initrd),
-            "-append", f"{template.cmdline} vmgate.hostname=box-1 vmgate.wake=ttyS1",
+            "-kernel", str(template.boot),
+            "-smbios", f"type=11,value={template.cmdline} vmgate.hostname=box-1 vmgate.wake=ttyS1",
             "-vnc", "unix:${NOMAD_TASK_DIR}/vnc.sock",
             "-display", "dbus,p2p=yes",
             "-qmp", "unix:${NOMAD_TASK_DIR}/qmp.sock,server=on,wait=off",
@@ -297,6 +302,31 @@ def test_the_local_driver_takes_one_wake_socket_in_the_task_directory(templates:
         build_task("abc", job, Path("/tmp/vg/tasks/abc"), "/usr/bin/qemu-system-x86_64")
 
 
+@pytest.mark.parametrize("smbios", ["file=/etc/passwd", "type=1,manufacturer=x", "type=11,value=a,file=/etc/passwd",
+                                    None])
+def test_the_local_driver_takes_only_the_kernel_command_line_as_smbios(templates: dict[str, Template],
+                                                                       smbios: str | None) -> None:
+    """-smbios file= would load any file QEMU can read into the guest; None: a second OEM string."""
+    template = templates["tiny"]
+    job = render_job(spec(template, id="abc"), template, JobSettings())
+    args = job["TaskGroups"][0]["Tasks"][0]["Config"]["args"]
+    if smbios is None:
+        args += ["-smbios", "type=11,value=quiet"]
+    else:
+        args[args.index("-smbios") + 1] = smbios
+    with pytest.raises(JobInvalid, match="-smbios"):
+        build_task("abc", job, Path("/tmp/vg/tasks/abc"), "/usr/bin/qemu-system-x86_64")
+
+
+def test_a_comma_in_the_command_line_reaches_the_kernel_as_one(templates: dict[str, Template]) -> None:
+    """QEMU splits -smbios at single commas: the renderer doubles them, and the local driver takes that."""
+    template = dataclasses.replace(templates["tiny"], cmdline="console=ttyS0,115200 quiet")
+    job = render_job(spec(template, id="abc"), template, JobSettings())
+    args = job["TaskGroups"][0]["Tasks"][0]["Config"]["args"]
+    assert args[args.index("-smbios") + 1].startswith("type=11,value=console=ttyS0,,115200 quiet vmgate.hostname=")
+    build_task("abc", job, Path("/tmp/vg/tasks/abc"), "/usr/bin/qemu-system-x86_64")
+
+
 def test_a_fleet_vm_has_the_wake_port_but_is_not_told_to_wait_on_it(templates: dict[str, Template]) -> None:
     """The same devices on both drivers (a memory state moves between them), but no one on a Nomad node writes
     to the port: the fleet's kernel command line does not say vmgate.wake, so its guest looks by itself."""
@@ -306,7 +336,7 @@ def test_a_fleet_vm_has_the_wake_port_but_is_not_told_to_wait_on_it(templates: d
         args = args["Config"]["args"]
         assert args[args.index("-serial", args.index("-serial") + 1) + 1] == \
             "unix:${NOMAD_TASK_DIR}/wake.sock,server=on,wait=off"
-        assert args[args.index("-append") + 1].endswith(" vmgate.wake=ttyS1") is told
+        assert args[args.index("-smbios") + 1].endswith(" vmgate.wake=ttyS1") is told
 
 
 def test_settings_feed_the_job(templates: dict[str, Template]) -> None:

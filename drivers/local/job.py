@@ -38,6 +38,9 @@ _INTERP_RE = re.compile(r"\$\{([^}]*)\}")
 _INCOMING_RE = re.compile(r"^exec:cat (/[A-Za-z0-9/._-]+)$")
 # -fw_cfg may only hand the guest a string (file= would copy any file QEMU can read into the guest).
 _FW_CFG_RE = re.compile(r"^name=opt/[A-Za-z0-9/._-]+,string=[^,]*$")
+# -smbios may only add one OEM string (type 11: the kernel command line the boot loader reads, images/lib.sh);
+# file= would load any file QEMU can read as the guest's SMBIOS tables. QEMU reads ",," as a comma.
+_SMBIOS_RE = re.compile(r"^type=11,value=(?:[^,]|,,)*$")
 _OPTION_VALUE_RE = re.compile(r"^[A-Za-z0-9_.:+-]+$")
 
 
@@ -272,6 +275,8 @@ def build_task(vm_id: str, job: dict[str, Any], task_dir: Path, qemu_path: str =
         elif flag == "-net" or (flag == "-nic" and value != "none"):
             raise JobInvalid(f"{flag} {value!r}: no user-mode or default network (the guest would reach the "
                              "host's loopback); use -netdev")
+        elif flag == "-smbios" and (not _SMBIOS_RE.fullmatch(value) or extra.count("-smbios") > 1):
+            raise JobInvalid(f"-smbios {value!r}: only one type=11,value=KERNEL-COMMAND-LINE is allowed")
         elif flag == "-set" and value != "drive.image0.file.auto-read-only=off":
             raise JobInvalid(f"-set {value!r}: only drive.image0.file.auto-read-only=off is allowed")
         if flag == "-qmp":

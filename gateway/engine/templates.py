@@ -37,7 +37,7 @@ class Templates:
 
     @staticmethod
     def _base_files(template: Template) -> list[str]:
-        return [template.disk.name, template.kernel.name, template.initrd.name]
+        return [template.disk.name, template.boot.name]
 
     @staticmethod
     def _layer_files(layer: Path) -> list[str]:
@@ -49,13 +49,13 @@ class Templates:
         await self._verifier.verify(template.image_dir, self._base_files(template))
 
     def start_files(self) -> list[Path]:
-        """What starting a VM reads, per built template: its kernel, initrd and disk, and the current warm
+        """What starting a VM reads, per built template: its boot loader and disk, and the current warm
         layer's state and disk."""
         files: list[Path] = []
         for template in self.templates.values():
             if not template.is_built():
                 continue
-            files += [template.kernel, template.initrd, template.disk]
+            files += [template.boot, template.disk]
             warm = template.warm_image()
             if warm is not None:
                 files += [warm.state, warm.disk]
