@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 from gateway.engine import pagecache
 from gateway.engine.templates import Templates
+from gateway.web.app import background_executor
 
 
 def locked_kib() -> int:
@@ -48,3 +50,13 @@ def test_catalog_keeps_the_start_files_of_built_templates(tiny_images_dir: Path)
     assert locked_kib() == before
     catalog.keep_in_memory([])  # released for good: a late call pins nothing
     assert locked_kib() == before
+
+
+def test_the_gateways_background_work_runs_at_the_lowest_cpu_priority() -> None:
+    """Locking and hashing the images after a start is work no request waits for: its thread runs at nice 19
+    and yields the CPU to the VMs starting meanwhile, and the threads that answer requests keep their own."""
+    own = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    with background_executor() as background:
+        thread_nice = background.submit(lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())).result()
+    assert thread_nice == 19
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == own < 19

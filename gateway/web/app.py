@@ -7,7 +7,9 @@ import contextlib
 import logging
 import os
 import shutil
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import aiohttp_jinja2
@@ -47,6 +49,7 @@ log = logging.getLogger("vmgate.app")
 
 # Largest request body accepted (a VM's user data is at most 64 KiB); larger is a 413.
 MAX_BODY = 256 * 1024
+BACKGROUND_NICE = 19  # the nice value of the gateway's background thread (background_executor)
 PIN_RECHECK = 60  # seconds between checks that the files kept in memory are still the current ones
 NOVNC_DIR = REPO_ROOT / "node_modules" / "@novnc" / "novnc"
 # Postgres connections per gateway process, at most (opened only as the load needs them). Under many
@@ -56,20 +59,38 @@ NOVNC_DIR = REPO_ROOT / "node_modules" / "@novnc" / "novnc"
 POOL_MAXSIZE = 20
 
 
+def _lowest_priority() -> None:
+    """Make the calling thread the scheduler's last choice (nice 19; Linux gives each thread its own)."""
+    os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICE)
+
+
+def background_executor() -> ThreadPoolExecutor:
+    """One thread at the lowest CPU priority, for work no request waits for: after a start the gateway locks
+    about 2 GB of images in memory and hashes them, a core for seconds, and the VMs resumed meanwhile took
+    twice as long to start (docs/BENCHMARKS.md)."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="vmgate-background", initializer=_lowest_priority)
+
+
 async def _keep_in_memory(catalog: Templates, settings: Settings, driver: Driver) -> None:
     """Keep the files VM starts read locked in memory, and have the local driver make its sealed copies of
     the warm layers' RAM ahead of the first clone; following `make images` (checked every minute)."""
     qemu = shutil.which(settings.qemu_binary)
     extra = [Path(os.path.realpath(qemu))] if qemu else []
     prepare = getattr(driver, "prepare_memory", None) if settings.warm_memory_ahead else None
-    while True:
-        try:
-            await asyncio.to_thread(catalog.keep_in_memory, extra)
-            if prepare is not None:
-                await asyncio.to_thread(prepare, await asyncio.to_thread(catalog.verify_ahead))
-        except (OSError, DriverError) as exc:
-            log.warning("keeping the images in memory: %s", exc)
-        await asyncio.sleep(PIN_RECHECK)
+    loop = asyncio.get_running_loop()
+    background = background_executor()
+    try:
+        while True:
+            try:
+                await loop.run_in_executor(background, catalog.keep_in_memory, extra)
+                if prepare is not None:
+                    await loop.run_in_executor(background, prepare,
+                                               await loop.run_in_executor(background, catalog.verify_ahead))
+            except (OSError, DriverError) as exc:
+                log.warning("keeping the images in memory: %s", exc)
+            await asyncio.sleep(PIN_RECHECK)
+    finally:
+        background.shutdown(wait=False, cancel_futures=True)  # never block the loop on a hash under way
 
 
 def driver_from_settings(settings: Settings) -> Driver:
