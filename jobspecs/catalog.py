@@ -2,8 +2,7 @@
 
 A template names a base image directory (``IMAGES_DIR/<image>/``, built by ``images/build-*.sh``
 with a ``manifest.json``), the boot loader and disk files in it (the kernel and initrd are in the disk),
-the kernel command line, and
-the sizes a VM may ask for. Loading the catalog never needs the images to be built, so the
+the kernel command line, and the sizes a VM may ask for. Loading the catalog never needs the images to be built, so the
 gateway can start (and list templates) before ``make images`` finished; ``Template.is_built()``
 says whether a template can boot.
 
