@@ -17,6 +17,7 @@ import pytest
 from drivers.base import DriverError, JobInvalid
 from drivers.local import SERIAL_LOG_KEEP, LocalDriver
 from drivers.local.confine import UID_BASE
+from drivers.local.process import Processes
 from tests.fixtures.qemu import destroy_all, qemu_pids_under, qmp, type_text, wait_for_serial, zombie_children
 
 pytestmark = pytest.mark.qemu
@@ -279,3 +280,16 @@ async def test_a_restore_waits_while_the_qmp_socket_exists_but_does_not_listen_y
     server = await later
     server.close()
     assert [c for c in commands if c != "qmp_capabilities"] == ["migrate-set-capabilities", "migrate-incoming"]
+
+
+def test_looking_for_a_qemu_leaves_the_gateways_other_children_alone(tmp_path: Path) -> None:
+    """``find`` reads every pid in /proc. It once also took the exit status of any child of the gateway that
+    had just ended, so asyncio saw its qemu-img exit with 255 and a create failed (two gateways, one killed)."""
+    procs = Processes(tmp_path, "qemu-system-x86_64")
+    pid = os.posix_spawn("/bin/true", ["true"], dict(os.environ))
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z":  # ended, not yet collected
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert procs.find(tmp_path) is None and not procs.alive(pid, tmp_path)
+    assert os.waitpid(pid, 0) == (pid, 0)  # still there for its owner

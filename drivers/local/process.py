@@ -177,8 +177,21 @@ class Processes:
         limit(pid, argv, task_dir, task.image_path)  # a QEMU with a uid of its own: a thread cap, a cgroup
         return pid
 
+    def _is_qemu(self, pid: int) -> bool:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_bytes()
+        except OSError:
+            return False
+        comm = stat[stat.find(b"(") + 1:stat.rfind(b")")].decode(errors="replace")
+        return comm.startswith("qemu-system") or comm == os.path.basename(self.qemu_binary)[:15]
+
     def reap(self, pid: int) -> None:
-        """Collect the exit status of ``pid`` if it is our child and has exited (no zombies)."""
+        """Collect the exit status of ``pid`` if it is our QEMU child and has exited (no zombies): one this
+        object spawned, or a QEMU another driver in this process did (an adoption). Any other pid is left
+        alone: ``find`` passes every pid in /proc through here, and taking the status of the gateway's other
+        children (asyncio's qemu-img) made their owner see exit code 255."""
+        if pid not in self._children and not self._is_qemu(pid):
+            return
         try:
             done, status = os.waitpid(pid, os.WNOHANG)
         except ChildProcessError:
@@ -214,8 +227,7 @@ class Processes:
             if not exiting:
                 self.reap(pid)
                 return False
-            comm = stat[stat.find(b"(") + 1:stat.rfind(b")")].decode(errors="replace")
-            return comm.startswith("qemu-system") or comm == os.path.basename(self.qemu_binary)[:15]
+            return self._is_qemu(pid)
         exe = os.path.basename(argv[0]).decode(errors="replace")
         marker = os.fsencode(str(task_dir)) + b"/"
         return ((exe.startswith("qemu-system-") or exe == os.path.basename(self.qemu_binary))
