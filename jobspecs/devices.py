@@ -12,6 +12,15 @@ of its own"). Before, the watcher looked five times a second, three quarters of 
 under the other (QEMU refuses a state that holds a device it does not have), but no one on a Nomad node
 writes to it: its command line does not say ``vmgate.wake``, and its watcher keeps looking by itself.
 
+**The NIC** is the same device with the same MAC in every VM, whatever its network (``VMSpec.network``,
+docs/NETWORK.md): ``outbound`` connects it to ``tap0``, which the local driver makes in the VM's own network
+namespace (drivers/local/network.py); ``none`` to a hub port with nothing else on the hub, so frames go
+nowhere. QEMU's user-mode network (slirp) is used only by an outbound VM on a fleet node, inside the
+allocation's own namespace (jobspecs/fleet.py); anywhere else its guest would reach the host's loopback
+(Postgres, Redis, the gateway). One device for both lets any VM restore a warm layer saved with either,
+which is why the tap runs without ``vnet_hdr``: with it the guest negotiates offloads a hub port cannot offer, and QEMU
+refuses such a state on a hub port ("saved image requires vnet_hdr=on").
+
 A text template (catalog ``"desktop": false``) has the standard VGA: the text console, 720x400.
 
 A desktop template (``"desktop": true``, docs/CONSOLE.md "Desktop templates") has:
