@@ -61,9 +61,13 @@ async def test_life_of_a_vm(local_driver: LocalDriver, make_overlay: MakeOverlay
         {p.name for p in task_dir.iterdir()}
     status = await driver.status("life")
     assert status.vnc is not None and status.vnc.unix_socket == str(task_dir / "vnc.sock")
+    proc_status = Path(f"/proc/{pid}/status").read_text()
     if os.geteuid() == 0:
-        uid = int(Path(f"/proc/{pid}/status").read_text().split("Uid:")[1].split()[0])
+        uid = int(proc_status.split("Uid:")[1].split()[0])
         assert uid >= UID_BASE  # QEMU dropped root, to a uid of its own (tests/test_confinement.py)
+    # No transparent huge pages (drivers/local/process.py, no_huge_pages): none mapped, and the flag is set.
+    assert "THP_enabled:\t0" in proc_status
+    assert "AnonHugePages:         0 kB" in Path(f"/proc/{pid}/smaps_rollup").read_text()
     assert (await qmp(task_dir / "qmp.sock", "query-status"))["status"] == "running"
 
     offset = serial_size(driver, "life")
