@@ -128,6 +128,7 @@ class LocalDriver(Driver):
             argv = [*task.argv, *await self._qemu.run_as_args(identity(self.run_as, self.tasks_root, vm_id))]
             created = not task_dir.exists()
             pid: int | None = None
+            network_done: asyncio.Future[None] | None = None
             self._procs.busy.add(vm_id)
             began = time.monotonic()
             try:
@@ -146,7 +147,13 @@ class LocalDriver(Driver):
                 (task_dir / "exit.json").unlink(missing_ok=True)
                 prefix: list[str] = []
                 if task.network == "outbound" and self.network is not None:
-                    prefix = network.enter(await self._network_up(task_dir), self.network)
+                    name = await self._network_make(task_dir)
+                    prefix = network.enter(name, self.network)
+                    # The rest of its network is made while QEMU starts (about 25 ms of the start's 0.2 s):
+                    # the guest is held (-S) until that is done.
+                    network_done = asyncio.ensure_future(asyncio.to_thread(network.finish, self.network, task_dir,
+                                                                           name))
+                    argv = [*argv, "-S"]
                 memory_fd = None
                 if task.memory_file is not None and not task.memory_shared:
                     memory_fd = await asyncio.to_thread(self._memory.descriptor, task.memory_file)
@@ -155,7 +162,7 @@ class LocalDriver(Driver):
                 if memory_fd is not None and task.incoming is not None:
                     await restore_shared(task.qmp_socket, lambda: self._procs.alive(pid, task_dir),
                                          self.boot_timeout)
-                await self._wait_ready(pid, task, task_dir)
+                await self._wait_ready(pid, task, task_dir, network_done)
                 if memory_fd is not None and task.incoming is not None:
                     await set_ignore_shared(task.qmp_socket, False)  # from now on a VM like any other
                 if task.incoming is not None and task.wake_socket is not None:
@@ -163,6 +170,8 @@ class LocalDriver(Driver):
                 if task.vdagent:
                     await vdagent.plug(task.qmp_socket)
             except BaseException as exc:
+                if network_done is not None:  # its thread cannot be stopped: let it end before its work is undone
+                    await asyncio.gather(network_done, return_exceptions=True)
                 self._abort_start(pid, task, task_dir, created, exc)
                 if isinstance(exc, OSError):
                     raise DriverError(f"could not start QEMU: {exc}") from exc
@@ -175,15 +184,17 @@ class LocalDriver(Driver):
             status.details["start_seconds"] = round(time.monotonic() - began, 2)
             return status
 
-    async def _network_up(self, task_dir: Path) -> str:
-        """The VM's network namespace, made now (and the host's rules, on this driver's first)."""
+    async def _network_make(self, task_dir: Path) -> str:
+        """The VM's network namespace and tap, made now (and the host's rules, on this driver's first)."""
         assert self.network is not None
         if self.network.uplink and self._host_rules != self.network:
             await asyncio.to_thread(network.ensure_host, self.network)
             self._host_rules = self.network
-        return await asyncio.to_thread(network.up, self.network, task_dir)
+        return await asyncio.to_thread(network.make, self.network, task_dir)
 
-    async def _wait_ready(self, pid: int, task: QemuTask, task_dir: Path) -> None:
+    async def _wait_ready(self, pid: int, task: QemuTask, task_dir: Path,
+                          held: Awaitable[None] | None = None) -> None:
+        """Wait until QEMU runs the guest. ``held``: QEMU was started with the guest held (-S) until it is done."""
         deadline = time.monotonic() + self.boot_timeout
         while True:
             if not self._procs.alive(pid, task_dir):
@@ -197,10 +208,16 @@ class LocalDriver(Driver):
                     status = reply.get("status") if isinstance(reply, dict) else None
                     if status == "running":
                         return
-                    if status == "paused" and task.incoming is not None:
+                    if held is not None and status in ("paused", "prelaunch"):
+                        # Booted up to its first instruction, or restored ("inmigrate" before): let it run
+                        # once what it waits for is done (that raises if it failed).
+                        await held
+                        held = None
+                        await qmp(task.qmp_socket, "cont", timeout=max(0.5, deadline - time.monotonic()))
+                    elif status == "paused" and task.incoming is not None:
                         # The restore is done ("inmigrate" before) but the state was saved from a paused
-                        # VM that recorded its run state: QEMU then stays paused. images/warm.py saves
-                        # without it (the VM starts by itself, as under Nomad); an older state needs this.
+                        # VM that recorded its run state (a suspend's): QEMU then stays paused. images/warm.py
+                        # saves without it (the VM starts by itself, as under Nomad).
                         await qmp(task.qmp_socket, "cont", timeout=max(0.5, deadline - time.monotonic()))
                 except QMP_ERRORS:
                     pass

@@ -17,11 +17,15 @@ gateway and DNS server, so a clone restored from a warm layer keeps the lease it
 and nothing in the guest changes: the namespace translates. ``P`` is the VM's /30 from ``VM_NET_POOL``,
 numbered by a host-wide slot (``/run/vmgate/netslots``; /run is cleared at boot, like namespaces).
 
-The namespace lives exactly as long as the VM's QEMU: ``up`` before the spawn, ``down`` whenever the QEMU is
+The namespace lives exactly as long as the VM's QEMU: ``make`` before the spawn (the namespace and its tap),
+``finish`` while QEMU starts with the guest held (the rest), ``down`` whenever the QEMU is
 gone (stop, crash, suspend, a failed start, destroy), and ``sweep`` removes any vmg-* namespace with no QEMU
 in it (a gateway killed mid-way, ``kill -9`` of everything) and any vmg-* link without its namespace.
 
 Runs ``ip``, ``nft``, ``tc``, ``nsenter``, ``dnsmasq`` as root; ``problem()`` says why a host cannot (no network).
+
+Over 400 lines: the namespace's whole life (rules, making, finishing, removing, sweeping) is kept in one place,
+since each step relies on what the others leave.
 """
 
 from __future__ import annotations
@@ -260,33 +264,45 @@ def host_table(config: NetworkConfig | None = None) -> dict[str, object] | None:
     return json.loads(out) if out.strip() else None
 
 
-def up(config: NetworkConfig, task_dir: Path) -> str:
-    """Make the VM's namespace, links, rules, limits and DHCP server; returns the namespace's name.
-    Anything half-made is removed again before the error goes up."""
+def make(config: NetworkConfig, task_dir: Path) -> str:
+    """The VM's namespace with its tap and nothing else, which is all QEMU needs to start in it: a way out,
+    rules, limits and DHCP come with ``finish``, which the guest must not run before (the local driver
+    starts QEMU between the two, with the guest held, and lets it run once ``finish`` returned)."""
     key = hashlib.sha256(os.fsencode(str(task_dir.absolute()))).hexdigest()[:24]  # names its slot
     down(task_dir)
     slot = slots.claim(SLOTS, key, 0, config.slots())
     name = f"{PREFIX}{slot}"
     if netns_path(name).exists():  # a stray of a VM that no longer holds the slot
         _remove(name, config)
-    host_end, ns_end = addresses(config, slot)
-    ip, tc, nft = _tool(config, "ip"), _tool(config, "tc"), _tool(config, "nft")
+    ip = _tool(config, "ip")
     (task_dir / STATE).write_text(json.dumps({"netns": name, "slot": slot, "key": key}) + "\n")
     try:
         _run([ip, "netns", "add", name])
-        ns_cmds = ["link set lo up", f"tuntap add dev {TAP} mode tap", f"addr add {GATEWAY}/{GUEST_PREFIX} dev {TAP}",
-                   f"link set {TAP} up"]
+        _run([ip, "-n", name, "-batch", "-"], "\n".join([
+            "link set lo up", f"tuntap add dev {TAP} mode tap", f"addr add {GATEWAY}/{GUEST_PREFIX} dev {TAP}",
+            f"link set {TAP} up"]) + "\n")
+    except BaseException:
+        down(task_dir, config)
+        raise
+    return name
+
+
+def finish(config: NetworkConfig, task_dir: Path, name: str) -> None:
+    """The rest of what ``make`` began: the link to the host, the namespace's rules and limits, dnsmasq."""
+    ip, tc, nft = _tool(config, "ip"), _tool(config, "tc"), _tool(config, "nft")
+    host_end, ns_end = addresses(config, int(name.removeprefix(PREFIX)))  # make() names it after its slot
+    try:
         if config.uplink:
             _run([ip, "-batch", "-"], "\n".join([
                 f"link add {name} type veth peer name {UPLINK} netns {name}",
                 f"addr add {host_end}/30 dev {name}",
                 f"link set {name} up",
             ]) + "\n")
-            ns_cmds += [f"addr add {ns_end}/30 dev {UPLINK}", f"link set {UPLINK} up",
-                        f"route add default via {host_end}"]
+            _run([ip, "-n", name, "-batch", "-"], "\n".join([
+                f"addr add {ns_end}/30 dev {UPLINK}", f"link set {UPLINK} up",
+                f"route add default via {host_end}"]) + "\n")
             with contextlib.suppress(OSError):
                 Path(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6").write_text("1\n")
-        _run([ip, "-n", name, "-batch", "-"], "\n".join(ns_cmds) + "\n")
         inside = enter(name, config)
         _run([*inside, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.disable_ipv6=1",
               "net.ipv6.conf.default.disable_ipv6=1"])
@@ -299,7 +315,6 @@ def up(config: NetworkConfig, task_dir: Path) -> str:
     except BaseException:
         down(task_dir, config)
         raise
-    return name
 
 
 def down(task_dir: Path, config: NetworkConfig | None = None) -> None:
