@@ -30,9 +30,12 @@ from console import redis_keys
 from drivers.base import VncTarget
 from drivers.fake import FakeDriver
 from gateway.config import Settings
+from gateway.engine import publish as publish_module
+from gateway.engine.publish import publish, watching
 from gateway.engine.queue import WorkQueue
 from gateway.web.app import create_app
-from gateway.web.appkeys import engine_key
+from gateway.web.appkeys import engine_key, redis_key
+from gateway.web.vms import poll_row
 from tests.conftest import VM, Session, assert_envelope, fake_gateway, truncate_all
 from tests.fixtures.redis_server import RedisServer
 from tests.test_api_tokens import sql
@@ -195,6 +198,32 @@ async def test_actions_answer_202_and_settle(server: Any, sessions: Any) -> None
     assert status == 202 and body["state"] == "destroying"
     await wait_state(alice, vm_id, "destroyed")
     assert vm_id not in server.driver.vms
+
+
+async def test_a_waiting_request_reads_again_when_this_process_publishes(server: Any) -> None:
+    """A request waiting for a VM (``?wait``, a console that resumes it) reads the VM's row again as soon as
+    the engine in the same process publishes a change of that VM (publish.watching), not at its next poll:
+    here the poll is an hour. Another VM's change does not wake it."""
+    app = server.app
+    reads: list[int] = []
+
+    async def fetch(_cur: Any) -> dict[str, int]:
+        reads.append(1)
+        return {"n": len(reads)}
+
+    def change(vm_id: str) -> dict[str, Any]:
+        return {"id": vm_id, "user_id": str(uuid.uuid4()), "state": "running", "desired_state": "running"}
+
+    vm_id = str(uuid.uuid4())
+    with watching(vm_id) as changed:
+        waiter = asyncio.create_task(poll_row(app, fetch, lambda row: row["n"] >= 2, 3600, 3600, changed))
+        await asyncio.sleep(0.1)
+        await publish(app[redis_key], change(str(uuid.uuid4())))
+        await asyncio.sleep(0.1)
+        assert len(reads) == 1 and not waiter.done()
+        await publish(app[redis_key], change(vm_id))
+        assert (await asyncio.wait_for(waiter, 10)) == {"n": 2}
+    assert vm_id not in publish_module._watchers  # nothing left behind once the request stopped waiting
 
 
 async def test_destroy_during_provisioning_leaves_nothing(server: Any, sessions: Any, app_settings: Settings) -> None:

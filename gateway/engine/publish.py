@@ -1,6 +1,7 @@
 """How a VM's state change becomes known: the compare-and-set on its row (with its history entry), the
-event on Redis for live streams (gateway/web/events.py reads the channels named here), and for an
-operation the engine finished or gave up on, the metric and the audit entry.
+event on Redis for live streams (gateway/web/events.py reads the channels named here), a wake-up for requests
+of this process that wait for the VM (``watching``), and for an operation the engine finished or gave up on,
+the metric and the audit entry.
 
 ``Transitions`` is the one way the engine moves a row: every step reads the row, acts, and moves it on
 only from the state it read, so a user's request that changed the row meanwhile wins and the step looks
@@ -9,10 +10,12 @@ again.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime as dt
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import aiopg
@@ -28,6 +31,23 @@ from gateway.states import Desired, VmState
 log = logging.getLogger("vmgate.lifecycle")
 
 Row = dict[str, Any]
+_watchers: dict[str, set[asyncio.Event]] = {}  # VM id -> the events of the requests of this process waiting on it
+
+
+@contextlib.contextmanager
+def watching(vm_id: str) -> Iterator[asyncio.Event]:
+    """An event set whenever this process publishes a change of the VM: a request that waits for the VM to
+    settle (gateway/web/vms.py) reads its row again then, rather than at its next poll. A change made by
+    another gateway's worker is not seen here; the poll still finds it."""
+    event = asyncio.Event()
+    _watchers.setdefault(vm_id, set()).add(event)
+    try:
+        yield event
+    finally:
+        events = _watchers.get(vm_id, set())
+        events.discard(event)
+        if not events:
+            _watchers.pop(vm_id, None)
 
 
 def vm_channel(vm_id: str) -> str:
@@ -51,6 +71,8 @@ def event_of(row: Mapping[str, Any]) -> dict[str, Any]:
 async def publish(redis_client: aioredis.Redis, row: Mapping[str, Any]) -> None:
     """Tell live event streams about a state change. A Redis outage loses nothing: streams replay
     missed changes from Postgres (Last-Event-ID)."""
+    for event in _watchers.get(str(row["id"]), ()):
+        event.set()
     payload = json.dumps(event_of(row))
     try:
         async with redis_client.pipeline(transaction=False) as pipe:

@@ -10,6 +10,7 @@ VM in ``error`` with the reason. Requests answer at once (202) or, with ``?wait=
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -22,7 +23,7 @@ from aiohttp import web
 
 from gateway import states, store
 from gateway.engine import activity, console_grants, storage
-from gateway.engine.publish import publish
+from gateway.engine.publish import publish, watching
 from gateway.engine.templates import Templates
 from gateway.errors import ApiError, Conflict, NotFound, ServiceUnavailable, ValidationFailed
 from gateway.rows import UserRow, VmChange, VmRow
@@ -56,23 +57,32 @@ async def audit(app: web.Application, action: str, outcome: str, user: UserRow, 
 
 
 async def poll_row(app: web.Application, fetch: Callable[[aiopg.Cursor], Awaitable[R | None]],
-                   done: Callable[[R], bool], wait: float, poll: float = SETTLE_POLL) -> R:
+                   done: Callable[[R], bool], wait: float, poll: float = SETTLE_POLL,
+                   changed: asyncio.Event | None = None) -> R:
     """Read a row with ``await fetch(cursor)`` until ``done(row)`` or ``wait`` s passed; returns the last one.
-    A row that is gone is NotFound."""
+    A row that is gone is NotFound. ``changed``: read again as soon as it is set, not only every ``poll`` s."""
     deadline = time.monotonic() + wait
     while True:
+        if changed is not None:
+            changed.clear()  # before the read: a change after it sets it again
         async with store.db.cursor(app[db_key]) as cur:
             row = await fetch(cur)
         if row is None:
             raise NotFound("No such VM.")
         if done(row) or time.monotonic() >= deadline:
             return row
-        await asyncio.sleep(poll)
+        if changed is None:
+            await asyncio.sleep(poll)
+        else:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), poll)
 
 
 async def settle(app: web.Application, vm_id: str, wait: float, poll: float = SETTLE_POLL) -> VmRow:
     """The VM's row once it is settled (``is_settled``) or ``wait`` s passed."""
-    return await poll_row(app, lambda cur: store.vms.vm_by_id(cur, vm_id), states.is_settled, wait, poll)
+    with watching(vm_id) as changed:
+        return await poll_row(app, lambda cur: store.vms.vm_by_id(cur, vm_id), states.is_settled, wait, poll,
+                              changed)
 
 
 def refuse_failed_create(vm: VmRow) -> None:
