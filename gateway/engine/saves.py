@@ -7,6 +7,7 @@ move a compare-and-set from the state read). docs/LIFECYCLE.md, "Suspend and res
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -32,10 +33,11 @@ def disk_missing(row: Row) -> bool:
     return not row.get("jobspec") or not row["overlay_path"] or not Path(row["overlay_path"]).exists()
 
 
-def _drop_suspend_state(row: Row) -> None:
+async def _drop_suspend_state(row: Row) -> None:
     """Delete the saved memory once the VM runs on from it (or its disk went back to a snapshot): the
-    disk has moved on since, so it must never be restored again."""
-    storage.remove_state(Path(row["overlay_path"]))
+    disk has moved on since, so it must never be restored again. In a thread (storage.remove_overlay says
+    why): on the event loop, the console request of the VM just resumed waited for it."""
+    await asyncio.to_thread(storage.remove_state, Path(row["overlay_path"]))
 
 
 def _suspend_state_saved(row: Row) -> bool:
@@ -126,7 +128,7 @@ class Saves:
         self.deps.metrics.resume.observe(time.perf_counter() - started)
         if await self.moves.succeed(row, S.RUNNING, "resume",
                                     extra={"suspended_at": None, "restart_after": None}) is not None:
-            _drop_suspend_state(row)
+            await _drop_suspend_state(row)
         return True
 
     async def wake_to_stop(self, row: Row) -> Row:
@@ -136,7 +138,7 @@ class Saves:
         vm_id = str(row["id"])
         try:
             await self.deps.driver.start(vm_id, self._resume_job(row))
-            _drop_suspend_state(row)
+            await _drop_suspend_state(row)
         except (ApiError, DriverError, storage.StorageError, OSError) as exc:
             log.warning("VM %s: its saved memory could not be loaded to shut it down: %s", vm_id, reason_of(exc))
             with contextlib.suppress(DriverError):
@@ -244,7 +246,7 @@ class Saves:
                 if status.state != "running" or status.vnc is None:
                     raise DriverError(f"the VM did not come back: {status.reason or 'no VNC endpoint'}")
                 if row["suspended_at"] is not None:
-                    _drop_suspend_state(row)
+                    await _drop_suspend_state(row)
                 await console_grants.publish_target(self.deps.redis, vm_id, status.vnc)
                 to_state, desired = S.RUNNING, Desired.RUNNING
             else:
@@ -253,7 +255,7 @@ class Saves:
                     await driver.stop(vm_id, timeout=0)  # what runs is being thrown away
                 await storage.apply_snapshot(Path(row["overlay_path"]), tag)
                 if row["suspended_at"] is not None:
-                    _drop_suspend_state(row)
+                    await _drop_suspend_state(row)
                 to_state = S.STARTING if row["desired_state"] == Desired.RUNNING else S.STOPPED
                 desired = Desired.RUNNING if to_state == S.STARTING else Desired.STOPPED
         except (ApiError, DriverError, storage.StorageError, OSError) as exc:
