@@ -39,6 +39,7 @@ __all__ = ["local_gateway"]  # the fixture, imported for the tests below
 CLONED = "vmgate-tiny: clone of a warm template is now "
 # What only a boot prints on the serial console: the firmware, then the kernel's first lines.
 BOOT_MARKERS = ("SeaBIOS", "iPXE", "Booting from ROM", "Linux version")
+FILES_RE = re.compile(r"FILES (\S+) (\d+) (\S+) (\d+) END")
 ID_RE = re.compile(r"ID (\S+) ([0-9a-f]{32}) ([0-9a-f]{32}) (\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)")
 
 
@@ -128,6 +129,13 @@ async def test_two_warm_clones_are_distinct_machines(local_gateway: Any, session
         assert not is_warm(await stored_job(s, vm_id))
         await wait_for_serial(s, vm_id, "~ # ", timeout=30)  # a fresh shell prompt on ttyS0 after the ready line
         results[name] = await identity(local_gateway, s, vm_id)
+        # Its files say so too (written with shell builtins, identity.sh): /etc/hostname, and one 127.0.1.1
+        # line in /etc/hosts, with the new name, the base's localhost lines kept.
+        await type_text(local_gateway.app[driver_key].task_dir(vm_id) / "qmp.sock",
+                        "echo FILES $(cat /etc/hostname) $(grep -c 127.0.1.1 /etc/hosts) "
+                        "$(grep 127.0.1.1 /etc/hosts | cut -f2) $(grep -c localhost /etc/hosts) END >/dev/ttyS0\n")
+        files = FILES_RE.search(await wait_for_serial(s, vm_id, "FILES ", timeout=60))
+        assert files and files.groups() == (name, "1", name, "2"), files
         # The clone was told to look by a line on its ttyS1 from the driver, where its watcher waits (an idle
         # VM is not woken five times a second to look by itself).
         uart, received, holders = await wake_port(local_gateway, s, vm_id)

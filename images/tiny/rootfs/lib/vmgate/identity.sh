@@ -1,4 +1,9 @@
-# Sourced by rcS and vmgate-clone-watch. vmgate_name sets $name to the name this VM should have:
+# Sourced by rcS, vmgate-clone-watch, vmgate-set-identity and vmgate-clone. Shell builtins only, but for
+# vmgate_clone's clock and RNG: a clone translates every guest instruction it runs anew (TCG's code is
+# QEMU's own, per VM), and the first program a clone starts costs it about 10 000 translated blocks, some
+# 5 MiB of memory, for the kernel's exec paths alone (docs/BENCHMARKS.md).
+#
+# vmgate_name sets $name to the name this VM should have:
 # QEMU's -fw_cfg name=opt/vmgate/hostname,string=NAME (what a restored clone reads: its kernel command
 # line is the template's), else vmgate.hostname=NAME on the kernel command line, else "tiny".
 # A name that is not an RFC 1123 label becomes "tiny" and $bad_name holds it; $offered is the fw_cfg
@@ -29,4 +34,51 @@ vmgate_offered() {
 	offered=
 	[ -r /sys/firmware/qemu_fw_cfg/by_name/opt/vmgate/hostname/raw ] &&
 		read -r offered </sys/firmware/qemu_fw_cfg/by_name/opt/vmgate/hostname/raw
+}
+
+# vmgate_set_identity NAME [new]: give this machine its name (hostname, /etc/hostname, /etc/hosts) and, when
+# it has none yet or when asked to (a clone: "new"), a new /etc/machine-id: the kernel's random UUID
+# without its dashes (what systemd makes too). /etc/hosts is read whole, then written in place: no rename
+# without a program to do it.
+vmgate_set_identity() {
+	echo "$1" >/proc/sys/kernel/hostname
+	echo "$1" >/etc/hostname
+	_hosts=
+	while IFS= read -r _line; do
+		case "$_line" in
+		"127.0.1.1 "* | "127.0.1.1	"*) ;;
+		*) _hosts="$_hosts$_line
+" ;;
+		esac
+	done </etc/hosts
+	printf '%s127.0.1.1\t%s\n' "$_hosts" "$1" >/etc/hosts
+	if [ "$2" = new ] || [ ! -s /etc/machine-id ]; then
+		read -r _uuid </proc/sys/kernel/random/uuid
+		# shellcheck disable=SC3060 # busybox ash has ${var//a/b}
+		echo "${_uuid//-/}" >/etc/machine-id
+	fi
+}
+
+# vmgate_clone NAME: make a clone restored from a warm template's memory state a machine of its own: the
+# clock from the RTC (it follows the host; the system clock stopped when the state was saved), fresh
+# entropy from the host (virtio-rng) mixed into the kernel's pool and the RNG reseeded at once, the VM's
+# name, a new machine id; then the ready line. The serial console's shell is the one the template's boot
+# started, still waiting at its prompt, which was printed before the save: the prompt is printed again
+# after the ready line, as a new shell would (a new one would cost the clone some 4 000 translated blocks).
+vmgate_clone() {
+	hwclock -s -u 2>/dev/null || vmgate_log "clone: cannot read the RTC; the clock may be wrong"
+	if [ -c /dev/hwrng ] && head -c 64 /dev/hwrng >/dev/urandom 2>/dev/null; then
+		/sbin/vmgate-reseed || vmgate_log "clone: reseeding the kernel RNG failed"
+	else
+		vmgate_log "clone: no hardware RNG; the kernel RNG reseeds on its own within a minute"
+	fi
+	vmgate_set_identity "$1" new
+	sync
+	vmgate_log "clone of a warm template is now $1"
+	vmgate_log "ready"
+	printf '~ # ' >/dev/ttyS0 2>/dev/null
+}
+
+vmgate_log() {
+	echo "vmgate-tiny: $*" >/dev/ttyS0 2>/dev/null
 }
