@@ -1,7 +1,7 @@
-# Sourced by rcS, vmgate-clone-watch, vmgate-set-identity and vmgate-clone. Shell builtins only, but for
-# vmgate_clone's clock and RNG: a clone translates every guest instruction it runs anew (TCG's code is
-# QEMU's own, per VM), and the first program a clone starts costs it about 10 000 translated blocks, some
-# 5 MiB of memory, for the kernel's exec paths alone (docs/BENCHMARKS.md).
+# Sourced by rcS, vmgate-clone-watch, vmgate-set-identity and vmgate-clone. Shell builtins and applets
+# busybox runs without a new program only: a clone translates every guest instruction it runs anew
+# (TCG's code is QEMU's own, per VM), and the first program a clone starts costs it about 10 000
+# translated blocks, some 5 MiB of memory, for the kernel's exec paths alone (docs/IMAGES.md).
 #
 # vmgate_name sets $name to the name this VM should have:
 # QEMU's -fw_cfg name=opt/vmgate/hostname,string=NAME (what a restored clone reads: its kernel command
@@ -62,13 +62,23 @@ vmgate_set_identity() {
 # vmgate_clone NAME: make a clone restored from a warm template's memory state a machine of its own: the
 # clock from the RTC (it follows the host; the system clock stopped when the state was saved), fresh
 # entropy from the host (virtio-rng) mixed into the kernel's pool and the RNG reseeded at once, the VM's
-# name, a new machine id; then the ready line. The serial console's shell is the one the template's boot
-# started, still waiting at its prompt, which was printed before the save: the prompt is printed again
-# after the ready line, as a new shell would (a new one would cost the clone some 4 000 translated blocks).
+# name, a new machine id; then the ready line. No program is started: `date` and `head` are applets busybox
+# runs in a fork of this shell, and the reseeder (vmgate-reseed) has waited on fds 4 and 5 since the
+# template's boot when $vmgate_reseeder is set (vmgate-clone-watch; otherwise it is started here). The
+# serial console's shell is the one the template's boot started, still waiting at its prompt, which was
+# printed before the save: the prompt is printed again after the ready line, as a new shell would.
 vmgate_clone() {
-	hwclock -s -u 2>/dev/null || vmgate_log "clone: cannot read the RTC; the clock may be wrong"
+	if ! { read -r _now </sys/class/rtc/rtc0/since_epoch && date -u -s "@$_now" >/dev/null; } 2>/dev/null; then
+		vmgate_log "clone: cannot read the RTC; the clock may be wrong"
+	fi
 	if [ -c /dev/hwrng ] && head -c 64 /dev/hwrng >/dev/urandom 2>/dev/null; then
-		/sbin/vmgate-reseed || vmgate_log "clone: reseeding the kernel RNG failed"
+		_seeded=
+		if [ -n "$vmgate_reseeder" ]; then
+			echo >&4 && read -r -t 5 -n 1 _seeded <&5
+		else
+			_seeded=$(echo | /sbin/vmgate-reseed)
+		fi
+		[ "$_seeded" = 0 ] || vmgate_log "clone: reseeding the kernel RNG failed"
 	else
 		vmgate_log "clone: no hardware RNG; the kernel RNG reseeds on its own within a minute"
 	fi
