@@ -25,10 +25,11 @@ from typing import Any
 
 import pytest
 
+from drivers.base import DriverError
 from drivers.local import LocalDriver, network
 from jobspecs import JobSettings, Template, VMSpec, render_job
 from jobspecs.devices import NETDEVS
-from tests.fixtures.qemu import destroy_all, type_text, wait_for_serial
+from tests.fixtures.qemu import destroy_all, qemu_pids_under, type_text, wait_for_serial
 
 pytestmark = pytest.mark.qemu
 
@@ -362,6 +363,20 @@ async def test_bandwidth_is_capped_each_way(drivers: Callable[..., LocalDriver],
         print(f"{way} of {bytes_} bytes at a {mbit} Mbit/s cap: {rate:.2f} Mbit/s over {seconds:.1f} s")
         assert rate <= mbit * 1.15, (way, rate)  # a token bucket lets its burst (20 ms at the rate) through at once
     assert upload["bytes"] == size and download["sent"] == 524288
+
+
+async def test_a_network_that_cannot_be_finished_fails_the_start_and_leaves_nothing(
+        drivers: Callable[..., LocalDriver], warm_tiny: Template, vms_root: Path) -> None:
+    """QEMU starts while the rest of the VM's network is made (network.finish), with the guest held (-S).
+    When that fails (here dnsmasq), the start fails with the reason, and no QEMU, namespace, link or task
+    directory is left."""
+    before = network.leftovers()
+    driver = drivers(tools={"dnsmasq": "/bin/false"})
+    with pytest.raises(DriverError, match=r"network: .*/bin/false"):
+        await start_vm(driver, warm_tiny, vms_root, "net-unfinished", "outbound")
+    assert network.leftovers() == before
+    assert qemu_pids_under(vms_root) == [] and not driver.task_dir("net-unfinished").exists()
+    assert (await driver.status("net-unfinished")).state == "missing"  # as if it never was
 
 
 async def test_namespaces_go_with_their_qemu_stopped_killed_or_abandoned(

@@ -170,11 +170,17 @@ class LocalDriver(Driver):
                 if task.vdagent:
                     await vdagent.plug(task.qmp_socket)
             except BaseException as exc:
+                cause: BaseException = exc
                 if network_done is not None:  # its thread cannot be stopped: let it end before its work is undone
                     await asyncio.gather(network_done, return_exceptions=True)
-                self._abort_start(pid, task, task_dir, created, exc)
-                if isinstance(exc, OSError):
-                    raise DriverError(f"could not start QEMU: {exc}") from exc
+                    # A failed finish() removes the namespace and so ends the QEMU in it: that is the reason.
+                    if isinstance(exc, Exception) and not network_done.cancelled() and network_done.exception():
+                        cause = network_done.exception() or exc
+                self._abort_start(pid, task, task_dir, created, cause)
+                if isinstance(cause, OSError):
+                    raise DriverError(f"could not start QEMU: {cause}") from cause
+                if cause is not exc:
+                    raise cause from exc
                 raise
             finally:
                 self._procs.busy.discard(vm_id)
@@ -202,25 +208,23 @@ class LocalDriver(Driver):
                 last = stderr_tail(task_dir)
                 raise DriverError(f"QEMU exited during start ({exit_message(code).removeprefix('QEMU ')}): "
                                   f"{last or 'no output on stderr'}")
+            status = None
             if task.qmp_socket.exists():
-                try:
+                with contextlib.suppress(*QMP_ERRORS):
                     reply = await qmp(task.qmp_socket, "query-status", timeout=max(0.5, deadline - time.monotonic()))
                     status = reply.get("status") if isinstance(reply, dict) else None
-                    if status == "running":
-                        return
-                    if held is not None and status in ("paused", "prelaunch"):
-                        # Booted up to its first instruction, or restored ("inmigrate" before): let it run
-                        # once what it waits for is done (that raises if it failed).
-                        await held
-                        held = None
-                        await qmp(task.qmp_socket, "cont", timeout=max(0.5, deadline - time.monotonic()))
-                    elif status == "paused" and task.incoming is not None:
-                        # The restore is done ("inmigrate" before) but the state was saved from a paused
-                        # VM that recorded its run state (a suspend's): QEMU then stays paused. images/warm.py
-                        # saves without it (the VM starts by itself, as under Nomad).
-                        await qmp(task.qmp_socket, "cont", timeout=max(0.5, deadline - time.monotonic()))
-                except QMP_ERRORS:
-                    pass
+            if status == "running":
+                return
+            # Held (-S) and booted up to its first instruction or restored ("inmigrate" before): it runs once
+            # what it waits for is done (awaiting that raises if it failed). Or restored from a state saved
+            # from a paused VM that recorded its run state (a suspend's): QEMU then stays paused too.
+            # images/warm.py saves without it (the VM starts by itself, as under Nomad).
+            if (held is not None and status in ("paused", "prelaunch")) or (status == "paused" and task.incoming):
+                if held is not None:
+                    await held
+                with contextlib.suppress(*QMP_ERRORS):
+                    await qmp(task.qmp_socket, "cont", timeout=max(0.5, deadline - time.monotonic()))
+                    return  # it runs: QEMU answered "cont" (no second look 10 ms later)
             if time.monotonic() >= deadline:
                 last = stderr_tail(task_dir)
                 raise DriverError(f"QEMU did not report running on its QMP socket within {self.boot_timeout:g} s"
