@@ -118,8 +118,10 @@ async def test_a_create_is_one_trace_from_request_to_driver(aiohttp_server: Any,
     start = next(x for x in trace if x["name"] == "qemu.start")
     assert start["parent"] in {x["span_id"] for x in steps} and start["attributes"]["vm.start"] in ("warm", "cold")
     assert any("console.ready" in x["events"] for x in steps)
-    # Each span ends before its parent does, and the request spans the whole create (it waited for it).
-    assert server["start"] <= wait["start"] <= work["start"] and work["end"] <= server["end"]
+    # The request spans the create up to QEMU's start (it waited for the VM to run). The worker's own span
+    # may end a moment after the answer: the request wakes as soon as the worker publishes the VM's new state
+    # (publish.watching), before the worker has closed its span.
+    assert server["start"] <= wait["start"] <= work["start"] and start["end"] <= server["end"]
 
 
 async def test_a_callers_trace_and_request_id_are_kept_and_bad_ids_replaced(
