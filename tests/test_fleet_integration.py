@@ -715,7 +715,7 @@ async def test_snapshots_on_nomad_and_a_saved_state_resumed_by_the_job(
         with contextlib.suppress(Exception):
             await local.destroy(moved)
         await local.close()
-        storage.remove_overlay(overlay)
+        await storage.remove_overlay(overlay)
 
 
 async def _glob(root: Path, pattern: str) -> list[Path]:

@@ -7,7 +7,6 @@ a create may have begun since the scan.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time
@@ -81,7 +80,7 @@ class Collector:
                 continue
             if not await self._still_orphan(vm_id):
                 continue
-            await asyncio.to_thread(storage.remove_overlay, path.with_name(f"{vm_id}.qcow2"))
+            await storage.remove_overlay(path.with_name(f"{vm_id}.qcow2"))
             removed.append(str(path))
         return removed
 

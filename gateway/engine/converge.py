@@ -9,7 +9,6 @@ moves the row only from the state it read (``Transitions``), so a job delivered 
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import datetime as dt
 import logging
@@ -157,7 +156,7 @@ class Converger:
             await self.deps.driver.destroy(vm_id)
         await self.deps.revoke(vm_id)
         if row["overlay_path"]:
-            await asyncio.to_thread(storage.remove_overlay, Path(row["overlay_path"]))
+            await storage.remove_overlay(Path(row["overlay_path"]))
         await self.moves.fail(row, "create", reason, to=S.ERROR, desired=Desired.DESTROYED)
 
     async def _start(self, row: Row) -> bool:
@@ -304,7 +303,7 @@ class Converger:
             await activity.forget(self.deps.redis, vm_id)
             await self.deps.driver.destroy(vm_id)
             if row["overlay_path"]:
-                await asyncio.to_thread(storage.remove_overlay, Path(row["overlay_path"]))
+                await storage.remove_overlay(Path(row["overlay_path"]))
             async with store.db.cursor(self.deps.pool) as cur:
                 await store.snapshots.forget_snapshots(cur, vm_id, "vm destroyed")
         except (DriverError, OSError) as exc:

@@ -7,7 +7,6 @@ move a compare-and-set from the state read). docs/LIFECYCLE.md, "Suspend and res
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time
@@ -35,9 +34,8 @@ def disk_missing(row: Row) -> bool:
 
 async def _drop_suspend_state(row: Row) -> None:
     """Delete the saved memory once the VM runs on from it (or its disk went back to a snapshot): the
-    disk has moved on since, so it must never be restored again. In a thread (storage.remove_overlay says
-    why): on the event loop, the console request of the VM just resumed waited for it."""
-    await asyncio.to_thread(storage.remove_state, Path(row["overlay_path"]))
+    disk has moved on since, so it must never be restored again."""
+    await storage.remove_state(Path(row["overlay_path"]))
 
 
 def _suspend_state_saved(row: Row) -> bool:

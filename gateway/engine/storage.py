@@ -141,21 +141,26 @@ def state_path(overlay: Path) -> Path:
     return overlay.with_suffix(".state")
 
 
-def remove_state(overlay: Path) -> None:
-    """Remove a VM's saved memory, once it runs on from it (or is destroyed). Idempotent."""
+def _unlink_all(*paths: Path) -> None:
+    for path in paths:
+        path.unlink(missing_ok=True)
+
+
+async def remove_state(overlay: Path) -> None:
+    """Remove a VM's saved memory, once it runs on from it (or is destroyed). Idempotent. In a thread, as
+    ``remove_overlay``."""
     state = state_path(overlay)
-    state.unlink(missing_ok=True)
-    state.with_name(state.name + ".part").unlink(missing_ok=True)
+    await asyncio.to_thread(_unlink_all, state, state.with_name(state.name + ".part"))
 
 
-def remove_overlay(path: Path) -> None:
+async def remove_overlay(path: Path) -> None:
     """Remove an overlay (and a saved memory state beside it). Idempotent. The user's folder stays: removing
     it once empty would race with a create for the same user between its mkdir and its qemu-img (the
-    collector removes old empty ones). The engine calls it in a thread: freeing a file's blocks takes the
-    file system a while (18 ms for a 58 MiB memory state here), which the event loop would wait out."""
-    path.unlink(missing_ok=True)
-    path.with_suffix(".qcow2.part").unlink(missing_ok=True)
-    remove_state(path)
+    collector removes old empty ones). In a thread: freeing a file's blocks takes the file system a while
+    (18 ms for a 58 MiB memory state here), which the event loop would wait out."""
+    state = state_path(path)
+    await asyncio.to_thread(_unlink_all, path, path.with_suffix(".qcow2.part"), state,
+                            state.with_name(state.name + ".part"))
 
 
 # ---- internal snapshots (a VM's suspend state and its user's snapshots; docs/SNAPSHOTS.md) ----------
