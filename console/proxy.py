@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, modes
 from websockify import websocketproxy
 
 from console import metrics
+from console.nudge import NudgingSocket
 
 HANDSHAKE_TIMEOUT = 15.0  # seconds for the whole handshake, both sides
 SECURITY_NONE = 1  # as console/rfb.py says, which is not imported here: it would bring aiohttp into websockify
@@ -162,6 +163,13 @@ class VncAuthProxyRequestHandler(websocketproxy.ProxyRequestHandler):
             pending = self.send_frames()
 
     def do_proxy(self, target: socket.socket) -> None:
+        nudging = NudgingSocket(target)  # console/nudge.py: QEMU looks at the screen again after input
+        try:
+            self._proxy(nudging)
+        finally:
+            nudging.stop()
+
+    def _proxy(self, target: Any) -> None:
         plugin: Any = self.server.token_plugin
         password = getattr(plugin, "vnc_password", None)
         if password:

@@ -270,9 +270,6 @@ def qemu_args(vm: VMSpec, template: Template, target: str = "local") -> list[str
         "-smbios", "type=11,value=" + kernel_cmdline(vm, template, target).replace(",", ",,"),
         # ${NOMAD_TASK_DIR} is interpolated by the driver at start (Nomad's runtime variables).
         "-vnc", vnc_arg(target, vm.network),
-        # A display with no client (p2p: no bus, no socket) that holds QEMU's refresh timer at 30 ms, which VNC
-        # alone backs off towards 3 s: keys on an idle console showed late (docs/CONSOLE.md, "How fast a key shows").
-        "-display", "dbus,p2p=yes",
         "-qmp", "unix:${NOMAD_TASK_DIR}/qmp.sock,server=on,wait=off",
         "-sandbox", sandbox.value(),  # jobspecs/sandbox.py
         # These devices (jobspecs/devices.py), Nomad's own, and QEMU's user-mode network only in a fleet VM's

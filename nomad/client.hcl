@@ -54,7 +54,7 @@ plugin "qemu" {
     image_paths = ["/srv/vmgate/images", "/srv/vmgate/vms"]
 
     # Exactly the flags jobspecs.render puts in a VM job's args (tests/test_fleet.py checks it):
-    # the boot loader (-kernel, GRUB) and the kernel command line it reads (-smbios type=11), vCPUs, VNC (and -display dbus,p2p=yes, which keeps VNC's refresh at 30 ms), QMP, QEMU's
+    # the boot loader (-kernel, GRUB) and the kernel command line it reads (-smbios type=11), vCPUs, VNC, QMP, QEMU's
     # seccomp sandbox, only the devices a VM needs (-nodefaults, -vga std, -serial stdio: the serial console
     # is the task's stdout), one NIC (-netdev: an empty hub, or for an outbound VM QEMU's user-mode network
     # inside the allocation's own namespace: jobspecs/fleet.py), virtio-rng (-device), the VM's
@@ -71,7 +71,6 @@ plugin "qemu" {
       "-kernel",
       "-smbios",
       "-vnc",
-      "-display",
       "-qmp",
       "-sandbox",
       "-nodefaults",

@@ -186,7 +186,7 @@ def test_the_client_allowlist_is_exactly_the_renderers_flags(templates: dict[str
             emitted |= set(flags_of(vnc_password.with_password(job, vnc_password.new_password())))
     assert emitted <= allowed, f"flags missing from {CLIENT_HCL}: {sorted(emitted - allowed)}"
     assert allowed == emitted, f"{CLIENT_HCL} allows flags no job uses: {sorted(allowed - emitted)}"
-    assert allowed == {"-smp", "-kernel", "-smbios", "-vnc", "-display", "-qmp", "-sandbox", "-nodefaults",
+    assert allowed == {"-smp", "-kernel", "-smbios", "-vnc", "-qmp", "-sandbox", "-nodefaults",
                        "-vga", "-serial", "-netdev", "-device", "-fw_cfg", "-set", "-incoming", "-loadvm", "-object"}
 
 

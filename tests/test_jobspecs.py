@@ -263,7 +263,6 @@ def test_every_template_renders_at_every_size(templates: dict[str, Template]) ->
             "-kernel", str(template.boot),
             "-smbios", f"type=11,value={template.cmdline} vmgate.hostname=box-1 vmgate.wake=ttyS1",
             "-vnc", "unix:${NOMAD_TASK_DIR}/vnc.sock",
-            "-display", "dbus,p2p=yes",
             "-qmp", "unix:${NOMAD_TASK_DIR}/qmp.sock,server=on,wait=off",
             "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
             "-nodefaults", *display, "-serial", "stdio",
