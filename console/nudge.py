@@ -46,6 +46,7 @@ XVP, SET_DESKTOP_SIZE, QEMU = 250, 251, 255
 FIXED = {SET_PIXEL_FORMAT: 20, UPDATE_REQUEST: 10, KEY: 8, POINTER: 6, XVP: 4}
 INPUT = (KEY, POINTER)
 QEMU_EXT_KEY, QEMU_AUDIO = 0, 1
+HEAD = 16  # bytes of a message kept until it is whole: the longest handshake step, the longest it takes to tell
 
 
 def message_length(head: bytes) -> int | None:
@@ -71,50 +72,57 @@ def message_length(head: bytes) -> int | None:
 
 
 class ClientStream:
-    """The client's side of one RFB connection, fed as it is sent: where its messages begin and end."""
+    """The client's side of one RFB connection, fed as it is sent: where its messages begin and end. It
+    keeps at most a message's first ``HEAD`` bytes: the rest of a long one (a paste) is only counted."""
 
     def __init__(self) -> None:
-        self._buffer = b""
+        self._buffer = b""  # the start of a message not yet whole (short ones whole)
+        self._skip = 0  # bytes of a long message still to come, counted, not kept
         self._state = "version"
         self.lost = False  # something this does not know came: no more nudges on this connection
 
     @property
     def between_messages(self) -> bool:
         """True when everything fed so far ends with a whole message (a place for one more)."""
-        return self._state == "messages" and not self._buffer and not self.lost
+        return self._state == "messages" and not self._buffer and not self._skip and not self.lost
 
     def feed(self, data: bytes) -> bool:
         """Take bytes the client sent; True when they end at least one message to nudge after: a key, the
         pointer, or a request for the whole screen (a new connection's first, a resize's)."""
         if self.lost:
             return False
-        self._buffer += data
-        saw_input = False
-        while self._buffer and not self.lost:
-            length = self._next_length()
+        if self._skip:
+            taken = min(self._skip, len(data))
+            self._skip -= taken
+            data = data[taken:]
+        buffer, start, saw_input = self._buffer + data, 0, False
+        while start < len(buffer):
+            length = self._next_length(buffer[start:start + HEAD])
             if length is None:
                 self.lost = True
-            elif length == 0 or len(self._buffer) < length:
                 break
-            else:
-                if self._state == "messages":
-                    kind = self._buffer[0]
-                    saw_input |= (kind in INPUT or (kind == QEMU and self._buffer[1] == QEMU_EXT_KEY)
-                                  or (kind == UPDATE_REQUEST and self._buffer[1] == 0))
-                self._advance(self._buffer[:length])
-                self._buffer = self._buffer[length:]
-        if self.lost:
-            self._buffer = b""
+            if length == 0 or len(buffer) - start < length:
+                if length > HEAD:  # a long message's head: count the rest instead of keeping it
+                    self._skip = length - (len(buffer) - start)
+                    start = len(buffer)
+                break
+            unit = buffer[start:start + min(length, HEAD)]
+            if self._state == "messages":
+                saw_input |= (unit[0] in INPUT or (unit[0] == QEMU and unit[1] == QEMU_EXT_KEY)
+                              or (unit[0] == UPDATE_REQUEST and unit[1] == 0))
+            self._advance(unit)
+            start += length
+        self._buffer = b"" if self.lost else buffer[start:]
         return saw_input
 
-    def _next_length(self) -> int | None:
+    def _next_length(self, head: bytes) -> int | None:
         if self._state == "version":  # "RFB 003.008\n"; 3.3 lets the server pick the security: not followed
             return 12
         if self._state in ("security", "init"):
             return 1
         if self._state == "auth":  # VNC authentication's DES response
             return 16
-        return message_length(self._buffer)
+        return message_length(head)
 
     def _advance(self, unit: bytes) -> None:
         if self._state == "version":

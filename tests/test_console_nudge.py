@@ -78,6 +78,25 @@ def test_the_stream_knows_the_length_of_every_message_qemu_takes(message: bytes)
     assert stream.feed(KEY_DOWN) is True  # still in step: the next message is read as one
 
 
+def test_a_long_paste_is_counted_across_sends() -> None:
+    stream = key_after_handshake()
+    text = b"y" * 100_000
+    paste = struct.pack(">BxxxI", 6, len(text)) + text
+    assert stream.feed(paste[:5000]) is False
+    for start in range(5000, len(paste) - 10, 4096):
+        stream.feed(paste[start:min(start + 4096, len(paste) - 10)])
+        assert not stream.between_messages  # still inside the paste
+    assert stream.feed(paste[len(paste) - 10:] + KEY_DOWN) is True  # its end and a key in one send
+    assert stream.between_messages
+
+
+def test_many_messages_in_one_send() -> None:
+    stream = key_after_handshake()
+    assert stream.feed(POINTER * 50_000 + UPDATE[:3]) is True
+    assert not stream.between_messages
+    assert stream.feed(UPDATE[3:]) is False and stream.between_messages
+
+
 def test_the_stream_follows_vnc_authentication() -> None:
     stream = ClientStream()
     assert stream.feed(b"RFB 003.008\n" + bytes([2]) + bytes(16) + bytes([1])) is False
