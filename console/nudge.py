@@ -179,7 +179,7 @@ class NudgingSocket:
         with self._cond:
             self._closed = True
             self._cond.notify()
-        self._thread.join()
+        self._thread.join(timeout=1.0)
 
     def _run(self) -> None:
         with self._cond:
@@ -194,9 +194,13 @@ class NudgingSocket:
                 if not self._stream.between_messages:  # a message half sent: once it is through
                     self._due = None if self._stream.lost else now + RETRY
                     continue
-                try:
-                    self._sock.sendall(NUDGE)  # eight bytes; QEMU reads its socket all the time
+                try:  # never wait on QEMU here: this holds the lock the relaying thread's sends take
+                    sent = self._sock.send(NUDGE, socket.MSG_DONTWAIT)
+                    if sent < len(NUDGE):  # the socket's buffer all but full: finish it before anything else
+                        self._sock.sendall(NUDGE[sent:])
+                    self.nudges += 1
+                except BlockingIOError:  # full: nothing went, the stream is as it was; this one is skipped
+                    pass
                 except OSError:
                     return
-                self.nudges += 1
                 self._due = now + self._every if now + self._every <= self._last_input + self._window else None

@@ -8,9 +8,11 @@ the VNC key events they receive (``vnc_key_event_map``) and the keys they hand t
 
 from __future__ import annotations
 
+import contextlib
 import re
 import socket
 import struct
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -194,6 +196,27 @@ def test_a_nudge_never_splits_a_message(pair: tuple[NudgingSocket, socket.socket
     assert nothing_more(qemu_side)
     nudging.sendall(UPDATE[4:])
     assert read_exactly(qemu_side, len(UPDATE) - 4 + len(NUDGE)) == UPDATE[4:] + NUDGE
+
+
+def test_a_qemu_that_reads_nothing_does_not_hold_the_nudging_thread() -> None:
+    """QEMU's socket full (QEMU hung): a nudge that falls due is skipped, not waited for while holding the
+    lock the relay's sends take, and the connection's process can still end (stop() joins the thread)."""
+    proxy_side, qemu_side = socket.socketpair()  # a blocking socket, as websockify's to QEMU
+    nudging = NudgingSocket(proxy_side, delay=0.05, every=0.005, window=0.5)
+    try:
+        nudging.sendall(HANDSHAKE + KEY_DOWN)
+        with contextlib.suppress(BlockingIOError):
+            while True:  # whole messages only, so the stream stays between two of them
+                proxy_side.send(POINTER, socket.MSG_DONTWAIT)
+        time.sleep(0.3)  # nudges fall due against the full socket, again and again
+        assert nudging._cond.acquire(timeout=1.0)  # the relay could take the lock for its next send
+        nudging._cond.release()
+    finally:
+        nudging.stop()
+        stuck = nudging._thread.is_alive()
+        proxy_side.close()
+        qemu_side.close()
+    assert not stuck, "the nudging thread was still in a send when its connection ended"
 
 
 def test_a_lost_stream_passes_unchanged(pair: tuple[NudgingSocket, socket.socket]) -> None:
