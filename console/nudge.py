@@ -11,9 +11,13 @@ in its handshake, sends nothing and stretches the timer, and the request for the
 (type 3, which does not set the timer back) was answered 80 ms later.
 
 So this proxy sends QEMU one more message ``NUDGE_DELAY`` after the client's last input (a key, the
-pointer, or a request for the whole screen, which noVNC sends when it connects and after a resize): a key *release*
-of NoSymbol (keysym 0). QEMU maps it to no key and drops the release of a key that is not down before the
-guest sees anything (ui/kbd-state.c); but it is type 4, so the timer is set back again and its next tick
+pointer, or a request for the whole screen, which noVNC sends when it connects and after a resize): QEMU's
+extended key event (type 255, 0) releasing key code 0. Key code 0 is no key, and QEMU drops the release of
+a key that is not down before the guest sees anything (ui/kbd-state.c). (A plain KeyEvent of an unmapped
+keysym would do the same, but QEMU 7.2 prints "no scancode found for keysym" on its stderr each time, which
+the local driver keeps as the VM's stderr.log: it would grow with every key typed. The extended event
+skips the keymap as long as QEMU has no -k layout, which no VM job gives it.) But it is a message of
+type 4 or above, so the timer is set back again and its next tick
 comes 30 ms after the one that found nothing, when the echo is on the screen. It sends it again every
 ``NUDGE_EVERY`` until ``NUDGE_WINDOW`` after the last input, for what a guest draws later (a command's
 output, a slower desktop): for that long the timer stays at 30 ms, as a second display that asks for 30 ms
@@ -37,7 +41,7 @@ NUDGE_DELAY = 0.015  # seconds after the client's last input; shorter than QEMU'
 NUDGE_EVERY = 0.03  # then again at QEMU's base interval (a slower guest's drawing, a command's output) ...
 NUDGE_WINDOW = 0.3  # ... until this long after the last input
 RETRY = 0.002  # seconds, when the nudge is due in the middle of a message
-NUDGE = struct.pack(">BBxxI", 4, 0, 0)  # KeyEvent: released, keysym 0 (NoSymbol)
+NUDGE = struct.pack(">BBHII", 255, 0, 0, 0, 0)  # QEMU extended key event: released, keysym 0, key code 0
 
 # Client message types QEMU's VNC server takes (ui/vnc.c protocol_client_msg) and their fixed lengths;
 # None: the length is in the message.
