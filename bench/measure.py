@@ -365,7 +365,6 @@ async def density(ctx: Context) -> Phase:
     # list that grows with them (one account holding every VM measured its list's length: docs/BENCHMARKS.md).
     reader = await ctx.new_user()
     owners: list[tuple[Api, list[str]]] = [(reader, [])]
-    vm_ids: list[str] = []
     steps: list[dict[str, Any]] = []
     started = time.monotonic()
     baseline_available = mem_available()
@@ -383,16 +382,16 @@ async def density(ctx: Context) -> Phase:
                 owner, owned = owners[-1]
                 owned.append(await owner.create_vm(**DEFAULT_SIZE))
                 batch.append((owner, owned[-1]))
-            vm_ids.extend(vm_id for _, vm_id in batch)
+            vms = sum(len(owned) for _, owned in owners)
             await asyncio.gather(*(owner.wait_state(v, "running", poll=0.2, timeout=300) for owner, v in batch))
             await asyncio.sleep(cfg.density_settle)  # restored guests finish their clone step, then idle
-            step = await _density_step(ctx, reader, len(vm_ids), baseline_available)
+            step = await _density_step(ctx, reader, vms, baseline_available)
             steps.append(step)
-            ctx.say(f"density: {len(vm_ids)} VMs, API p99 {_ms(step['p99_s'])}, QEMU RSS median "
+            ctx.say(f"density: {vms} VMs, API p99 {_ms(step['p99_s'])}, QEMU RSS median "
                     f"{step['rss']['median'] / 2**20:.0f} MiB, load {step['load_avg'][0]:.1f}")
             if step["p99_s"] > DENSITY_P99_LIMIT_S:
                 reason = f"API p99 passed {_ms(DENSITY_P99_LIMIT_S)}"
-            elif len(vm_ids) >= cfg.density_cap:
+            elif vms >= cfg.density_cap:
                 reason = f"cap of {cfg.density_cap} VMs reached (p99 still under {_ms(DENSITY_P99_LIMIT_S)})"
             elif time.monotonic() - started > cfg.density_time_limit:
                 reason = f"time limit of {cfg.density_time_limit:g} s reached"

@@ -82,13 +82,16 @@ class ClientStream:
     def __init__(self) -> None:
         self._buffer = b""  # the start of a message not yet whole (short ones whole)
         self._skip = 0  # bytes of a long message still to come, counted, not kept
-        self._state = "version"
-        self.lost = False  # something this does not know came: no more nudges on this connection
+        self._state = "version"  # ... "messages"; "lost": something this does not know came, no more nudges
+
+    @property
+    def lost(self) -> bool:
+        return self._state == "lost"
 
     @property
     def between_messages(self) -> bool:
         """True when everything fed so far ends with a whole message (a place for one more)."""
-        return self._state == "messages" and not self._buffer and not self._skip and not self.lost
+        return self._state == "messages" and not self._buffer and not self._skip
 
     def feed(self, data: bytes) -> bool:
         """Take bytes the client sent; True when they end at least one message to nudge after: a key, the
@@ -103,7 +106,7 @@ class ClientStream:
         while start < len(buffer):
             length = self._next_length(buffer[start:start + HEAD])
             if length is None:
-                self.lost = True
+                self._state = "lost"
                 break
             if length == 0 or len(buffer) - start < length:
                 if length > HEAD:  # a long message's head: count the rest instead of keeping it
@@ -137,7 +140,6 @@ class ClientStream:
             self._state = "init"
         elif self._state == "init":
             self._state = "messages"
-        self.lost = self._state == "lost"
 
 
 class NudgingSocket:

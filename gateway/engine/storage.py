@@ -149,8 +149,13 @@ def _unlink_all(*paths: Path) -> None:
 async def remove_state(overlay: Path) -> None:
     """Remove a VM's saved memory, once it runs on from it (or is destroyed). Idempotent. In a thread, as
     ``remove_overlay``."""
+    await asyncio.to_thread(_unlink_all, *_state_files(overlay))
+
+
+def _state_files(overlay: Path) -> tuple[Path, Path]:
+    """A VM's saved memory and the file a save writes before it renames it."""
     state = state_path(overlay)
-    await asyncio.to_thread(_unlink_all, state, state.with_name(state.name + ".part"))
+    return state, state.with_name(state.name + ".part")
 
 
 async def remove_overlay(path: Path) -> None:
@@ -158,9 +163,7 @@ async def remove_overlay(path: Path) -> None:
     it once empty would race with a create for the same user between its mkdir and its qemu-img (the
     collector removes old empty ones). In a thread: freeing a file's blocks takes the file system a while
     (18 ms for a 58 MiB memory state here), which the event loop would wait out."""
-    state = state_path(path)
-    await asyncio.to_thread(_unlink_all, path, path.with_suffix(".qcow2.part"), state,
-                            state.with_name(state.name + ".part"))
+    await asyncio.to_thread(_unlink_all, path, path.with_suffix(".qcow2.part"), *_state_files(path))
 
 
 # ---- internal snapshots (a VM's suspend state and its user's snapshots; docs/SNAPSHOTS.md) ----------
