@@ -25,6 +25,7 @@ import redis
 from gateway.config import Settings
 from gateway.web.app import create_app
 from gateway.web.appkeys import driver_key
+from jobspecs.manifest import sha256_of
 from tests.conftest import Session, release_vms_under, short_vms_root, truncate_all
 from tests.fixtures.qemu import type_text, wait_for_serial
 
@@ -164,4 +165,44 @@ async def test_a_backup_of_a_running_stack_restores_on_a_clean_data_dir(
         f.write(b"\0\0\0\0")
     result = await asyncio.to_thread(cli, new, "restore", "--force", str(damaged))
     assert result.returncode == 1 and "does not match the manifest" in result.stderr, result.stderr
+
+    # A restore that fails once it has begun leaves the database as it was and takes the VM files it copied
+    # away again. Twice: a dump its manifest vouches for but cut short (pg_restore fails before anything
+    # changed), and a load that fails half-way (a guard in the database refuses the `vms` table after the
+    # old schema was dropped and the dump's first tables made): the drop is rolled back with it.
+    cut = tmp_path / "cut"
+    shutil.copytree(folder, cut)
+    dump = cut / "db.dump"
+    dump.write_bytes(dump.read_bytes()[:dump.stat().st_size * 2 // 3])
+    manifest = json.loads((cut / "manifest.json").read_text())
+    manifest["files"]["db.dump"] = sha256_of(dump)
+    (cut / "manifest.json").write_text(json.dumps(manifest))
+    result = await asyncio.to_thread(cli, new, "restore", "--force", str(cut))
+    assert result.returncode == 1 and "pg_restore failed" in result.stderr, result.stderr
+    await still_as_it_was(s, restore_db, second_vms_root, email, user_id)
+
+    with psycopg2.connect(restore_db) as conn, conn.cursor() as cur:
+        cur.execute("CREATE SCHEMA guard")
+        cur.execute("CREATE FUNCTION guard.refuse() RETURNS event_trigger LANGUAGE plpgsql AS $$ BEGIN "
+                    "IF EXISTS (SELECT FROM pg_event_trigger_ddl_commands() WHERE object_identity = 'public.vms') "
+                    "THEN RAISE EXCEPTION 'guard: no vms table here'; END IF; END $$")
+        cur.execute("CREATE EVENT TRIGGER refuse_vms ON ddl_command_end EXECUTE FUNCTION guard.refuse()")
+    conn.close()
+    result = await asyncio.to_thread(cli, new, "restore", "--force", str(folder))
+    assert result.returncode == 1 and "psql failed" in result.stderr, result.stderr
+    assert "guard: no vms table here" in result.stderr, result.stderr
+    await still_as_it_was(s, restore_db, second_vms_root, email, user_id)
+
+
+async def still_as_it_was(s: Session, database_url: str, vms_root: Path, email: str, user_id: str) -> None:
+    """After a failed restore: the one user, their three VMs destroyed, no VM file, and the user logs in."""
+    with psycopg2.connect(database_url) as conn, conn.cursor() as cur:
+        cur.execute("SELECT id::text, email FROM users")
+        assert cur.fetchall() == [(user_id, email)]
+        cur.execute("SELECT state, count(*) FROM vms GROUP BY state")
+        assert cur.fetchall() == [("destroyed", 3)]
+    conn.close()
+    assert sorted(p.name for p in (vms_root / "users").rglob("*") if p.is_file()) == []
+    status, body = await s.request("POST", "/api/auth/login", json={"email": email, "password": PASSWORD})
+    assert status == 200 and body["user"]["id"] == user_id, body
 

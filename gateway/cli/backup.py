@@ -21,11 +21,13 @@ Redis is not in it: it holds live state only (queues, console tokens, rate limit
 ``.env`` is not either: it holds the secrets; keep it apart. A new JWT_SECRET only ends the old sessions.
 
 A restore checks every file against the manifest first, refuses a database that already has users (unless
-``--force``) and any VM file already present, then loads the dump, applies newer migrations, puts the
-images in IMAGES_DIR (an image folder already there with other bytes is left alone and the backup's goes to
-``IMAGES_DIR/restored/<backup>/``), copies the overlays into VMS_ROOT, points their backing files and the
-VMs' stored paths at the new places, and marks the VMs that were running or in a transition ``stopped``:
-their owners start them (from the copied disk). docs/OPERATIONS.md, "Backups".
+``--force``) and any VM file already present, then puts the images in IMAGES_DIR (an image folder already
+there with other bytes is left alone and the backup's goes to ``IMAGES_DIR/restored/<backup>/``), copies
+the overlays into VMS_ROOT and points their backing files at the new places, loads the dump (in one
+transaction; a dump that fails to load, or a copy that fails before it, leaves the database as it was and
+takes the copied overlays away again), applies newer migrations, points the VMs' stored paths at the new
+places, and marks the VMs that were running or in a transition ``stopped``: their owners start them (from
+the copied disk). docs/OPERATIONS.md, "Backups".
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import json
 import os
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -265,10 +268,18 @@ async def _database_in_use(settings: Settings) -> int:
         return int((await cur.fetchone())[0])
 
 
-async def _reset_schema(settings: Settings) -> None:
-    async with aiopg.connect(settings.postgres_url, timeout=10) as conn, conn.cursor() as cur:
-        await cur.execute("DROP SCHEMA public CASCADE")
-        await cur.execute("CREATE SCHEMA public")
+def _load_dump(settings: Settings, dump: Path) -> None:
+    """Replace the database's schema with the dump's in one transaction: a dump that fails to load (a
+    truncated file, a newer format) leaves the database as it was, never half-made. ``pg_restore`` writes
+    the dump as SQL first (its failure stops here, before anything changed); ``psql`` then drops the old
+    schema and runs that SQL between one BEGIN and one COMMIT (ROLLBACK on the first error)."""
+    env = _pg_env(settings.postgres_url)
+    with tempfile.TemporaryDirectory(prefix="vmgate-restore-") as tmp:
+        script = Path(tmp) / "db.sql"
+        _run([_tool("pg_restore"), "--no-owner", "--no-privileges", "--exit-on-error", "-f", str(script),
+              str(dump)])
+        _run([_tool("psql"), "-X", "-q", "--single-transaction", "-v", "ON_ERROR_STOP=1",
+              "-c", "DROP SCHEMA public CASCADE", "-c", "CREATE SCHEMA public", "-f", str(script)], env)
 
 
 def _place_images(folder: Path, manifest: dict[str, Any], images_dir: Path) -> dict[str, str]:
@@ -324,23 +335,29 @@ async def restore(settings: Settings, folder: Path, *, force: bool) -> str:
     if present:
         raise Refused(f"VM files exist already where the backup's go (VMS_ROOT {settings.vms_root}): {present[:3]}")
 
-    await _reset_schema(settings)
-    pg_restore = _tool("pg_restore")
-    await asyncio.to_thread(_run, [pg_restore, "--no-owner", "--no-privileges", "--exit-on-error",
-                                   "-d", _pg_env(settings.postgres_url)["PGDATABASE"], str(folder / "db.dump")],
-                            _pg_env(settings.postgres_url))
-    await apply_migrations(settings)
-
     moved = await asyncio.to_thread(_place_images, folder, manifest, settings.images_dir)
     for image_dir in moved.values():
         for image in Path(image_dir).glob("*.qcow2"):
             await asyncio.to_thread(_rebase, image, moved)
-    for vm, target in targets:
-        await asyncio.to_thread(_copy, folder / vm["overlay"], target)
-        target.chmod(0o600)
-        await asyncio.to_thread(_rebase, target, moved)
-        if vm.get("memory"):
-            await asyncio.to_thread(_copy, folder / vm["memory"], target.with_suffix(".state"))
+    # The VMs' files first, then the database: a copy that fails (a full disk) or a dump that does not
+    # load takes the copied files away again and leaves the database as it was. (The image folders stay:
+    # they are where they belong or under restored/, and a VM file names them only once it is copied.)
+    copied: list[Path] = []
+    try:
+        for vm, target in targets:
+            copied.append(target)
+            await asyncio.to_thread(_copy, folder / vm["overlay"], target)
+            target.chmod(0o600)
+            await asyncio.to_thread(_rebase, target, moved)
+            if vm.get("memory"):
+                copied.append(target.with_suffix(".state"))
+                await asyncio.to_thread(_copy, folder / vm["memory"], copied[-1])
+        await asyncio.to_thread(_load_dump, settings, folder / "db.dump")
+    except BaseException:
+        for path in copied:
+            path.unlink(missing_ok=True)
+        raise
+    await apply_migrations(settings)
     stopped = await _fix_rows(settings, manifest, {**moved, str(old_vms_root): str(settings.vms_root)})
     return (f"restored {manifest['name']}: {len(targets)} VM disk(s), {len(manifest['images'])} image folder(s); "
             f"{stopped} VM(s) that were running or between states are stopped (their owners start them)"
