@@ -9,7 +9,7 @@ NOVNC_STAMP := node_modules/.package-lock.json
 CSS_OUT := gateway/web/static/build/app.css
 export PYTEST_ARGS
 
-.PHONY: help deps venv novnc css env images images-tiny services status migrate admin backup restore rotate run down test test-fast bench lint typecheck clean
+.PHONY: help deps venv novnc css env images images-tiny services status migrate admin backup restore prune-layers rotate run down test test-fast bench lint typecheck clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z][a-z-]*:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -64,6 +64,9 @@ backup: services venv ## copy the database, the VMs' disks and their images to D
 restore: services venv ## restore a backup onto this machine's empty state: make restore BACKUP=folder [FORCE=1]
 	@[ -n "$(BACKUP)" ] || { echo "usage: make restore BACKUP=data/backups/vmgate-<time> [FORCE=1]"; exit 2; }
 	@deploy/with-env.sh $(PY) -m gateway.cli restore $(if $(FORCE),--force) "$(BACKUP)"
+
+prune-layers: services venv ## remove the warm layers no VM uses and that are not current [DRY_RUN=1: only say which]
+	@deploy/with-env.sh $(PY) -m gateway.cli prune-layers $(if $(DRY_RUN),--dry-run)
 
 rotate: services venv ## replace a secret on its server and in .env: make rotate SECRET=jwt|redis|postgres [ROTATE_ARGS=--drop-old]
 	@[ -n "$(SECRET)" ] || { echo "usage: make rotate SECRET=jwt|redis|postgres [ROTATE_ARGS=--drop-old]"; exit 2; }

@@ -16,8 +16,9 @@ and prompt, saves its memory state with the driver's own suspend (``LocalDriver.
 
 All files are read-only (0444). ``<id>`` is a hash of everything the state depends on (the base image's
 files, the job's QEMU arguments, the sizes, the accelerator, QEMU's version): when none of that changed,
-the layer is up to date and nothing is done. A layer is never removed: VMs created from it have their
-overlays on its disk. docs/IMAGES.md ("Warm templates") has the rest.
+the layer is up to date and nothing is done. The build never removes a layer: VMs created from it have
+their overlays on its disk (``vmgate prune-layers`` removes those nothing uses, gateway/cli/layers.py).
+docs/IMAGES.md ("Warm templates") has the rest.
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@
     vmgate backup [--out DIR] | restore FOLDER [--force]   all state to a folder and back (gateway/cli/backup.py)
     vmgate rotate-secret jwt|redis|postgres [--drop-old]   a new secret on the server and in .env (cli/rotate.py)
     vmgate fleet-node conflist|rules                       a fleet VM node's network files (cli/fleetnode.py)
+    vmgate prune-layers [--dry-run]                        remove warm layers nothing uses (cli/layers.py)
 
 There is no default admin and no default password: the first admin is made here, with a password
 typed twice without echo (interactive), read from stdin (``--password-stdin``), or generated and
@@ -32,7 +33,7 @@ from urllib.parse import urlsplit
 import psycopg2
 
 from gateway import credentials, store
-from gateway.cli import backup, fleetnode, jobspec, rotate
+from gateway.cli import backup, fleetnode, jobspec, layers, rotate
 from gateway.cli.common import EXIT_CONFIG, EXIT_POSTGRES, EXIT_REFUSED, Refused, apply_migrations, in_db
 from gateway.config import ConfigError, Settings
 from gateway.errors import Conflict
@@ -60,6 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     backup.add_parsers(commands)
     rotate.add_parser(commands)
     fleetnode.add_parser(commands)
+    layers.add_parser(commands)
     return parser
 
 
@@ -177,6 +179,9 @@ def main(argv: list[str] | None = None) -> int:
             return backup.run(settings, args)
         if args.command == "fleet-node":
             print(fleetnode.run(settings, args))
+            return 0
+        if args.command == "prune-layers":
+            print(layers.run(settings, args))
             return 0
         if args.command == "rotate-secret":
             print(rotate.run(settings, args))
