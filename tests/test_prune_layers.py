@@ -82,9 +82,10 @@ def test_prune_removes_only_the_layers_nothing_uses(app_settings: Settings, data
     # ... a fleet VM whose job names another (its overlay is on its node), and a destroyed VM's job.
     live = add_vm(database_url, user, "running", {"Meta": {"warm_layer": in_fleet.name}})
     add_vm(database_url, user, "destroyed", {"Meta": {"warm_layer": by_dead_vm.name}})
-    # A build's unfinished layer is not a layer.
+    # A build's unfinished layer is not a layer; what an interrupted prune left is removed.
     building = settings.images_dir / "warm" / "tiny" / f".{unused.name}.new.x"
     building.mkdir()
+    interrupted = qcow2(settings.images_dir / "warm" / "tiny" / ".00000000000000f6.prune.1" / "disk.qcow2").parent
 
     report = prune(settings, dry_run=True)
     assert all(layer.is_dir() for layer in layers.values()), report
@@ -100,6 +101,7 @@ def test_prune_removes_only_the_layers_nothing_uses(app_settings: Settings, data
     report = prune(settings)
     assert not by_dead_vm.exists() and not unused.exists(), report
     assert on_disk.is_dir() and in_fleet.is_dir() and current.is_dir() and building.is_dir()
+    assert not interrupted.exists()
     assert f"{on_disk.name} (overlay " in report and f"{in_fleet.name} (VM {live})" in report, report
     assert f"{current.name} (current)" in report, report
     assert sorted(p.name for p in current.parent.iterdir()) == sorted(

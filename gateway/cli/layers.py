@@ -15,7 +15,8 @@ desktop) each. This removes a layer of ``IMAGES_DIR/warm/<template>/`` only when
 
 It holds the template's build lock (the one `images/warm.py` takes), so no layer is built meanwhile, and
 renames a layer out of the way before deleting its files, so a half-deleted layer never has a layer's
-name. An overlay it cannot read stops it before anything is removed. docs/IMAGES.md, "Warm templates".
+name (the next prune removes what an interrupted one left). An overlay it cannot read stops it before
+anything is removed. docs/IMAGES.md, "Warm templates".
 """
 
 from __future__ import annotations
@@ -41,7 +42,6 @@ LOCK = ".lock"  # images/warm.py's build lock, in each template's warm folder
 
 @dataclass
 class Layer:
-    template: str
     path: Path
     users: list[str] = field(default_factory=list)  # why it stays: "current", "VM <id>", "overlay <path>"
 
@@ -81,7 +81,10 @@ def prune(settings: Settings, *, dry_run: bool = False, now: float | None = None
 
 def _prune_template(settings: Settings, root: Path, jobs: list[tuple[str, str]],
                     backings: list[tuple[Path, Path]], dry_run: bool, now: float) -> str:
-    layers = {p.name: Layer(root.name, p) for p in sorted(root.iterdir())
+    if not dry_run:  # what an interrupted prune left under its dot names
+        for leftover in root.glob(".*.prune.*"):
+            shutil.rmtree(leftover)
+    layers = {p.name: Layer(p) for p in sorted(root.iterdir())
               if p.is_dir() and not p.is_symlink() and not p.name.startswith(".")}
     if not layers:
         return f"{root.name}: no layers"
