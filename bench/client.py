@@ -6,7 +6,10 @@ from __future__ import annotations
 import asyncio
 import re
 import secrets
+import select
+import socket
 import struct
+import threading
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -19,6 +22,7 @@ from urllib.parse import parse_qs, urlsplit
 import aiohttp
 
 from bench.stats import percentile
+from console.nudge import NudgingSocket
 from console.rfb import RFBClient
 
 SESSION_COOKIE = "vmgate_session"
@@ -246,8 +250,36 @@ async def connect_ws(url: str, origin: str) -> BenchRFB:
     return rfb
 
 
-async def connect_unix(path: str) -> BenchRFB:
-    """An RFB session straight on QEMU's VNC unix socket."""
-    rfb = await BenchRFB.connect_unix(path)
+async def connect_unix_nudged(path: str) -> BenchRFB:
+    """An RFB session on QEMU's VNC unix socket through the console proxy's own ``NudgingSocket``
+    (console/nudge.py), relayed by a thread of this process: QEMU sees what it sees through websockify and
+    the console proxy, so the two paths differ by websockify's relaying alone (and this one relay hop)."""
+    qemu = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    qemu.connect(path)
+    ours, theirs = socket.socketpair()
+    threading.Thread(target=_relay, args=(theirs, NudgingSocket(qemu)), name="bench-relay", daemon=True).start()
+    try:
+        rfb = await BenchRFB.connect_socket(ours)
+    except BaseException:
+        ours.close()
+        raise
     assert isinstance(rfb, BenchRFB)
     return rfb
+
+
+def _relay(client: socket.socket, qemu: NudgingSocket) -> None:
+    """Bytes both ways until either side closes, then both closed."""
+    try:
+        while True:
+            readable, _, _ = select.select([client.fileno(), qemu.fileno()], [], [])
+            for fd in readable:
+                data = (client if fd == client.fileno() else qemu).recv(65536)
+                if not data:
+                    return
+                (qemu if fd == client.fileno() else client).sendall(data)
+    except OSError:
+        pass
+    finally:
+        qemu.stop()
+        qemu.close()
+        client.close()

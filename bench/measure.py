@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.client import Api, BenchError, BenchRFB, Load, connect_unix, connect_ws, hammer
+from bench.client import Api, BenchError, BenchRFB, Load, connect_unix_nudged, connect_ws, hammer
 from bench.stack import Stack, mem_available
 from bench.stats import Row, percentile, summary
 from gateway.config import Settings
@@ -523,7 +523,7 @@ async def console_relay(ctx: Context) -> Phase:
             run: dict[str, Any] = {}
             for path in paths:
                 if path == "direct":
-                    rfb = await connect_unix(socket_path)
+                    rfb = await connect_unix_nudged(socket_path)
                 else:
                     rfb = await connect_ws(await api.console_url(vm_id), origin=ctx.stack.origin)
                 try:

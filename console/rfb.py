@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import struct
 from collections.abc import Sequence
 from typing import Protocol
@@ -116,7 +117,7 @@ class _WebSocketTransport:
 
 
 class RFBClient:
-    """One RFB session. Build it with ``connect_ws``, ``connect_unix`` or ``connect_tcp``."""
+    """One RFB session. Build it with ``connect_ws``, ``connect_unix``, ``connect_socket`` or ``connect_tcp``."""
 
     def __init__(self, transport: _Transport) -> None:
         self._transport = transport
@@ -173,6 +174,13 @@ class RFBClient:
         """Connect straight to a VNC server's unix socket (QEMU's ``-vnc unix:PATH``)."""
         async with asyncio.timeout(handshake_timeout):
             reader, writer = await asyncio.open_unix_connection(path)
+        return await cls._start(_StreamTransport(reader, writer), handshake_timeout)
+
+    @classmethod
+    async def connect_socket(cls, sock: socket.socket, *, handshake_timeout: float = 10.0) -> RFBClient:
+        """Connect over a stream socket that is already connected (one end of a socketpair, say)."""
+        async with asyncio.timeout(handshake_timeout):
+            reader, writer = await asyncio.open_unix_connection(sock=sock)
         return await cls._start(_StreamTransport(reader, writer), handshake_timeout)
 
     @classmethod
