@@ -424,3 +424,27 @@ async def test_the_guest_resolves_names_through_its_namespace(drivers: Callable[
     finally:
         resolver.kill()
         resolver.wait()
+
+
+async def test_make_down_keeps_the_host_table_while_a_vm_it_did_not_stop_runs(
+        drivers: Callable[..., LocalDriver], warm_tiny: Template, vms_root: Path,
+        outside: dict[str, Namespace]) -> None:
+    # Another checkout's VM on the same host: `make down` here stops none of it, so its guest keeps the
+    # host's rules (nothing of the host reachable from it) until it is gone.
+    driver = drivers()
+    task = await start_vm(driver, warm_tiny, vms_root, "net-other", "outbound")
+    name = netns_of(task)
+    try:
+        removed = network.remove_all()
+        assert name not in removed and f"nftables table inet {network.TABLE}" not in removed, removed
+        assert network.host_table() is not None and name in network.leftovers()["netns"]
+    finally:
+        await driver.stop("net-other", timeout=0)
+    assert network.leftovers()["netns"] == []  # the last one gone: now the table goes too
+    assert driver.network is not None
+    try:
+        assert f"nftables table inet {network.TABLE}" in network.remove_all()
+        assert network.host_table() is None
+    finally:  # as it was for the tests after this one (a driver puts it back at its first VM, or its tidy)
+        network.ensure_host(driver.network)
+

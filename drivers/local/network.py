@@ -403,10 +403,18 @@ def leased(task_dir: Path) -> bool:
 
 
 def remove_all() -> list[str]:
-    """``make down``: every vmgate namespace without a QEMU, every vmgate link left, and the host's table."""
-    table = [f"nftables table inet {TABLE}"] if host_table() is not None else []
+    """``make down``: every vmgate namespace without a QEMU, every vmgate link left, and then the host's
+    table, unless a namespace is still there: a QEMU this ``make down`` did not stop (another checkout's on
+    the same host, say) keeps the rules that keep its guest off the host."""
+    removed = sweep(grace=0.0)
+    if host_table() is None:
+        return removed
+    if leftovers()["netns"]:
+        log.warning("network: kept the host's table inet %s: VMs still run in %s", TABLE,
+                    ", ".join(leftovers()["netns"]))
+        return removed
     _run([_tool(None, "nft"), "delete", "table", "inet", TABLE], check=False)
-    return sweep(grace=0.0) + table
+    return [*removed, f"nftables table inet {TABLE}"]
 
 
 def main() -> None:
