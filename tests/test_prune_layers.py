@@ -6,16 +6,20 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import fcntl
 import json
 import os
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
 
 import psycopg2
+import pytest
 
+from gateway.cli import layers as layers_cli
 from gateway.cli.common import apply_migrations
 from gateway.cli.layers import prune
 from gateway.config import Settings
@@ -86,6 +90,13 @@ def test_prune_removes_only_the_layers_nothing_uses(app_settings: Settings, data
     building = settings.images_dir / "warm" / "tiny" / f".{unused.name}.new.x"
     building.mkdir()
     interrupted = qcow2(settings.images_dir / "warm" / "tiny" / ".00000000000000f6.prune.1" / "disk.qcow2").parent
+    # Only folders images/warm.py makes are layers: not a stray folder, nor a link to one elsewhere (as a
+    # layer or as a template).
+    stray = settings.images_dir / "warm" / "tiny" / "lost+found"
+    stray.mkdir()
+    elsewhere = qcow2(tmp_path / "elsewhere" / "00000000000000aa" / "disk.qcow2").parent
+    (settings.images_dir / "warm" / "tiny" / elsewhere.name).symlink_to(elsewhere)
+    (settings.images_dir / "warm" / "linked").symlink_to(elsewhere.parent)
 
     report = prune(settings, dry_run=True)
     assert all(layer.is_dir() for layer in layers.values()), report
@@ -94,7 +105,7 @@ def test_prune_removes_only_the_layers_nothing_uses(app_settings: Settings, data
     # `current` moved 10 s ago: a create may still be on the layer it left; nothing goes.
     set_current(current.parent, current.name, age=10)
     report = prune(settings)
-    assert "removed none" in report and "current moved 10 s ago" in report, report
+    assert "removed none" in report and "current moved 10 s before the VMs were read" in report, report
     assert all(layer.is_dir() for layer in layers.values()), report
 
     set_current(current.parent, current.name, age=3600)
@@ -105,7 +116,47 @@ def test_prune_removes_only_the_layers_nothing_uses(app_settings: Settings, data
     assert f"{on_disk.name} (overlay " in report and f"{in_fleet.name} (VM {live})" in report, report
     assert f"{current.name} (current)" in report, report
     assert sorted(p.name for p in current.parent.iterdir()) == sorted(
-        [".lock", building.name, "current", on_disk.name, in_fleet.name, current.name])
+        [".lock", building.name, "current", on_disk.name, in_fleet.name, current.name, stray.name, elsewhere.name])
+    assert (elsewhere / "disk.qcow2").is_file() and not (elsewhere.parent / ".lock").exists()
+
+
+def test_a_vm_made_while_prune_waits_for_the_lock_keeps_its_layer(app_settings: Settings, database_url: str,
+                                                                  tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    # prune reads the VMs, then waits for a template's build lock (a build of it, or of the template before
+    # it, may take minutes). Meanwhile a VM is made on the current layer and the build moves `current` on;
+    # by the time prune has the lock the move is older than ORPHAN_GRACE, but newer than what it read.
+    settings = dataclasses.replace(app_settings, images_dir=tmp_path / "images", orphan_grace=1)
+    asyncio.run(apply_migrations(settings))
+    truncate_all(database_url)
+    old, new = make_layers(settings.images_dir, "00000000000000a1", "00000000000000b2").values()
+    root = old.parent
+    (root / "current").unlink()
+    (root / "current").symlink_to(old)  # a link made by hand, absolute: still the current layer
+    read = threading.Event()
+    real_backings = layers_cli._overlay_backings
+
+    def backings_then_say(vms_root: Path) -> list[tuple[Path, Path]]:
+        found = real_backings(vms_root)
+        read.set()
+        return found
+
+    monkeypatch.setattr(layers_cli, "_overlay_backings", backings_then_say)
+    reports: list[str] = []
+    with open(root / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the build
+        pruner = threading.Thread(target=lambda: reports.append(prune(settings)))
+        pruner.start()
+        assert read.wait(30)
+        add_vm(database_url, str(uuid.uuid4()), "running", {"Meta": {"warm_layer": old.name}})
+        set_current(root, new.name, age=0)
+        time.sleep(1.5)  # longer than ORPHAN_GRACE
+    pruner.join(30)
+    assert reports and old.is_dir() and new.is_dir(), reports
+    assert f"{old.name} (current moved" in reports[0], reports
+
+    report = prune(settings)  # the next prune sees the VM
+    assert f"{new.name} (current)" in report and f"{old.name} (VM " in report and "removed none" in report, report
 
 
 def test_an_overlay_it_cannot_read_stops_it_before_anything_goes(app_settings: Settings, database_url: str,

@@ -10,8 +10,11 @@ desktop) each. This removes a layer of ``IMAGES_DIR/warm/<template>/`` only when
   covers a fleet's VMs, whose overlays are on their nodes, and a create still waiting in the queue;
 - no file under ``VMS_ROOT/users`` is backed by a file in it (``qemu-img info``): the overlays of VMs whose
   rows are gone and which the collector has not taken yet;
-- ``current`` left it more than ORPHAN_GRACE seconds ago: a create that read ``current`` just before
-  `make images` moved it has its row by then.
+- ``current`` left it more than ORPHAN_GRACE seconds before the VMs and overlays were read: a create that
+  read ``current`` just before `make images` moved it has its row by then (counted from the read, since a
+  VM made while this waits for a template's lock is on a layer that was current after the read).
+
+Only a real folder named by a layer id (16 hex digits) under a real template folder is a layer.
 
 It holds the template's build lock (the one `images/warm.py` takes), so no layer is built meanwhile, and
 renames a layer out of the way before deleting its files, so a half-deleted layer never has a layer's
@@ -26,6 +29,7 @@ import asyncio
 import fcntl
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -38,6 +42,7 @@ from gateway.config import Settings
 from jobspecs.catalog import WARM_CURRENT
 
 LOCK = ".lock"  # images/warm.py's build lock, in each template's warm folder
+LAYER_ID = re.compile(r"[0-9a-f]{16}")  # images/warm.py: a layer's id, the first 16 hex digits of a sha256
 
 
 @dataclass
@@ -61,38 +66,49 @@ def run(settings: Settings, args: argparse.Namespace) -> str:
 
 
 def prune(settings: Settings, *, dry_run: bool = False, now: float | None = None) -> str:
-    """Remove the unused layers (or only say which, ``dry_run``); returns the report, a line per template."""
+    """Remove the unused layers (or only say which, ``dry_run``); returns the report, a line per template.
+    ``now``: when the VMs and overlays were read (the grace counts from there)."""
     warm = settings.images_dir / "warm"
-    templates = sorted(p for p in warm.iterdir() if p.is_dir() and not p.name.startswith(".")) \
-        if warm.is_dir() else []
+    templates = sorted(p for p in warm.iterdir() if _real_dir(p) and not p.name.startswith(".")) \
+        if _real_dir(warm) else []
     if not templates:
         return f"no warm layers in {warm}"
-    # Read before any lock: a VM made after this is on a layer that is current, or was within ORPHAN_GRACE.
+    # Read before any lock, and the grace counted from this moment: a VM made after it is on a layer that
+    # is current, or was current after this moment (so `current` moved less than ORPHAN_GRACE before it).
+    read_at = time.time() if now is None else now
     jobs = _live_jobs(settings)
-    backings = _overlay_backings(settings.vms_root)
     lines = []
-    for root in templates:
-        with open(root / LOCK, "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            lines.append(_prune_template(settings, root, jobs, backings, dry_run,
-                                         time.time() if now is None else now))
+    try:
+        backings = _overlay_backings(settings.vms_root)
+        for root in templates:
+            with open(root / LOCK, "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                lines.append(_prune_template(settings, root, jobs, backings, dry_run, read_at))
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise Refused("\n".join([*lines, f"stopped: {exc}"])) from exc
     return "\n".join(lines)
 
 
+def _real_dir(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink()
+
+
 def _prune_template(settings: Settings, root: Path, jobs: list[tuple[str, str]],
-                    backings: list[tuple[Path, Path]], dry_run: bool, now: float) -> str:
+                    backings: list[tuple[Path, Path]], dry_run: bool, read_at: float) -> str:
     if not dry_run:  # what an interrupted prune left under its dot names
         for leftover in root.glob(".*.prune.*"):
-            shutil.rmtree(leftover)
-    layers = {p.name: Layer(p) for p in sorted(root.iterdir())
-              if p.is_dir() and not p.is_symlink() and not p.name.startswith(".")}
+            if _real_dir(leftover) and LAYER_ID.fullmatch(leftover.name.split(".")[1]):
+                shutil.rmtree(leftover)
+    # Only what images/warm.py makes is a layer: a folder named by a 16-hex-digit id (a stray `lost+found`,
+    # an operator's copy or a link stays whatever it is).
+    layers = {p.name: Layer(p) for p in sorted(root.iterdir()) if _real_dir(p) and LAYER_ID.fullmatch(p.name)}
     if not layers:
         return f"{root.name}: no layers"
     link = root / WARM_CURRENT
-    current = os.readlink(link) if link.is_symlink() else None
-    if current in layers:
-        layers[current].users.append("current")
-    moved_ago = now - link.lstat().st_mtime if link.is_symlink() else None
+    current = Path(os.path.realpath(link)) if link.is_symlink() else None
+    if current is not None and current.parent == root.resolve() and current.name in layers:
+        layers[current.name].users.append("current")
+    moved_ago = read_at - link.lstat().st_mtime if link.is_symlink() else None
     for vm_id, job in jobs:
         for layer_id, layer in layers.items():
             if layer_id in job or str(layer.path) + "/" in job:
@@ -104,8 +120,8 @@ def _prune_template(settings: Settings, root: Path, jobs: list[tuple[str, str]],
     unused = [layer for layer in layers.values() if not layer.users]
     kept = [f"{layer.path.name} ({_why(layer.users)})" for layer in layers.values() if layer.users]
     if unused and moved_ago is not None and moved_ago < settings.orphan_grace:
-        kept += [f"{layer.path.name} (current moved {moved_ago:.0f} s ago, under ORPHAN_GRACE "
-                 f"{settings.orphan_grace} s)" for layer in unused]
+        kept += [f"{layer.path.name} (current moved {max(moved_ago, 0):.0f} s before the VMs were read, under "
+                 f"ORPHAN_GRACE {settings.orphan_grace} s)" for layer in unused]
         unused = []
     removed = []
     for layer in unused:
