@@ -193,6 +193,31 @@ async def test_a_backup_of_a_running_stack_restores_on_a_clean_data_dir(
     assert "guard: no vms table here" in result.stderr, result.stderr
     await still_as_it_was(s, restore_db, second_vms_root, email, user_id)
 
+    # A failure after the load (here the rows' new paths: a guard refuses any update of the new `vms`):
+    # the VM files go again, the operator is told the database is the backup's, and the same restore with
+    # --force, the guard gone, does it all.
+    with psycopg2.connect(restore_db) as conn, conn.cursor() as cur:
+        cur.execute("DROP EVENT TRIGGER refuse_vms")
+        cur.execute("CREATE FUNCTION guard.refuse_update() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                    "RAISE EXCEPTION 'guard: no updates of vms'; END $$")
+        cur.execute("CREATE FUNCTION guard.on_vms() RETURNS event_trigger LANGUAGE plpgsql AS $$ BEGIN "
+                    "IF EXISTS (SELECT FROM pg_event_trigger_ddl_commands() WHERE object_identity = 'public.vms' "
+                    "AND command_tag = 'CREATE TABLE') THEN CREATE TRIGGER no_update BEFORE UPDATE ON public.vms "
+                    "FOR EACH STATEMENT EXECUTE FUNCTION guard.refuse_update(); END IF; END $$")
+        cur.execute("CREATE EVENT TRIGGER guard_vms ON ddl_command_end EXECUTE FUNCTION guard.on_vms()")
+    conn.close()
+    result = await asyncio.to_thread(cli, new, "restore", "--force", str(folder))
+    assert result.returncode == 1 and "the backup's database is loaded, but finishing it failed" in result.stderr
+    assert "guard: no updates of vms" in result.stderr and "run the same restore with --force" in result.stderr
+    assert sorted(p.name for p in (second_vms_root / "users").rglob("*") if p.is_file()) == []
+    with psycopg2.connect(restore_db) as conn, conn.cursor() as cur:
+        cur.execute("DROP EVENT TRIGGER guard_vms")
+        cur.execute("DROP SCHEMA guard CASCADE")
+    conn.close()
+    result = await asyncio.to_thread(cli, new, "restore", "--force", str(folder))
+    assert result.returncode == 0, result.stderr
+    assert (second_vms_root / "users" / user_id / f"{running['vm_id']}.qcow2").is_file()
+
 
 async def still_as_it_was(s: Session, database_url: str, vms_root: Path, email: str, user_id: str) -> None:
     """After a failed restore: the one user, their three VMs destroyed, no VM file, and the user logs in."""

@@ -331,7 +331,8 @@ async def restore(settings: Settings, folder: Path, *, force: bool) -> str:
     old_vms_root = Path(manifest["vms_root"])
     targets = [(vm, settings.vms_root / Path(vm["overlay"]).relative_to("vms")) for vm in manifest["vms"]
                if vm["overlay"]]
-    present = [str(t) for _vm, t in targets if t.exists()]
+    present = [str(p) for vm, t in targets for p in (t, t.with_suffix(".state"))
+               if p.exists() and (p == t or vm.get("memory"))]
     if present:
         raise Refused(f"VM files exist already where the backup's go (VMS_ROOT {settings.vms_root}): {present[:3]}")
 
@@ -342,7 +343,10 @@ async def restore(settings: Settings, folder: Path, *, force: bool) -> str:
     # The VMs' files first, then the database: a copy that fails (a full disk) or a dump that does not
     # load takes the copied files away again and leaves the database as it was. (The image folders stay:
     # they are where they belong or under restored/, and a VM file names them only once it is copied.)
+    # A failure after the load (a migration, the rows' paths) takes the files away too, and says that the
+    # database holds the backup's rows now: the same restore with --force does it all again.
     copied: list[Path] = []
+    loaded = False
     try:
         for vm, target in targets:
             copied.append(target)
@@ -353,12 +357,17 @@ async def restore(settings: Settings, folder: Path, *, force: bool) -> str:
                 copied.append(target.with_suffix(".state"))
                 await asyncio.to_thread(_copy, folder / vm["memory"], copied[-1])
         await asyncio.to_thread(_load_dump, settings, folder / "db.dump")
-    except BaseException:
+        loaded = True
+        await apply_migrations(settings)
+        stopped = await _fix_rows(settings, manifest, {**moved, str(old_vms_root): str(settings.vms_root)})
+    except BaseException as exc:
         for path in copied:
             path.unlink(missing_ok=True)
+        if loaded and isinstance(exc, Exception):
+            raise Refused(f"the backup's database is loaded, but finishing it failed ({type(exc).__name__}: "
+                          f"{str(exc).strip()[:300]}); its VM files are removed again: run the same restore "
+                          "with --force") from exc
         raise
-    await apply_migrations(settings)
-    stopped = await _fix_rows(settings, manifest, {**moved, str(old_vms_root): str(settings.vms_root)})
     return (f"restored {manifest['name']}: {len(targets)} VM disk(s), {len(manifest['images'])} image folder(s); "
             f"{stopped} VM(s) that were running or between states are stopped (their owners start them)"
             + (f"; {len(manifest['skipped'])} fleet VM(s) were not in it" if manifest["skipped"] else ""))
