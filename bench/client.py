@@ -255,7 +255,11 @@ async def connect_unix_nudged(path: str) -> BenchRFB:
     (console/nudge.py), relayed by a thread of this process: QEMU sees what it sees through websockify and
     the console proxy, so the two paths differ by websockify's relaying alone (and this one relay hop)."""
     qemu = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    qemu.connect(path)
+    try:
+        qemu.connect(path)
+    except OSError:
+        qemu.close()
+        raise
     ours, theirs = socket.socketpair()
     threading.Thread(target=_relay, args=(theirs, NudgingSocket(qemu)), name="bench-relay", daemon=True).start()
     try:

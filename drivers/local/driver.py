@@ -191,9 +191,11 @@ class LocalDriver(Driver):
             return status
 
     async def _network_make(self, task_dir: Path) -> str:
-        """The VM's network namespace and tap, made now (and the host's rules, on this driver's first)."""
+        """The VM's network namespace and tap, made now (and the host's rules, on this driver's first, or
+        when they are gone: another checkout's `make down` removes them once no VM of the host is left)."""
         assert self.network is not None
-        if self.network.uplink and self._host_rules != self.network:
+        if self.network.uplink and (self._host_rules != self.network
+                                    or await asyncio.to_thread(network.host_table, self.network) is None):
             await asyncio.to_thread(network.ensure_host, self.network)
             self._host_rules = self.network
         return await asyncio.to_thread(network.make, self.network, task_dir)
