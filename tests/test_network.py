@@ -451,4 +451,3 @@ async def test_make_down_keeps_the_host_table_while_a_vm_it_did_not_stop_runs(
     finally:
         await driver.stop("net-after", timeout=0)
         network.ensure_host(driver.network)  # as they were, whatever happened above
-

@@ -522,8 +522,8 @@ class LocalDriver(Driver):
         the host's rules back if something removed them."""
         if self.network is None:
             return []
-        if self._host_rules is not None and await asyncio.to_thread(network.host_table, self.network) is None:
-            await asyncio.to_thread(network.ensure_host, self.network)
+        if self._host_rules is not None:  # rules this driver made: put back if gone
+            await self._host_rules_in_place()
         return await asyncio.to_thread(network.sweep, self.network, network.SWEEP_GRACE)
 
     def prepare_memory(self, ram_files: list[str]) -> None:

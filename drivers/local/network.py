@@ -409,9 +409,9 @@ def remove_all() -> list[str]:
     removed = sweep(grace=0.0)
     if host_table() is None:
         return removed
-    if leftovers()["netns"]:
-        log.warning("network: kept the host's table inet %s: VMs still run in %s", TABLE,
-                    ", ".join(leftovers()["netns"]))
+    running = leftovers()["netns"]
+    if running:
+        log.warning("network: kept the host's table inet %s: VMs still run in %s", TABLE, ", ".join(running))
         return removed
     _run([_tool(None, "nft"), "delete", "table", "inet", TABLE], check=False)
     return [*removed, f"nftables table inet {TABLE}"]

@@ -43,6 +43,7 @@ from jobspecs.catalog import WARM_CURRENT
 
 LOCK = ".lock"  # images/warm.py's build lock, in each template's warm folder
 LAYER_ID = re.compile(r"[0-9a-f]{16}")  # images/warm.py: a layer's id, the first 16 hex digits of a sha256
+DOOMED = re.compile(rf"\.{LAYER_ID.pattern}\.prune\.[0-9]+")  # a layer _remove renamed out of the way
 
 
 @dataclass
@@ -96,8 +97,8 @@ def _real_dir(path: Path) -> bool:
 def _prune_template(settings: Settings, root: Path, jobs: list[tuple[str, str]],
                     backings: list[tuple[Path, Path]], dry_run: bool, read_at: float) -> str:
     if not dry_run:  # what an interrupted prune left under its dot names
-        for leftover in root.glob(".*.prune.*"):
-            if _real_dir(leftover) and LAYER_ID.fullmatch(leftover.name.split(".")[1]):
+        for leftover in root.iterdir():
+            if DOOMED.fullmatch(leftover.name) and _real_dir(leftover):
                 shutil.rmtree(leftover)
     # Only what images/warm.py makes is a layer: a folder named by a 16-hex-digit id (a stray `lost+found`,
     # an operator's copy or a link stays whatever it is).
